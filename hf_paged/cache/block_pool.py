@@ -1,0 +1,81 @@
+"""Fixed-size block allocator with reference counts; knows nothing of tensors."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+__all__ = ["BlockPool", "OutOfBlocksError"]
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when a request for KV blocks exceeds the free blocks of the pool.
+
+    The pool is left exactly as it was before the failing call.
+    """
+
+
+class BlockPool:
+    """A free list of ``num_blocks`` block ids with a reference count per block.
+
+    A block is free when its count is zero. ``fork`` adds an owner to blocks (shared prefixes, beams);
+    ``free`` drops one owner and returns blocks nobody owns to the free list.
+
+    Example:
+        >>> pool = BlockPool(4)
+        >>> table = pool.allocate(2)
+        >>> pool.num_free
+        2
+        >>> pool.fork(table); pool.free(table); pool.free(table)
+        >>> pool.num_free
+        4
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refcount = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def refcount(self, block: int) -> int:
+        return self._refcount[block]
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free blocks, each with one owner; raises `OutOfBlocksError` if fewer are free."""
+        if n > len(self._free):
+            raise OutOfBlocksError(
+                f"out of KV blocks: {n} needed, {len(self._free)} free of {self.num_blocks}"
+            )
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._refcount[b] = 1
+        return blocks
+
+    def fork(self, blocks: Iterable[int]) -> None:
+        """Add one owner to each of ``blocks`` (they must be in use)."""
+        blocks = list(blocks)
+        for b in blocks:
+            if self._refcount[b] <= 0:
+                raise ValueError(f"cannot fork free block {b}")
+        for b in blocks:
+            self._refcount[b] += 1
+
+    def free(self, blocks: Iterable[int]) -> None:
+        """Drop one owner from each of ``blocks``; blocks left with none go back to the free list."""
+        blocks = list(blocks)
+        for b in blocks:
+            if self._refcount[b] <= 0:
+                raise ValueError(f"double free of block {b}")
+        for b in blocks:
+            self._refcount[b] -= 1
+            if self._refcount[b] == 0:
+                self._free.append(b)

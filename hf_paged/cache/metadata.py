@@ -1,0 +1,54 @@
+"""Per-step attention metadata, and how a cache hands it to the attention function."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PagedAttentionMetadata", "publish", "take_published"]
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Everything a paged-attention kernel needs for one forward step (all layers share it).
+
+    Attributes:
+        slot_mapping: ``[T]`` int64 slot of each new token (``-1``: store nothing).
+        cu_seqlens_q: ``[S + 1]`` int32 start of each sequence's queries in the packed batch.
+        context_lens: ``[S]`` int32 keys per sequence, this step's tokens included.
+        block_tables: ``[S, max_blocks]`` int32 block ids per sequence (unused entries arbitrary).
+        max_seqlen_q: longest query run of the step (host int, for launch sizes).
+        max_context_len: longest ``context_lens`` entry (host int).
+        kv_start: ``[S]`` int32 first visible key per sequence (left padding), or ``None``.
+    """
+
+    slot_mapping: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_seqlen_q: int
+    max_context_len: int
+    kv_start: torch.Tensor | None = None
+
+
+_published = threading.local()
+
+
+def publish(k_cache: torch.Tensor, metadata: PagedAttentionMetadata) -> None:
+    """Called by a cache's ``update``: the next attention call on ``k_cache`` uses ``metadata``.
+
+    Transformers (before 5.24) gives the attention function no handle on the cache, but always calls
+    it right after ``update`` on the same layer, with the tensors ``update`` returned.
+    """
+    _published.value = (k_cache, metadata)
+
+
+def take_published(key: torch.Tensor) -> PagedAttentionMetadata | None:
+    """Metadata published for ``key`` (a layer's key pool), or ``None`` when ``key`` is dense."""
+    entry = getattr(_published, "value", None)
+    if entry is None or entry[0] is not key:
+        return None
+    _published.value = None
+    return entry[1]

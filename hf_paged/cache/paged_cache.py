@@ -1,0 +1,352 @@
+"""`PagedCache`: a Transformers `Cache` whose K/V live in the blocks of a `KVPool`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..kernels import get_backend
+from .block_pool import OutOfBlocksError
+from .kv_pool import KVPool
+from .metadata import PagedAttentionMetadata, publish
+
+__all__ = ["PagedCache", "PagedCacheStats", "num_blocks_for_memory"]
+
+
+@dataclass(frozen=True)
+class PagedCacheStats:
+    """Accounting of a `PagedCache`; ``waste`` counts reserved slots that hold no token."""
+
+    num_blocks: int
+    block_size: int
+    blocks_used: int
+    blocks_free: int
+    tokens_stored: int
+    slots_reserved: int
+    bytes_per_block: int
+
+    @property
+    def waste(self) -> int:
+        return self.slots_reserved - self.tokens_stored
+
+    @property
+    def waste_fraction(self) -> float:
+        return self.waste / self.slots_reserved if self.slots_reserved else 0.0
+
+    @property
+    def bytes_used(self) -> int:
+        return self.blocks_used * self.bytes_per_block
+
+
+def num_blocks_for_memory(fraction: float, device: torch.device | str, bytes_per_block: int) -> int:
+    """How many blocks fit in ``fraction`` of the memory now free on ``device``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return max(1, int(free * fraction) // bytes_per_block)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class PagedCache(Cache):
+    """KV cache for ``model.generate`` stored in fixed-size blocks.
+
+    Each batch row owns a block table and takes a block only when its tokens spill into one; beams and
+    ``num_return_sequences`` copies share blocks by reference count, and a shared, partly filled last
+    block is copied before it is written (copy-on-write). Storage is allocated at the first
+    ``update``, from the key shape the model hands over (so tensor-parallel shards size themselves).
+
+    Args:
+        config: the model config; every layer's keys are checked against its layer count, KV
+            heads and head dim.
+        num_blocks: pool size in blocks. Defaults to ``memory_fraction`` of free memory when that
+            is set, else to what the first batch needs to reach ``max_cache_len`` tokens per row.
+        block_size: tokens per block.
+        memory_fraction: size the pool from this fraction of free device memory.
+        max_cache_len: longest sequence the default sizing provides for.
+        dtype: expected K/V dtype (checked at the first ``update``).
+
+    Example:
+        >>> import hf_paged
+        >>> cache = hf_paged.PagedCache(model.config, num_blocks=256)  # doctest: +SKIP
+        >>> model.generate(**inputs, past_key_values=cache)  # doctest: +SKIP
+        >>> cache.stats().waste_fraction  # doctest: +SKIP
+    """
+
+    is_compileable = False
+
+    def __init__(
+        self,
+        config,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        memory_fraction: float | None = None,
+        max_cache_len: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(layers=[])
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if num_blocks is not None and num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.block_size = block_size
+        self._num_blocks = num_blocks
+        self._memory_fraction = memory_fraction
+        self._max_cache_len = max_cache_len
+        self._dtype = dtype
+        self._expected = _geometry_from_config(config)
+        self._pool: KVPool | None = None
+        self._tables: list[list[int]] = []
+        self._seq_len = 0
+        self._step: PagedAttentionMetadata | None = None
+
+    # -- what generate() and the masks ask ---------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seq_len
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._seq_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # Every layer keeps all its keys; sliding windows are applied inside the kernel.
+        return self._seq_len + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self._num_layers_hint()
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self._num_layers_hint()
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self._num_layers_hint()
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._tables) if self._tables else -1
+
+    def __len__(self) -> int:
+        return self._num_layers_hint()
+
+    # -- storage -----------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> KVPool | None:
+        """The `KVPool` behind this cache (``None`` before the first ``update``)."""
+        return self._pool
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store this step's ``[B, Hkv, Q, D]`` keys/values; return the layer's ``(k_cache, v_cache)``.
+
+        The returned tensors are the block pools, not dense keys: the ``"paged"`` attention function
+        reads them through the step's block tables.
+        """
+        try:
+            self._check_layer(key_states, value_states, layer_idx)
+            if layer_idx == 0:
+                self._begin_step(key_states)
+            elif self._step is None:
+                raise RuntimeError(f"PagedCache.update called for layer {layer_idx} before layer 0")
+            k_cache, v_cache = self._pool.layer(layer_idx)
+            b, hkv, q, d = key_states.shape
+            get_backend(key_states.device, key_states.dtype).store_kv(
+                key_states.transpose(1, 2).reshape(b * q, hkv, d),
+                value_states.transpose(1, 2).reshape(b * q, hkv, d),
+                k_cache,
+                v_cache,
+                self._step.slot_mapping,
+            )
+        except BaseException:
+            self.reset()
+            raise
+        publish(k_cache, self._step)
+        return k_cache, v_cache
+
+    def _num_layers_hint(self) -> int:
+        return self._expected[0]
+
+    def _allocate_pool(self, key: torch.Tensor, batch: int, new_len: int) -> None:
+        _, num_kv_heads, _, head_dim = key.shape
+        dtype = key.dtype
+        num_layers = self._expected[0]
+        per_block = KVPool.bytes_per_block(num_layers, self.block_size, num_kv_heads, head_dim, dtype)
+        num_blocks = self._num_blocks
+        if num_blocks is None and self._memory_fraction is not None:
+            num_blocks = num_blocks_for_memory(self._memory_fraction, key.device, per_block)
+        if num_blocks is None:
+            longest = max(new_len, self._max_cache_len or 0)
+            # One extra block per row covers a copy-on-write of a shared last block.
+            num_blocks = batch * (_cdiv(longest, self.block_size) + 1)
+        self._pool = KVPool(
+            num_layers=num_layers,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            device=key.device,
+        )
+
+    def _begin_step(self, key: torch.Tensor) -> None:
+        batch, q_len = key.shape[0], key.shape[2]
+        new_len = self._seq_len + q_len
+        if self._pool is None:
+            self._allocate_pool(key, batch, new_len)
+        if not self._tables:
+            self._tables = [[] for _ in range(batch)]
+        elif batch != len(self._tables):
+            raise ValueError(f"PagedCache holds {len(self._tables)} sequences but got a batch of {batch}")
+        blocks, bs = self._pool.blocks, self.block_size
+        per_row = _cdiv(new_len, bs)
+        if per_row > blocks.num_blocks:
+            raise OutOfBlocksError(
+                f"a sequence of {new_len} tokens needs {per_row} blocks of {bs}, "
+                f"but the cache has only {blocks.num_blocks} blocks ({blocks.num_blocks * bs} tokens)"
+            )
+        # Rows whose partly filled last block is shared must copy it before writing into it.
+        cow_rows = [
+            i for i, t in enumerate(self._tables) if self._seq_len % bs and blocks.refcount(t[-1]) > 1
+        ]
+        needed = sum(per_row - len(t) for t in self._tables) + len(cow_rows)
+        if needed > blocks.num_free:
+            raise OutOfBlocksError(
+                f"out of KV blocks: this step needs {needed}, {blocks.num_free} free of {blocks.num_blocks}"
+            )
+        if cow_rows:
+            fresh = blocks.allocate(len(cow_rows))
+            self._pool.copy_blocks([self._tables[i][-1] for i in cow_rows], fresh)
+            blocks.free([self._tables[i][-1] for i in cow_rows])
+            for i, b in zip(cow_rows, fresh):
+                self._tables[i][-1] = b
+        for t in self._tables:
+            t.extend(blocks.allocate(per_row - len(t)))
+
+        device = key.device
+        tables = torch.tensor(self._tables, dtype=torch.int32, device=device)
+        pos = torch.arange(self._seq_len, new_len, device=device)
+        slots = tables[:, pos // bs].long() * bs + pos % bs
+        self._step = PagedAttentionMetadata(
+            slot_mapping=slots.reshape(-1),
+            cu_seqlens_q=torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
+            context_lens=torch.full((batch,), new_len, dtype=torch.int32, device=device),
+            block_tables=tables,
+            max_seqlen_q=q_len,
+            max_context_len=new_len,
+        )
+        self._seq_len = new_len
+
+    def _check_layer(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> None:
+        num_layers, kv_heads, head_dim = self._expected
+        if layer_idx >= num_layers:
+            raise ValueError(f"PagedCache was built for {num_layers} layers, got layer index {layer_idx}")
+        if value.shape != key.shape:
+            raise ValueError(f"layer {layer_idx} gave keys {tuple(key.shape)} but values {tuple(value.shape)}")
+        _, hkv, _, d = key.shape
+        if (hkv, d) != (kv_heads, head_dim):
+            raise ValueError(
+                f"PagedCache was built for a config with {kv_heads} KV heads of dim {head_dim}, "
+                f"but layer {layer_idx} gave {hkv} heads of dim {d}: was this cache built for another model?"
+            )
+        dtype = self._pool.dtype if self._pool is not None else self._dtype
+        if dtype is not None and key.dtype != dtype:
+            raise ValueError(f"PagedCache stores {dtype}, got keys of {key.dtype}")
+        if self._pool is not None and key.device != self._pool.device:
+            raise ValueError(f"PagedCache lives on {self._pool.device}, got keys on {key.device}")
+
+    # -- batch surgery used by beam search, num_return_sequences and assisted decoding -------------
+
+    def _reindex(self, rows: list[int]) -> None:
+        blocks = self._pool.blocks
+        new_tables = [list(self._tables[r]) for r in rows]
+        for t in new_tables:
+            blocks.fork(t)
+        for t in self._tables:
+            blocks.free(t)
+        self._tables = new_tables
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` continues the sequence of row ``beam_idx[i]`` (blocks shared)."""
+        if self._tables:
+            self._reindex(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._tables:
+            self._reindex([i for i in range(len(self._tables)) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._tables:
+            self._reindex(indices.tolist())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (a positive value is the length to keep)."""
+        new_len = tokens_to_remove if tokens_to_remove > 0 else self._seq_len + tokens_to_remove
+        if tokens_to_remove == 0 or new_len >= self._seq_len:
+            return
+        keep = _cdiv(max(new_len, 0), self.block_size)
+        for t in self._tables:
+            self._pool.blocks.free(t[keep:])
+            del t[keep:]
+        self._seq_len = max(new_len, 0)
+
+    def reset(self) -> None:
+        """Return every block to the pool; the storage stays allocated for reuse."""
+        if self._pool is not None:
+            for t in self._tables:
+                self._pool.blocks.free(t)
+        self._tables = []
+        self._seq_len = 0
+        self._step = None
+
+    def stats(self) -> PagedCacheStats:
+        """Blocks used/free, tokens stored and slots reserved (shared blocks counted once)."""
+        pool = self._pool
+        if pool is None:
+            return PagedCacheStats(self._num_blocks or 0, self.block_size, 0, self._num_blocks or 0, 0, 0, 0)
+        distinct: dict[int, int] = {}
+        for t in self._tables:
+            for j, b in enumerate(t):
+                distinct[b] = max(distinct.get(b, 0), min(self.block_size, self._seq_len - j * self.block_size))
+        per_block = KVPool.bytes_per_block(pool.num_layers, pool.block_size, pool.num_kv_heads, pool.head_dim, pool.dtype)
+        return PagedCacheStats(
+            num_blocks=pool.num_blocks,
+            block_size=pool.block_size,
+            blocks_used=pool.blocks.num_used,
+            blocks_free=pool.blocks.num_free,
+            tokens_stored=sum(distinct.values()),
+            slots_reserved=len(distinct) * pool.block_size,
+            bytes_per_block=per_block,
+        )
+
+
+def _geometry_from_config(config) -> tuple[int, int, int]:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, kv_heads, head_dim
+
