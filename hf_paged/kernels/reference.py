@@ -70,33 +70,34 @@ def paged_attention(
     ``max_seqlen_q``/``max_context_len`` are launch-size hints other backends need; the reference
     ignores them. Softmax is computed in float32 and the result cast back to ``query.dtype``.
     """
-    num_heads, head_dim = query.shape[1], query.shape[2]
+    total_q, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    groups = num_heads // num_kv_heads
-    out = torch.empty_like(query)
-    cu = cu_seqlens_q.tolist()
-    ctx = context_lens.tolist()
-    starts = kv_start.tolist() if kv_start is not None else [0] * len(ctx)
-    for i, kv_len in enumerate(ctx):
-        q = query[cu[i] : cu[i + 1]]
-        q_len = q.shape[0]
-        if q_len == 0:
-            continue
-        n_blocks = -(-kv_len // block_size)
-        blocks = block_tables[i, :n_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len]
-        k = k.repeat_interleave(groups, dim=1).float()
-        v = v.repeat_interleave(groups, dim=1).float()
-        scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        k_pos = torch.arange(kv_len, device=query.device)[None, :]
-        visible = (k_pos <= q_pos) & (k_pos >= starts[i])
-        if sliding_window:
-            visible &= q_pos - k_pos < sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[cu[i] : cu[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
-    return out
+    num_seqs, device = context_lens.shape[0], query.device
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    max_q = max_seqlen_q if max_seqlen_q is not None else int(q_lens.max())
+    max_kv = max_context_len if max_context_len is not None else int(context_lens.max())
+
+    # Pad queries to [S, max_q] and gather each sequence's blocks into [S, max_kv] keys/values.
+    seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens, output_size=total_q)
+    local = torch.arange(total_q, device=device) - cu_seqlens_q[seq].long()
+    q = query.new_zeros(num_seqs, max_q, num_heads, head_dim).float()
+    q[seq, local] = query.float()
+    blocks = block_tables[:, : -(-max_kv // block_size)].long()
+    k = k_cache[blocks].flatten(1, 2)[:, :max_kv].float()
+    v = v_cache[blocks].flatten(1, 2)[:, :max_kv].float()
+    q = q.view(num_seqs, max_q, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+    scores = torch.einsum("sqhgd,skhd->shgqk", q, k) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    ctx = context_lens.long()[:, None, None]
+    q_pos = ctx - q_lens[:, None, None] + torch.arange(max_q, device=device)[None, :, None]
+    k_pos = torch.arange(max_kv, device=device)[None, None, :]
+    start = kv_start.long()[:, None, None] if kv_start is not None else 0
+    visible = (k_pos <= q_pos) & (k_pos >= start) & (k_pos < ctx)
+    if sliding_window:
+        visible &= q_pos - k_pos < sliding_window
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("shgqk,skhd->sqhgd", probs, v).reshape(num_seqs, max_q, num_heads, head_dim)
+    return out[seq, local].to(query.dtype)
