@@ -1,0 +1,66 @@
+"""PagedCache bookkeeping: copy-on-write, cropping, sizing, and decoding modes that rely on them."""
+
+import pytest
+import torch
+from tiny_models import VOCAB, make_config, make_pair
+
+from hf_paged import PagedCache
+
+
+def _update_all_layers(cache, key, value):
+    for layer in range(len(cache)):
+        cache.update(key, value, layer)
+
+
+def test_fork_then_write_copies_the_shared_partial_block():
+    cfg = make_config("llama-gqa")  # 2 layers, 2 KV heads of dim 16
+    cache = PagedCache(cfg, num_blocks=16, block_size=4)
+    first = torch.randn(2, 2, 6, 16)
+    _update_all_layers(cache, first, -first)
+    cache.reorder_cache(torch.tensor([0, 0]))  # both rows now continue row 0: blocks shared
+    tables = [list(t) for t in cache._tables]
+    assert tables[0] == tables[1] and cache.stats().blocks_used == 2
+    step = torch.randn(2, 2, 1, 16)
+    _update_all_layers(cache, step, -step)
+    after = cache._tables
+    assert after[0][0] == after[1][0]  # the full block stays shared
+    assert after[0][1] != after[1][1]  # the partial one was copied before the write
+    k_cache, _ = cache.pool.layer(1)
+    for row in range(2):
+        keys = k_cache[after[row]].flatten(0, 1)[:7].transpose(0, 1)  # [Hkv, 7, D]
+        torch.testing.assert_close(keys[:, :6], first[0])
+        torch.testing.assert_close(keys[:, 6], step[row, :, 0])
+    cache.reset()
+    assert cache.pool.blocks.num_free == 16
+
+
+def test_crop_returns_blocks():
+    cache = PagedCache(make_config("llama-gqa"), num_blocks=16, block_size=4)
+    _update_all_layers(cache, *(torch.randn(3, 2, 10, 16),) * 2)
+    assert cache.stats().blocks_used == 9
+    cache.crop(-3)  # 7 tokens left: 2 blocks per row
+    assert cache.get_seq_length() == 7 and cache.stats().blocks_used == 6
+    cache.crop(4)  # legacy form: keep 4 tokens
+    assert cache.get_seq_length() == 4 and cache.stats().blocks_used == 3
+
+
+def test_memory_fraction_sizes_the_pool():
+    cache = PagedCache(make_config("llama-gqa"), memory_fraction=0.001, block_size=16)
+    _update_all_layers(cache, *(torch.randn(1, 2, 3, 16),) * 2)
+    per_block = 2 * 2 * 16 * 2 * 16 * 4
+    assert cache.pool.num_blocks > 1
+    assert cache.pool.nbytes == cache.pool.num_blocks * per_block
+
+
+@pytest.mark.parametrize("mode", [dict(prompt_lookup_num_tokens=3), "assistant"])
+def test_speculative_decoding_crops_correctly(mode):
+    paged, ref = make_pair("llama-gqa")
+    ids = torch.randint(4, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    if mode == "assistant":
+        paged_draft, ref_draft = make_pair("llama-gqa", seed=3)
+        kwargs_ref, kwargs_paged = dict(assistant_model=ref_draft), dict(assistant_model=paged_draft)
+    else:
+        kwargs_ref = kwargs_paged = mode
+    want = ref.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **kwargs_ref)
+    got = paged.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **kwargs_paged)
+    assert torch.equal(got, want)
