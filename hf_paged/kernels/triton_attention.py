@@ -1,0 +1,369 @@
+"""Unified Triton paged-attention kernel: prefill, chunked prefill and decode in one launch.
+
+Design (semantics are those of `hf_paged.kernels.reference`):
+
+* One program owns a *query tile* of one sequence and one KV head: ``BLOCK_Q`` consecutive query
+  tokens times the ``G = H // Hkv`` query heads that share the KV head, flattened into ``BLOCK_M =
+  BLOCK_Q * G`` rows (padded to a power of two). Each K/V tile is therefore loaded once for all
+  heads of a group (GQA/MQA), and a decode step (``BLOCK_Q = 1``) still gives ``tl.dot`` 16+ rows.
+* Keys are read straight from the paged cache: for every key position ``j`` of a tile the kernel
+  looks up ``block_tables[seq, j // block_size]``; nothing is gathered into a contiguous copy.
+  Per-key lookups make any block size work (the dense fallback path uses one block per sequence).
+* The key range of a tile is split into tiles that need no mask (every row sees every key) and
+  edge tiles that need the causal / window / range mask, so the bulk of a long prefill runs
+  unmasked.
+* Split-KV ("flash decoding"): when (sequences x query tiles x KV heads) cannot fill the GPU, the
+  key range is cut into ``num_splits`` chunks, each program writes a partial (normalised output,
+  log-sum-exp) to scratch, and `_reduce_kernel` merges them. ``num_splits`` and the grid depend only
+  on host ints (shapes and the ``max_seqlen_q``/``max_context_len`` hints), never on tensor values,
+  so a launch can be captured in a CUDA graph.
+* Softmax runs in fp32 in the exp2 domain; rows that see no key output 0 (like the reference's
+  ``nan_to_num``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits"]
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, q_pos, key_lo, key_hi, kv_hi,
+    bt_row_ptr, k_base, v_base, block_size,
+    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+    window, qk_scale, cap_in, cap_out,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Online-softmax over key tiles starting at ``key_lo, key_lo + BLOCK_N, ... < key_hi``.
+
+    ``MASKED`` tiles apply causality, the window and the range end ``kv_hi``; unmasked tiles are
+    known (from the caller's bounds) to be fully visible to every row.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    for start in range(key_lo, key_hi, BLOCK_N):
+        j = start + offs_n
+        if PAGE > 0:  # power-of-two block size known at compile time: shifts instead of divisions
+            page_idx = j // PAGE
+            page_off = j % PAGE
+        else:
+            page_idx = j // block_size
+            page_off = j % block_size
+        if MASKED:
+            in_range = j < kv_hi
+            blk = tl.load(bt_row_ptr + page_idx, mask=in_range, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row_ptr + page_idx).to(tl.int64)
+        k_off = blk * stride_kb + page_off * stride_ks
+        v_off = blk * stride_vb + page_off * stride_vs
+        k_ptrs = k_base + k_off[:, None] + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + v_off[:, None] + offs_d[None, :] * stride_vd
+        if MASKED:
+            kv_mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM != D_PAD:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if USE_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh via exp2 (then into log2 units)
+            s = (1.0 - 2.0 / (tl.exp2(s * cap_in) + 1.0)) * cap_out
+        else:
+            s = s * qk_scale
+        if MASKED:
+            visible = (j[None, :] <= q_pos[:, None]) & in_range[None, :]
+            if USE_WINDOW:
+                visible = visible & ((q_pos[:, None] - j[None, :]) < window)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr,
+    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr,
+    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+    stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits,
+    NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = pid // tiles_per_seq
+    tile = pid % tiles_per_seq
+    q_begin = tl.load(cu_ptr + seq)
+    q_len = tl.load(cu_ptr + seq + 1) - q_begin
+    if tile * BLOCK_Q >= q_len:  # the grid is sized by max_seqlen_q; shorter sequences stop here
+        return
+    ctx = tl.load(ctx_ptr + seq)
+
+    # Rows: token (tile * BLOCK_Q + r // G) of the sequence, query head (kvh * G + r % G).
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    t_loc = tile * BLOCK_Q + offs_m // G
+    head = kvh * G + offs_m % G
+    row_ok = (offs_m < BLOCK_Q * G) & (t_loc < q_len)
+    q_pos = ctx - q_len + t_loc
+    tok = (q_begin + t_loc).to(tl.int64)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+
+    # Keys this tile can see: [lo, hi); keys in [full_lo, full_hi) are visible to every row.
+    first_pos = ctx - q_len + tile * BLOCK_Q
+    last_pos = ctx - q_len + tl.minimum((tile + 1) * BLOCK_Q, q_len) - 1
+    lo = 0
+    if HAS_KV_START:
+        lo = tl.load(kv_start_ptr + seq)
+    full_lo = lo
+    if USE_WINDOW:
+        full_lo = tl.maximum(lo, last_pos - window + 1)
+        lo = tl.maximum(lo, first_pos - window + 1)
+    hi = last_pos + 1
+    full_hi = first_pos + 1
+    if SPLIT:  # this program's share of the key range, in whole key tiles
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+    n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    # Operands are clamped to >= 0 before dividing: integer division rounds differently on negatives
+    # in the compiled kernel and the interpreter.
+    k_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N), n_tiles)
+    k_b = tl.maximum(tl.minimum(tl.maximum(tl.minimum(full_hi, hi) - lo, 0) // BLOCK_N, n_tiles), k_a)
+
+    bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    # Leading edge (window / kv_start not yet covering every row), full tiles, trailing (causal) edge.
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, lo, lo + k_a * BLOCK_N, hi, bt_row_ptr, k_base, v_base, block_size,
+        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale, cap_in, cap_out,
+        HEAD_DIM, D_PAD, BLOCK_N, PAGE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, lo + k_a * BLOCK_N, lo + k_b * BLOCK_N, hi, bt_row_ptr, k_base, v_base,
+        block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale,
+        cap_in, cap_out, HEAD_DIM, D_PAD, BLOCK_N, PAGE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, lo + k_b * BLOCK_N, lo + n_tiles * BLOCK_N, hi, bt_row_ptr, k_base, v_base,
+        block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale,
+        cap_in, cap_out, HEAD_DIM, D_PAD, BLOCK_N, PAGE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
+    )
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        part = (tok * NUM_HEADS + head) * num_splits + split
+        tl.store(part_o_ptr + part[:, None] * D_PAD + offs_d[None, :], out, mask=mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+    else:
+        o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    o_ptr, part_o_ptr, part_lse_ptr, stride_ot, stride_oh, stride_od, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+):
+    """Merge the split partials of one (token, head): weights exp2(lse_s - max lse)."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    s_ok = offs_s < num_splits
+    base = (tok * NUM_HEADS + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    den = tl.sum(w, 0)
+    parts = tl.load(part_o_ptr + (base + offs_s)[:, None] * D_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(den == 0.0, 1.0, den)
+    tl.store(o_ptr + tok * stride_ot + head * stride_oh + offs_d * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch shape of the attention kernel. ``split_target`` is programs per SM that splitting aims for."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_target: float = 2.0
+
+
+def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int) -> Config:
+    """Decode-like steps (all rows of a sequence fit one <= 64-row tile) get small tiles and may split;
+    prefill gets flash-attention tiles."""
+    rows = groups * max_seqlen_q
+    if rows <= 64:
+        block_m = max(16, triton.next_power_of_2(rows))
+        return Config(block_m, 64 if head_dim_pad <= 128 else 32, 4, 3 if head_dim_pad <= 128 else 2)
+    block_m = max(128 if head_dim_pad <= 128 else 64, triton.next_power_of_2(groups))
+    if head_dim_pad <= 64:
+        return Config(block_m, 64, 4, 3)
+    if head_dim_pad <= 128:
+        return Config(block_m, 64, 8, 3)
+    return Config(block_m, 32, 8, 2)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a pretend GPU, so that tests exercise splitting
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(programs: int, max_context_len: int, block_n: int, num_sms: int, target: float) -> int:
+    """Split the key range only when the grid cannot fill the GPU, and keep >= 4 key tiles per split."""
+    want = math.ceil(target * num_sms / max(programs, 1))
+    useful = max(1, max_context_len // (4 * block_n))
+    return max(1, min(want, useful, MAX_SPLITS))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    kv_start: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+    max_context_len: int | None = None,
+    config: Config | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Paged attention with the reference's semantics; ``config``/``num_splits`` override the heuristics.
+
+    ``max_seqlen_q``/``max_context_len`` only size the launch (upper bounds taken from shapes when
+    absent); no tensor value is read on the host.
+    """
+    _check(query, k_cache, v_cache, block_tables)
+    total_q, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = num_heads // num_kv_heads
+    num_seqs = context_lens.shape[0]
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if total_q == 0 or num_seqs == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = total_q
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * block_size
+    max_seqlen_q = max(1, min(int(max_seqlen_q), total_q))
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    cfg = config or choose_config(d_pad, groups, max_seqlen_q)
+    if cfg.block_m < groups:
+        raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
+    block_q = cfg.block_m // groups
+    tiles_per_seq = triton.cdiv(max_seqlen_q, block_q)
+    programs = num_seqs * tiles_per_seq * num_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
+                                       cfg.split_target)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty(total_q, num_heads, num_splits, d_pad, dtype=torch.float32, device=query.device)
+        part_lse = torch.empty(total_q, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    else:
+        part_o = part_lse = out  # unused
+    use_softcap = bool(softcap)
+    use_window = bool(sliding_window)
+    page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
+    _paged_attention_kernel[(num_seqs * tiles_per_seq, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, out, part_o, part_lse,
+        cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
+        *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
+        block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
+        scale * LOG2E,
+        2.0 * LOG2E * scale / softcap if use_softcap else 0.0,
+        softcap * LOG2E if use_softcap else 0.0,
+        tiles_per_seq, num_splits,
+        NUM_HEADS=num_heads, G=groups, HEAD_DIM=head_dim, D_PAD=d_pad,
+        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, PAGE=page,
+        HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
+        DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _reduce_kernel[(total_q, num_heads)](
+            out, part_o, part_lse, *out.stride(), num_splits,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4 if d_pad >= 128 else 2,
+        )
+    return out
+
+
+def _check(query, k_cache, v_cache, block_tables) -> None:
+    """Raise for inputs the kernel does not handle instead of computing something wrong."""
+    if query.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected query [T, H, D] and caches [blocks, block_size, Hkv, D], got {tuple(query.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise NotImplementedError(f"triton paged attention supports fp16/bf16/fp32, got {query.dtype}")
+    if k_cache.dtype != query.dtype or v_cache.dtype != query.dtype:
+        raise ValueError(f"query ({query.dtype}) and caches ({k_cache.dtype}, {v_cache.dtype}) must share a dtype")
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"query head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if not 1 <= head_dim <= 256:
+        raise NotImplementedError(f"head_dim {head_dim} not supported (at most 256)")
+    if num_heads // num_kv_heads > 128:
+        raise NotImplementedError(f"more than 128 query heads per KV head ({num_heads}/{num_kv_heads})")
+    if block_tables.dim() != 2 or block_tables.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_tables must be a 2D int32/int64 tensor, got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if query.device.type != "cuda" and not _interpreting():
+        raise NotImplementedError(f"triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {query.device}")

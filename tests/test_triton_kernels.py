@@ -1,0 +1,251 @@
+"""Triton kernels against the torch reference.
+
+On CPU they run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), in fp32 at small
+shapes; the ``gpu``-marked tests run the compiled kernels at real shapes in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from hf_paged.kernels import reference, triton_attention, triton_backend  # noqa: E402
+from hf_paged.kernels.triton_attention import Config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_problem(q_lens, kv_lens, *, heads=4, kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32,
+                 starts=None, device=DEVICE, seed=0, spare_blocks=3):
+    """Random packed queries over random caches whose block tables use shuffled, non-contiguous ids."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in kv_lens]
+    num_blocks = sum(need) + spare_blocks
+    width = max(need) + 1
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.randint(0, num_blocks, (len(kv_lens), width), generator=g, dtype=torch.int32)  # junk tail
+    used = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[used : used + n].int()
+        used += n
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    query = torch.randn(sum(q_lens), heads, head_dim, generator=g)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    to = dict(device=device)
+    meta = dict(
+        cu_seqlens_q=cu.to(**to), context_lens=torch.tensor(kv_lens, dtype=torch.int32, **to),
+        block_tables=tables.to(**to), max_seqlen_q=max(q_lens), max_context_len=max(kv_lens),
+        kv_start=None if starts is None else torch.tensor(starts, dtype=torch.int32, **to),
+    )
+    return query.to(device, dtype), k_cache.to(device, dtype), v_cache.to(device, dtype), meta
+
+
+def check(q, k, v, meta, *, atol=2e-5, rtol=2e-5, **kwargs):
+    kwargs.setdefault("scale", q.shape[-1] ** -0.5)
+    want = reference.paged_attention(q, k, v, **meta, **kwargs)
+    got = triton_attention.paged_attention(q, k, v, **meta, **{k_: v_ for k_, v_ in kwargs.items()})
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    return got
+
+
+# --- store_kv -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hkv,d,bs", [(2, 64, 16), (1, 80, 32), (3, 16, 16)])
+def test_store_kv_matches_reference(hkv, d, bs):
+    g = torch.Generator().manual_seed(1)
+    num_blocks, t = 6, 11
+    caches = [torch.randn(num_blocks, bs, hkv, d, generator=g).to(DEVICE) for _ in range(2)]
+    key = torch.randn(t, hkv, d, generator=g).to(DEVICE)
+    value = torch.randn(t, hkv, d, generator=g).to(DEVICE)
+    slots = torch.randperm(num_blocks * bs, generator=g)[:t]
+    slots[[2, 7]] = -1
+    slots = slots.to(DEVICE)
+    want_k, want_v = caches[0].clone(), caches[1].clone()
+    reference.store_kv(key, value, want_k, want_v, slots)
+    triton_backend.store_kv(key, value, caches[0], caches[1], slots)
+    assert torch.equal(caches[0], want_k) and torch.equal(caches[1], want_v)
+
+
+def test_store_kv_strided_key_and_cast():
+    """Non-contiguous keys (a transposed view) and a cast to a bf16 cache."""
+    g = torch.Generator().manual_seed(2)
+    key = torch.randn(4, 9, 32, generator=g).transpose(0, 1).to(DEVICE)  # [9, 4, 32], strided
+    value = torch.randn(9, 4, 32, generator=g).to(DEVICE)
+    k_cache = torch.zeros(3, 16, 4, 32, dtype=torch.bfloat16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([0, 5, 17, -1, 33, 40, 41, 2, 47], device=DEVICE)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(key, value, want_k, want_v, slots)
+    triton_backend.store_kv(key, value, k_cache, v_cache, slots)
+    # Compiled Triton rounds fp32->bf16 to nearest like torch; the interpreter may truncate (1 ulp).
+    tol = dict(rtol=0, atol=0) if DEVICE == "cuda" else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(k_cache, want_k, **tol)
+    torch.testing.assert_close(v_cache, want_v, **tol)
+    assert torch.equal(k_cache != 0, want_k != 0)  # the same slots written
+
+
+# --- attention: decode, prefill, mixed ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,block_size",
+    [(4, 2, 16), (4, 4, 32), (8, 1, 16), (6, 2, 16)],  # GQA, MHA, MQA, non-power-of-two group
+)
+def test_decode_ragged(heads, kv_heads, block_size):
+    kv_lens = [1, 17, 40, 64, 33]  # 1-token sequence, lengths ending mid-block and on a block edge
+    q, k, v, meta = make_problem([1] * 5, kv_lens, heads=heads, kv_heads=kv_heads, block_size=block_size)
+    check(q, k, v, meta)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_decode_split_kv(splits):
+    q, k, v, meta = make_problem([1, 1, 1], [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=3)
+    want = reference.paged_attention(q, k, v, scale=0.1, **meta)
+    got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, num_splits=splits,
+                                           config=Config(16, 16, 4, 1))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_split_heuristic_used_for_long_context():
+    """The default heuristic splits a long single-sequence decode (4 pretend SMs in the interpreter)."""
+    assert triton_attention.choose_num_splits(2, 4096, 64, 4, 2.0) == 4
+    assert triton_attention.choose_num_splits(512, 4096, 64, 132, 2.0) == 1
+    q, k, v, meta = make_problem([1], [300], heads=4, kv_heads=1, block_size=16, seed=4)
+    check(q, k, v, meta, scale=0.2)
+
+
+def test_prefill_ragged_gqa():
+    q, k, v, meta = make_problem([5, 1, 23, 16], [5, 9, 40, 16], heads=4, kv_heads=2, block_size=16, seed=5)
+    check(q, k, v, meta)
+
+
+def test_mixed_prefill_and_decode_with_small_tiles():
+    """Chunked prefill over cached context next to decode tokens; small tiles give several q tiles."""
+    q, k, v, meta = make_problem([12, 1, 7, 1], [30, 18, 7, 49], heads=4, kv_heads=2, block_size=16, seed=6)
+    want = reference.paged_attention(q, k, v, scale=0.125, **meta)
+    for cfg, splits in [(Config(16, 16, 4, 1), 1), (Config(16, 16, 4, 1), 2), (None, None)]:
+        got = triton_attention.paged_attention(q, k, v, scale=0.125, **meta, config=cfg, num_splits=splits)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window,softcap", [(5, None), (None, 2.0), (12, 5.0)])
+def test_window_and_softcap(window, softcap):
+    q, k, v, meta = make_problem([6, 1, 20], [22, 35, 20], heads=4, kv_heads=2, block_size=16, seed=7)
+    check(q, k, v, meta, sliding_window=window, softcap=softcap)
+    # the same with split-KV and small key tiles, so window edges fall inside and across tiles
+    want = reference.paged_attention(q, k, v, scale=0.125, sliding_window=window, softcap=softcap, **meta)
+    got = triton_attention.paged_attention(q, k, v, scale=0.125, sliding_window=window, softcap=softcap, **meta,
+                                           config=Config(16, 16, 4, 1), num_splits=2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_window_spanning_several_key_tiles():
+    """A chunk of queries whose window starts mid-tile: leading masked, full and trailing masked tiles."""
+    q, k, v, meta = make_problem([8, 19], [100, 90], heads=4, kv_heads=2, block_size=16, seed=13)
+    for kv_start in (None, [0, 41]):
+        meta["kv_start"] = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int32, device=DEVICE)
+        want = reference.paged_attention(q, k, v, scale=0.125, sliding_window=60, **meta)
+        for splits in (1, 2):
+            got = triton_attention.paged_attention(q, k, v, scale=0.125, sliding_window=60, **meta,
+                                                   config=Config(16, 16, 4, 1), num_splits=splits)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_kv_start_left_padding_and_fully_padded_row():
+    """Left padding hides leading keys; a sequence whose every key is padding outputs zeros."""
+    q, k, v, meta = make_problem([4, 4, 1], [20, 20, 9], starts=[3, 20, 8], heads=4, kv_heads=2, seed=8)
+    out = check(q, k, v, meta)
+    assert torch.count_nonzero(out[4:8]) == 0
+    want = reference.paged_attention(q, k, v, scale=0.125, **meta)
+    got = triton_attention.paged_attention(q, k, v, scale=0.125, **meta, config=Config(16, 16, 4, 1), num_splits=3)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim,block_size", [(80, 32), (32, 16)])
+def test_padded_and_small_head_dims(head_dim, block_size):
+    q, k, v, meta = make_problem([3, 1], [35, 50], heads=4, kv_heads=2, head_dim=head_dim,
+                                 block_size=block_size, seed=9)
+    check(q, k, v, meta)
+
+
+def test_dense_block_size_and_missing_hints():
+    """One block per sequence of arbitrary size (the dense fallback path), no launch hints."""
+    q, k, v, meta = make_problem([7, 7], [7, 7], block_size=7, seed=10)
+    meta.update(max_seqlen_q=None, max_context_len=None)
+    check(q, k, v, meta)
+
+
+def test_unsupported_inputs_raise():
+    q, k, v, meta = make_problem([1], [5])
+    with pytest.raises(ValueError):
+        triton_attention.paged_attention(q.half(), k, v, scale=1.0, **meta)  # mixed dtypes
+    with pytest.raises(NotImplementedError):
+        triton_attention.paged_attention(q.double(), k.double(), v.double(), scale=1.0, **meta)
+    with pytest.raises(ValueError):
+        triton_attention.paged_attention(q[:, :3], k, v, scale=1.0, **meta)  # 3 heads over 2 KV heads
+    big = torch.zeros(1, 2, 300)
+    with pytest.raises(NotImplementedError):
+        triton_attention.paged_attention(big, torch.zeros(1, 16, 2, 300), torch.zeros(1, 16, 2, 300),
+                                         scale=1.0, **meta)
+
+
+def test_hook_offers_backend_only_for_cuda():
+    assert triton_backend.hf_paged_kernel_backend(device=torch.device("cpu"), dtype=torch.float32) is None
+    assert triton_backend.hf_paged_kernel_backend(device=torch.device("cuda"), dtype=torch.float64) is None
+    offered = triton_backend.hf_paged_kernel_backend(device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert offered is triton_backend and offered.name == "triton"
+
+
+# --- GPU: real shapes, half precision -----------------------------------------------------------
+
+
+def _rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,heads,kv_heads,block_size", [
+    (128, 32, 8, 16), (64, 32, 8, 32), (256, 8, 4, 16), (96, 12, 12, 64), (128, 16, 1, 16),
+])
+def test_gpu_decode_and_prefill(dtype, head_dim, heads, kv_heads, block_size):
+    for q_lens, kv_lens in [([1] * 8, [1, 100, 513, 2048, 4000, 17, 64, 1500]),
+                            ([300, 1, 64, 1, 700], [300, 900, 1000, 33, 700])]:
+        q, k, v, meta = make_problem(q_lens, kv_lens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                     block_size=block_size, dtype=dtype, seed=head_dim)
+        for extra in [{}, {"sliding_window": 256}, {"softcap": 30.0}]:
+            want = reference.paged_attention(q.float(), k.float(), v.float(), scale=head_dim**-0.5, **meta, **extra)
+            got = triton_backend.paged_attention(q, k, v, scale=head_dim**-0.5, **meta, **extra)
+            assert torch.isfinite(got).all()
+            assert _rel_err(got, want) < 1e-2, (q_lens, extra)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_exact():
+    q, k, v, meta = make_problem([1, 5, 40], [700, 5, 90], heads=8, kv_heads=2, head_dim=64, seed=11)
+    check(q, k, v, meta, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_cuda_graph():
+    """A decode launch (split-KV) captures into a CUDA graph and replays with new lengths."""
+    q, k, v, meta = make_problem([1] * 4, [3000, 50, 1024, 7], heads=32, kv_heads=8, head_dim=128,
+                                 dtype=torch.bfloat16, seed=12)
+    meta["max_context_len"] = 4096
+    fn = lambda: triton_backend.paged_attention(q, k, v, scale=0.088, **meta)  # noqa: E731
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    meta["context_lens"].copy_(torch.tensor([3001, 49, 1000, 8], device="cuda", dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.088, **meta)
+    assert _rel_err(out, want) < 1e-2
