@@ -1,0 +1,216 @@
+"""Benchmark of the Triton paged-attention kernels against their rooflines and against SDPA.
+
+* Ceilings, measured in this process: device-to-device copy bandwidth (bytes read + written) and a
+  bf16 8192^3 matmul rate, both on random data.
+* Decode (one query token per sequence, block size 16, bf16, 32 q / 8 kv heads, head_dim 128 and 64):
+  achieved bandwidth = (K/V bytes read + q/out bytes) / time, as a fraction of the copy bandwidth;
+  SDPA on contiguous K/V ([B, Hkv, L, D], enable_gqa) for comparison.
+* Prefill (all prompt tokens new, causal): TFLOP/s against SDPA's flash backend on contiguous K/V.
+* A small sweep of launch configs on a few shapes (what NOTES.md reasons about).
+
+Times are medians of ``triton.testing.do_bench`` (which flushes L2 between runs).
+
+    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+
+import torch
+import triton
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from hf_paged.kernels import triton_attention
+from hf_paged.kernels.triton_attention import Config
+
+MAX_TOKENS = 4 << 20  # skip batch x context above this (16 GiB of paged K/V at head_dim 128)
+
+
+def bench(fn, rep=100) -> float:
+    """Median milliseconds."""
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def ceilings() -> dict:
+    n = 1 << 30  # 2 GiB of bf16
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    copy_bw = 2 * x.numel() * 2 / ms / 1e9  # TB/s: read + write
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    mm = 2 * 8192**3 / ms / 1e9  # TFLOP/s
+    return dict(copy_TBps=copy_bw, matmul_bf16_TFLOPs=mm)
+
+
+def paged_inputs(batch, ctx, q_len, heads, kv_heads, d, block_size=16):
+    nb = batch * triton.cdiv(ctx, block_size)
+    k = torch.randn(nb, block_size, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    tables = torch.randperm(nb, device="cuda", dtype=torch.int32).view(batch, -1)  # shuffled blocks
+    q = torch.randn(batch * q_len, heads, d, device="cuda", dtype=torch.bfloat16)
+    meta = dict(cu_seqlens_q=torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * q_len,
+                context_lens=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
+                block_tables=tables, max_seqlen_q=q_len, max_context_len=ctx, scale=d**-0.5)
+    return q, k, v, meta
+
+
+def run_decode(caps, head_dims, batches, contexts, heads=32, kv_heads=8) -> list[dict]:
+    rows = []
+    for d in head_dims:
+        for batch in batches:
+            for ctx in contexts:
+                if batch * ctx > MAX_TOKENS:
+                    continue
+                q, k, v, meta = paged_inputs(batch, ctx, 1, heads, kv_heads, d)
+                ms = bench(lambda: triton_attention.paged_attention(q, k, v, **meta))
+                kv_bytes = 2 * batch * ctx * kv_heads * d * 2
+                nbytes = kv_bytes + 2 * q.numel() * 2
+                splits = triton_attention.choose_num_splits(
+                    batch * kv_heads, ctx, triton_attention.choose_config(d, heads // kv_heads, 1).block_n,
+                    torch.cuda.get_device_properties(0).multi_processor_count, 2.0)
+                del k, v
+                kc = torch.randn(batch, kv_heads, ctx, d, device="cuda", dtype=torch.bfloat16)
+                vc = torch.randn_like(kc)
+                qc = q.view(batch, heads, 1, d)
+                ms_sdpa = bench(lambda: sdpa(qc, kc, vc, enable_gqa=True))
+                del kc, vc
+                floor = nbytes / (caps["copy_TBps"] * 1e9)
+                row = dict(head_dim=d, batch=batch, context=ctx, splits=splits, ms=ms, ms_sdpa=ms_sdpa,
+                           TBps=nbytes / ms / 1e9, frac_copy_bw=floor / ms, floor_ms=floor,
+                           sdpa_frac_copy_bw=floor / ms_sdpa, speedup_vs_sdpa=ms_sdpa / ms)
+                rows.append(row)
+                print(f"decode d={d} b={batch} ctx={ctx}: {ms * 1e3:.1f} us {row['TBps']:.2f} TB/s "
+                      f"({100 * row['frac_copy_bw']:.0f}% copy bw, splits {splits}); sdpa {ms_sdpa * 1e3:.1f} us",
+                      flush=True)
+    return rows
+
+
+def sdpa_prefill(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def run_prefill(caps, head_dims, batches, lengths, heads=32, kv_heads=8) -> list[dict]:
+    rows = []
+    for d in head_dims:
+        for batch in batches:
+            for length in lengths:
+                q, k, v, meta = paged_inputs(batch, length, length, heads, kv_heads, d)
+                ms = bench(lambda: triton_attention.paged_attention(q, k, v, **meta))
+                flops = 4 * batch * heads * d * length * (length + 1) / 2
+                qc = torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16)
+                kc = torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
+                vc = torch.randn_like(kc)
+                try:
+                    ms_sdpa = bench(lambda: sdpa_prefill(qc, kc, vc))
+                    how = "flash+gqa"
+                except RuntimeError:  # flash without GQA support: give it expanded K/V
+                    ke, ve = kc.repeat_interleave(heads // kv_heads, 1), vc.repeat_interleave(heads // kv_heads, 1)
+                    ms_sdpa = bench(lambda: sdpa_prefill(qc, ke, ve))
+                    how = "flash (K/V expanded)"
+                floor = flops / (caps["matmul_bf16_TFLOPs"] * 1e12) * 1e3
+                row = dict(head_dim=d, batch=batch, length=length, ms=ms, ms_sdpa=ms_sdpa, sdpa=how,
+                           TFLOPs=flops / ms / 1e9, TFLOPs_sdpa=flops / ms_sdpa / 1e9, floor_ms=floor,
+                           frac_matmul=floor / ms, ratio_vs_sdpa=ms_sdpa / ms)
+                rows.append(row)
+                print(f"prefill d={d} b={batch} L={length}: {ms:.3f} ms {row['TFLOPs']:.0f} TFLOP/s; "
+                      f"sdpa({how}) {row['TFLOPs_sdpa']:.0f} TFLOP/s; ratio {row['ratio_vs_sdpa']:.2f}", flush=True)
+                del q, k, v, qc, kc, vc
+    return rows
+
+
+def run_sweep(quick: bool) -> list[dict]:
+    """Time alternative launch configs on a few shapes, to pick the heuristics' defaults."""
+    rows = []
+    decode_cfgs = [Config(16, 32, 4, 3), Config(16, 64, 4, 3), Config(16, 64, 4, 4), Config(16, 128, 4, 3),
+                   Config(16, 64, 2, 3), Config(16, 64, 4, 3, split_target=4.0), Config(16, 64, 4, 3, split_target=1.0)]
+    prefill_cfgs = [Config(128, 64, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3),
+                    Config(128, 32, 4, 4), Config(128, 64, 8, 4), Config(128, 128, 8, 2)]
+    if quick:
+        decode_cfgs, prefill_cfgs = decode_cfgs[:2], prefill_cfgs[:2]
+    for kind, cfgs, shapes in [("decode", decode_cfgs, [(1, 32768, 1, 128), (32, 8192, 1, 128), (256, 2048, 1, 64)]),
+                               ("prefill", prefill_cfgs, [(1, 8192, 8192, 128), (8, 2048, 2048, 64)])]:
+        for batch, ctx, q_len, d in shapes:
+            q, k, v, meta = paged_inputs(batch, ctx, q_len, 32, 8, d)
+            for cfg in cfgs:
+                try:
+                    ms = bench(lambda: triton_attention.paged_attention(q, k, v, **meta, config=cfg), rep=50)
+                except Exception as exc:  # e.g. out of shared memory for a big tile
+                    ms = float("nan")
+                    print(f"  {cfg}: {type(exc).__name__}", flush=True)
+                rows.append(dict(kind=kind, batch=batch, context=ctx, head_dim=d, config=repr(cfg), ms=ms))
+                print(f"sweep {kind} b={batch} ctx={ctx} d={d} {cfg}: {ms * 1e3:.1f} us", flush=True)
+            del q, k, v
+    return rows
+
+
+def markdown(env, caps, decode, prefill, sweep) -> str:
+    lines = [f"# Kernel benchmark ({env['gpu']}, {env['date']})", "",
+             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}. "
+             f"Copy bandwidth {caps['copy_TBps']:.2f} TB/s (read+write), bf16 matmul "
+             f"{caps['matmul_bf16_TFLOPs']:.0f} TFLOP/s, both measured in the same process. Medians of do_bench.", "",
+             "## Decode (q_len 1, 32 q / 8 kv heads, block 16, bf16)", "",
+             "| head_dim | batch | context | splits | triton us | TB/s | % copy bw | floor us | sdpa us | sdpa % bw | speedup vs sdpa |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in decode:
+        lines.append(f"| {r['head_dim']} | {r['batch']} | {r['context']} | {r['splits']} | {r['ms'] * 1e3:.1f} | "
+                     f"{r['TBps']:.2f} | {100 * r['frac_copy_bw']:.0f}% | {r['floor_ms'] * 1e3:.1f} | "
+                     f"{r['ms_sdpa'] * 1e3:.1f} | {100 * r['sdpa_frac_copy_bw']:.0f}% | {r['speedup_vs_sdpa']:.2f}x |")
+    lines += ["", "## Prefill (causal, all tokens new, 32 q / 8 kv heads, block 16, bf16)", "",
+              "| head_dim | batch | length | triton ms | TFLOP/s | floor ms | % matmul | sdpa TFLOP/s | triton/sdpa speed |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in prefill:
+        lines.append(f"| {r['head_dim']} | {r['batch']} | {r['length']} | {r['ms']:.3f} | {r['TFLOPs']:.0f} | "
+                     f"{r['floor_ms']:.3f} | {100 * r['frac_matmul']:.0f}% | {r['TFLOPs_sdpa']:.0f} ({r['sdpa']}) | "
+                     f"{r['ratio_vs_sdpa']:.2f}x |")
+    if sweep:
+        lines += ["", "## Config sweep", "", "| kind | batch | context | head_dim | config | us |", "|---|---|---|---|---|---|"]
+        for r in sweep:
+            lines.append(f"| {r['kind']} | {r['batch']} | {r['context']} | {r['head_dim']} | `{r['config']}` | "
+                         f"{r['ms'] * 1e3:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    import transformers
+
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               transformers=transformers.__version__, python=platform.python_version(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    print(env, flush=True)
+    caps = ceilings()
+    print(caps, flush=True)
+    if args.quick:
+        decode = run_decode(caps, [128], [1, 32], [2048, 32768])
+        prefill = run_prefill(caps, [128], [1], [2048])
+    else:
+        decode = run_decode(caps, [128, 64], [1, 8, 32, 128, 256], [512, 2048, 8192, 32768])
+        prefill = run_prefill(caps, [128, 64], [1, 8], [512, 2048, 8192])
+    sweep = [] if args.no_sweep else run_sweep(args.quick)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = env["date"][:10]
+    with open(os.path.join(args.out, f"kernels-{stamp}.json"), "w") as f:
+        json.dump(dict(env=env, ceilings=caps, decode=decode, prefill=prefill, sweep=sweep), f, indent=1)
+    table = markdown(env, caps, decode, prefill, sweep)
+    with open(os.path.join(args.out, f"kernels-{stamp}.md"), "w") as f:
+        f.write(table)
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
