@@ -10,15 +10,22 @@
 """
 
 from .cache import BlockPool, KVPool, OutOfBlocksError, PagedCache, PagedCacheStats
+from .engine import Engine, EngineStats, GenerationOutput, RequestUpdate, SamplingParams, generate_batch
 from .registration import ATTN_IMPLEMENTATION, register
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "BlockPool",
+    "Engine",
+    "EngineStats",
+    "GenerationOutput",
     "KVPool",
     "OutOfBlocksError",
     "PagedCache",
     "PagedCacheStats",
+    "RequestUpdate",
+    "SamplingParams",
+    "generate_batch",
     "register",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
 __all__ = ["BlockPool", "OutOfBlocksError"]
@@ -35,7 +35,8 @@ class BlockPool:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # Insertion-ordered (oldest freed first), and O(1) removal of a given block for `take`.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refcount = [0] * num_blocks
 
     @property
@@ -55,7 +56,7 @@ class BlockPool:
             raise OutOfBlocksError(
                 f"out of KV blocks: {n} needed, {len(self._free)} free of {self.num_blocks}"
             )
-        blocks = [self._free.popleft() for _ in range(n)]
+        blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self._refcount[b] = 1
         return blocks
@@ -78,4 +79,18 @@ class BlockPool:
         for b in blocks:
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
+
+    def is_free(self, block: int) -> bool:
+        """Whether ``block`` has no owner (it sits in the free list)."""
+        return self._refcount[block] == 0
+
+    def take(self, block: int) -> None:
+        """Take the specific free ``block`` out of the free list with one owner.
+
+        A prefix cache uses this to revive a freed block whose contents are still valid.
+        """
+        if self._refcount[block] != 0:
+            raise ValueError(f"cannot take block {block}: it is in use")
+        del self._free[block]
+        self._refcount[block] = 1

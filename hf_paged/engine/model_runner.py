@@ -1,0 +1,129 @@
+"""Runs one scheduled step: packs the batch, builds the attention metadata, calls the model once."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+
+from ..cache.kv_pool import KVPool
+from ..cache.metadata import PagedAttentionMetadata
+from .scheduler import SchedulerOutput
+
+__all__ = ["ModelRunner", "StepInputs"]
+
+
+class StepInputs:
+    """Device tensors of one packed step (``T`` tokens of ``S`` sequences, ``R`` sampled rows)."""
+
+    __slots__ = ("input_ids", "position_ids", "logits_indices", "metadata")
+
+    def __init__(self, input_ids, position_ids, logits_indices, metadata: PagedAttentionMetadata) -> None:
+        self.input_ids = input_ids
+        self.position_ids = position_ids
+        self.logits_indices = logits_indices
+        self.metadata = metadata
+
+
+class ModelRunner:
+    """Owns the model call of the engine: one varlen forward per step, no padding.
+
+    The step's tokens are packed into ``input_ids``/``position_ids`` of shape ``[1, T]``; the
+    ``"paged"`` attention function stores their K/V into ``kv_pool`` at ``slot_mapping`` and attends
+    over each sequence's block table. Only the rows that sample are projected onto the vocabulary
+    (``logits_to_keep``).
+
+    All integer inputs of a step travel in two host buffers (int64 and int32) and two copies.
+    """
+
+    def __init__(self, model: torch.nn.Module, kv_pool: KVPool) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.block_size = kv_pool.block_size
+        self.device = kv_pool.device
+        self._pin = self.device.type == "cuda"
+        # Passing a (never read) 4D mask makes Transformers' mask builders return it untouched.
+        # With no mask and no cache they would instead inspect position_ids for packed sequences,
+        # whose `.all()` is a device->host sync in the middle of every forward (and breaks graph
+        # capture). The "paged" attention function reads only the metadata; since it would try to
+        # turn a mask into left-padding offsets, kv_start is given explicitly (all zeros).
+        self._mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        self._zeros = torch.zeros(256, dtype=torch.int32, device=self.device)
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Build the step's device tensors from the scheduled chunks."""
+        chunks = out.chunks
+        bs = self.block_size
+        ids: list[int] = []
+        starts: list[int] = []
+        lens: list[int] = []
+        tables: list[list[int]] = []
+        samples: list[int] = []
+        for c in chunks:
+            seq = c.seq
+            ids.extend(seq.token_ids[c.start : c.start + c.num_tokens])
+            starts.append(c.start)
+            lens.append(c.num_tokens)
+            tables.append(seq.block_table)
+            samples.append(len(c.samplers))
+        num_seqs = len(chunks)
+        lens_t = torch.tensor(lens, dtype=torch.int64)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
+        torch.cumsum(lens_t, 0, out=cu[1:])
+        ctx = starts_t + lens_t
+        total = len(ids)
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens_t, output_size=total)
+        positions = torch.arange(total) - (cu[:-1] - starts_t)[seq_of_token]
+        table_lens = torch.tensor([len(t) for t in tables], dtype=torch.int64)
+        width = int(table_lens.max())
+        flat = torch.tensor(list(chain.from_iterable(tables)), dtype=torch.int64)
+        table_start = torch.cumsum(table_lens, 0) - table_lens
+        slots = flat[table_start[seq_of_token] + positions // bs] * bs + positions % bs
+        block_tables = torch.zeros(num_seqs, width, dtype=torch.int64)
+        block_tables[torch.arange(width)[None, :] < table_lens[:, None]] = flat
+        logits_indices = torch.repeat_interleave(cu[1:] - 1, torch.tensor(samples, dtype=torch.int64))
+        num_rows = logits_indices.numel()
+
+        host64 = torch.cat([torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices])
+        host32 = torch.cat([cu, ctx, block_tables.view(-1)]).to(torch.int32)
+        dev64, dev32 = self._to_device(host64), self._to_device(host32)
+        input_ids, position_ids, slot_mapping, logits_idx = dev64.split([total, total, total, num_rows])
+        cu_d, ctx_d, bt_d = dev32.split([num_seqs + 1, num_seqs, num_seqs * width])
+        if self._zeros.numel() < num_seqs:
+            self._zeros = torch.zeros(2 * num_seqs, dtype=torch.int32, device=self.device)
+        metadata = PagedAttentionMetadata(
+            slot_mapping=slot_mapping,
+            cu_seqlens_q=cu_d,
+            context_lens=ctx_d,
+            block_tables=bt_d.view(num_seqs, width),
+            max_seqlen_q=max(lens),
+            max_context_len=max(s + n for s, n in zip(starts, lens)),
+            kv_start=self._zeros[:num_seqs],
+        )
+        return StepInputs(input_ids[None], position_ids[None], logits_idx, metadata)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return host
+        if self._pin:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_copies: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Run the step; returns the ``[R, vocab]`` logits of the sampled rows, in chunk order."""
+        if block_copies:
+            src, dst = zip(*block_copies)
+            self.kv_pool.copy_blocks(list(src), list(dst))
+        inputs = self.prepare(out)
+        result = self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=self._mask,
+            use_cache=False,
+            logits_to_keep=inputs.logits_indices,
+            paged_metadata=inputs.metadata,
+            paged_kv=self.kv_pool,
+        )
+        return result.logits[0]

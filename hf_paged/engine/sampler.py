@@ -1,0 +1,148 @@
+"""Batched token sampling on the device with per-request parameters and generators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sequence import Sequence
+
+__all__ = ["Sampler", "SamplerOutput"]
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled token per row; with logprobs, ``(token logprob, {token: logprob} top-k)`` per row (else ``None``)."""
+
+    token_ids: list[int]
+    logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+
+
+class Sampler:
+    """Turns the logits of a step into one token per row.
+
+    Order of processing follows Transformers: penalties, temperature, top-k, top-p, min-p, then a
+    draw. Greedy rows (``temperature == 0``) take the arg-max after penalties. A draw is
+    ``argmax(probs / E)`` with ``E ~ Exp(1)`` (equivalent to sampling from ``probs``); seeded rows
+    draw their ``E`` from their own generator, so their tokens do not depend on which other
+    requests share the batch.
+    """
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        params = [s.request.params for s in seqs]
+        want_logprobs = any(p.logprobs is not None for p in params)
+        if all(p.greedy and not p.has_penalties for p in params) and not want_logprobs:
+            # Fast path: one arg-max and one device->host copy.
+            return SamplerOutput(logits.argmax(dim=-1).tolist())
+        raw = logits.float()
+        scores = self._apply_penalties(raw, seqs) if any(p.has_penalties for p in params) else raw
+        tokens = self._sample(scores, seqs)
+        if not want_logprobs:
+            return SamplerOutput(tokens.tolist())
+        return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, params))
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _apply_penalties(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        device, (rows, vocab) = scores.device, scores.shape
+        longest = max(s.num_tokens for s in seqs)
+        # Padded token ids per row (pad = vocab, a scratch column dropped below) and a mask of
+        # which positions are generated tokens.
+        ids = torch.full((rows, longest), vocab, dtype=torch.int64)
+        is_output = torch.zeros((rows, longest), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, : s.num_tokens] = torch.tensor(s.token_ids, dtype=torch.int64)
+            is_output[i, s.num_prompt_tokens : s.num_tokens] = True
+        ids, is_output = ids.to(device), is_output.to(device)
+        seen = torch.zeros((rows, vocab + 1), dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+        counts = torch.zeros((rows, vocab + 1), dtype=torch.float32, device=device)
+        counts.scatter_add_(1, ids, is_output.float())
+        seen, counts = seen[:, :vocab], counts[:, :vocab]
+
+        p = [s.request.params for s in seqs]
+        table = torch.tensor(
+            [[q.repetition_penalty, q.presence_penalty, q.frequency_penalty] for q in p], dtype=torch.float32
+        ).to(device)
+        rep, presence, frequency = table[:, 0:1], table[:, 1:2], table[:, 2:3]
+        penalized = torch.where(scores < 0, scores * rep, scores / rep)
+        scores = torch.where(seen, penalized, scores)
+        return scores - presence * (counts > 0) - frequency * counts
+
+    def _sample(self, scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.request.params for s in seqs]
+        greedy_tokens = scores.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            return greedy_tokens
+        device, vocab = scores.device, scores.shape[1]
+        table = torch.tensor(
+            [
+                [p.temperature if not p.greedy else 1.0, p.top_k if p.top_k > 0 else vocab, p.top_p, p.min_p]
+                for p in params
+            ],
+            dtype=torch.float32,
+        ).to(device)
+        temperature, top_k, top_p, min_p = table.unbind(1)
+        scores = scores / temperature[:, None]
+        if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
+            scores = self._top_k_top_p(scores, top_k, top_p)
+        if any(p.min_p > 0 for p in params):
+            probs = torch.softmax(scores, dim=-1)
+            threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            scores = scores.masked_fill(probs < threshold, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, p in enumerate(params) if p.seed is None]
+        if len(unseeded) == len(params):
+            noise.exponential_()
+        else:
+            if unseeded:
+                noise[unseeded] = torch.empty((len(unseeded), vocab), device=device).exponential_()
+            for i, s in enumerate(seqs):
+                if params[i].seed is not None:
+                    noise[i].exponential_(generator=self._generator(s, device))
+        # A zero draw over a zero probability would give NaN, which arg-max prefers.
+        sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        greedy = torch.tensor([p.greedy for p in params]).to(device)
+        return torch.where(greedy, greedy_tokens, sampled)
+
+    @staticmethod
+    def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        rank = torch.arange(scores.shape[1], device=scores.device)[None, :]
+        drop = rank >= top_k[:, None]
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token once the more likely ones already cover top_p (the first is always kept).
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = mass_before >= top_p[:, None]
+        drop[:, 0] = False
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+
+    @staticmethod
+    def _generator(seq: Sequence, device: torch.device) -> torch.Generator:
+        if seq.generator is None or seq.generator.device != device:
+            seq.generator = torch.Generator(device=device)
+            seq.generator.manual_seed(seq.seed_for_sample())
+        return seq.generator
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, params) -> list:
+        logprobs = torch.log_softmax(raw, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        k = max(p.logprobs or 0 for p in params)
+        top_vals, top_ids = (logprobs.topk(k, dim=-1) if k else (None, None))
+        top_vals = top_vals.tolist() if k else None
+        top_ids = top_ids.tolist() if k else None
+        result: list = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                result.append(None)
+                continue
+            n = p.logprobs
+            top = dict(zip(top_ids[i][:n], top_vals[i][:n])) if n else {}
+            result.append((chosen[i], top))
+        return result

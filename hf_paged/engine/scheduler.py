@@ -1,0 +1,165 @@
+"""FCFS continuous-batching scheduler with chunked prefill and recompute preemption.
+
+Every step fills a token budget (``max_num_batched_tokens``) under a sequence cap
+(``max_num_seqs``): first one token for each decoding sequence, then the next chunk of prompts
+already being prefilled, then new requests from the waiting queue in arrival order. A prompt longer
+than what is left of the budget is split across steps. When the pool runs out of blocks the
+newest running sequence is preempted: its blocks are freed and it goes back to the head of the
+waiting queue, to be recomputed from its tokens (the prefix cache usually still holds most of them).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import FinishReason, Sequence, SequenceStatus
+
+__all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput"]
+
+
+@dataclass
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``seq`` starting at ``start``, fed to this step's forward.
+
+    ``samplers`` are the sequences that take a token from the chunk's last logits: empty for a
+    prompt chunk that does not reach the end of its tokens, ``[seq]`` normally, ``seq`` and its
+    new siblings when the prompt of an ``n > 1`` request completes.
+    """
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    samplers: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    num_batched_tokens: int
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(c.num_tokens == 1 for c in self.chunks)
+
+
+class Scheduler:
+    """Decides which tokens of which sequences the next forward computes.
+
+    Args:
+        block_manager: block tables and the prefix cache.
+        max_num_seqs: running sequences at most.
+        max_num_batched_tokens: tokens per forward at most.
+        new_seq_id: a callable giving fresh sequence ids (for the samples ``n > 1`` forks).
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, new_seq_id) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._new_seq_id = new_seq_id
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: dict[int, ScheduledChunk] = {}
+        preempted = 0
+        bm = self.block_manager
+
+        # 1. Running sequences: decodes first, then prompts being prefilled in chunks.
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if budget == 0:
+                break
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_append(seq, num_new):
+                victim = self.running[-1]
+                budget += self._preempt(victim, chunks)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                bm.append(seq, num_new)
+                chunks[seq.seq_id] = ScheduledChunk(seq, seq.num_computed_tokens, num_new)
+                budget -= num_new
+
+        # 2. Waiting sequences in arrival order, unless this step already had to preempt.
+        num_seqs = len(self.running)
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            if num_seqs + 1 + seq.pending_forks > self.max_num_seqs and num_seqs > 0:
+                break
+            num_new = bm.try_admit(seq, budget, count_query=not seq.request.admitted)
+            if num_new == 0:
+                break
+            seq.request.admitted = True
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            num_seqs += 1 + seq.pending_forks
+            chunks[seq.seq_id] = ScheduledChunk(seq, seq.num_computed_tokens, num_new)
+            budget -= num_new
+
+        ordered = list(chunks.values())
+        for chunk in ordered:
+            if chunk.start + chunk.num_tokens == chunk.seq.num_tokens:
+                chunk.samplers = [chunk.seq, *self._fork(chunk.seq)]
+        return SchedulerOutput(ordered, self.max_num_batched_tokens - budget, preempted)
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Split the ``n - 1`` further samples off a sequence whose prompt completes this step."""
+        children = []
+        request = parent.request
+        for _ in range(parent.pending_forks):
+            child = Sequence(self._new_seq_id(), request, len(request.sequences), parent.token_ids)
+            self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            request.sequences.append(child)
+            self.running.append(child)
+            children.append(child)
+        parent.pending_forks = 0
+        return children
+
+    def _preempt(self, seq: Sequence, chunks: dict[int, ScheduledChunk]) -> int:
+        """Free ``seq``'s blocks and requeue it at the head; returns the budget it gave back."""
+        chunk = chunks.pop(seq.seq_id, None)
+        self.block_manager.free(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        return chunk.num_tokens if chunk else 0
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Mark ``seq`` finished and return its blocks (it may be running or waiting)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,141 @@
+"""Per-request and per-sample state the scheduler, block manager and engine share."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling_params import SamplingParams
+
+__all__ = ["FinishReason", "Request", "Sequence", "SequenceStatus"]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted (its KV freed, to be recomputed)
+    RUNNING = "running"  # holds KV blocks; scheduled every step until it finishes
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    ERROR = "error"
+    ABORT = "abort"
+
+
+class Sequence:
+    """One sample of a request: its tokens, how many of them have KV stored, and its block table.
+
+    ``token_ids`` holds the prompt then the generated tokens. ``num_computed_tokens`` of them have
+    their K/V in the pool; the rest (the whole prompt at first, the last sampled token while
+    decoding) are fed to the next forward.
+    """
+
+    __slots__ = (
+        "seq_id",
+        "request",
+        "sample_index",
+        "token_ids",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "block_table",
+        "block_hashes",
+        "num_committed_blocks",
+        "status",
+        "pending_forks",
+        "generator",
+        "logprobs",
+        "finish_reason",
+        "stop_text_end",
+        "detokenizer",
+        "_stream_offset",
+    )
+
+    def __init__(self, seq_id: int, request: Request, sample_index: int, token_ids: list[int]) -> None:
+        self.seq_id = seq_id
+        self.request = request
+        self.sample_index = sample_index
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        # Chained content hashes of the full blocks of ``token_ids`` computed so far (prefix caching);
+        # tokens are only ever appended, so they stay valid across preemption.
+        self.block_hashes: list[int] = []
+        # Leading blocks of ``block_table`` already registered in (or taken from) the prefix cache.
+        self.num_committed_blocks = 0
+        self.status = SequenceStatus.WAITING
+        # Samples still to split off this one when its prompt is done (``n > 1``).
+        self.pending_forks = 0
+        self.generator: torch.Generator | None = None
+        self.logprobs: list | None = [] if request.params.logprobs is not None else None
+        self.finish_reason: FinishReason | None = None
+        # Where a matched stop string starts in the decoded output (the text is cut there).
+        self.stop_text_end: int | None = None
+        self.detokenizer = None  # an IncrementalDetokenizer when text is streamed or stop strings are set
+        self._stream_offset = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def take_new_tokens(self) -> list[int]:
+        """Output tokens not handed out by a previous call (for streaming)."""
+        start = self.num_prompt_tokens + self._stream_offset
+        new = self.token_ids[start:]
+        self._stream_offset += len(new)
+        return new
+
+    def seed_for_sample(self) -> int | None:
+        seed = self.request.params.seed
+        if seed is None or self.sample_index == 0:
+            return seed
+        # Distinct, reproducible streams per sample of one seeded request.
+        return (seed * 1_000_003 + self.sample_index * 0x9E3779B1) % (2**63 - 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request.request_id!r}, sample={self.sample_index}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens}, status={self.status.value})"
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    """A submitted prompt with its parameters, the samples it produced and its timing."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    sequences: list[Sequence] = field(default_factory=list)
+    error: str | None = None
+    num_cached_tokens: int = 0
+    aborted: bool = False
+    # Set at the first admission: prefix-cache hit statistics count first admissions only.
+    admitted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        if self.error is not None or self.aborted:
+            return True
+        return len(self.sequences) == self.params.n and all(s.is_finished for s in self.sequences)
