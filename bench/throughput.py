@@ -1,0 +1,496 @@
+"""Offline throughput: hf_paged.generate_batch vs Transformers generate and Transformers' continuous batching.
+
+One process, one GPU, a random-weight Llama-shaped model (1.2B by default), random token ids,
+``ignore_eos``. Two workloads: ``uniform`` (512 in / 256 out) and ``mixed`` (in ~ U[16, 1024],
+out ~ U[16, 512]). Output tokens per second are CUDA-synchronised wall clock after a warm-up;
+baselines may run on a subset of the requests (``--baseline-requests``): tokens/s is a rate, so
+the ratio stays fair, and the subset size is reported.
+
+    python bench/throughput.py                      # full run on the GPU (1,000 requests each)
+    python bench/throughput.py --quick              # 128 requests, baselines on 64
+    python bench/throughput.py --tiny --quick       # tiny model, runs anywhere (CPU smoke test)
+    python bench/throughput.py --profile --quick    # plus a torch.profiler breakdown of engine steps
+
+Writes ``bench/results/throughput-<gpu>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hf_paged  # noqa: E402  registers "paged"
+from hf_paged import Engine, SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+MODEL_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, max_position_embeddings=4096, rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+MODEL_TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=False,
+)
+
+
+# -- setup ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-requests", type=int, default=1000, help="requests per workload for hf_paged")
+    p.add_argument("--baseline-requests", type=int, default=256, help="requests per workload for each baseline")
+    p.add_argument("--workloads", default="uniform,mixed", help="comma list of: uniform, mixed")
+    p.add_argument("--baselines", default="generate,hf_cb", help="comma list of: generate, hf_cb (or 'none')")
+    p.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of the model.generate baseline")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--memory-fraction", type=float, default=0.6, help="share of free GPU memory for hf_paged's KV pool")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (overrides --memory-fraction)")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="128 requests per workload, baselines on 64")
+    p.add_argument("--tiny", action="store_true", help="tiny model and 1/8 lengths (a smoke test, CPU-friendly)")
+    p.add_argument("--profile", action="store_true", help="profile a few engine steps and print where time goes")
+    p.add_argument("--profile-steps", type=int, default=6)
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/throughput-<gpu>-<date>.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_requests = min(args.num_requests, 128)
+        args.baseline_requests = min(args.baseline_requests, 64)
+    if args.tiny:
+        args.dtype = "float32" if args.dtype == "bfloat16" and not torch.cuda.is_available() else args.dtype
+        args.max_num_seqs = min(args.max_num_seqs, 64)
+        args.max_num_batched_tokens = min(args.max_num_batched_tokens, 1024)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
+    return args
+
+
+def build_models(args):
+    """(sdpa model, paged model): separate modules and configs sharing one set of weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = MODEL_TINY if args.tiny else MODEL_1B
+    dtype = getattr(torch, args.dtype)
+    # No EOS: every request runs to its max_new_tokens in every system.
+    common = dict(shape, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        sdpa = AutoModelForCausalLM.from_config(LlamaConfig(**common), attn_implementation="sdpa", dtype=dtype).eval()
+        paged = AutoModelForCausalLM.from_config(LlamaConfig(**common), attn_implementation="paged", dtype=dtype).eval()
+    paged.load_state_dict(sdpa.state_dict(), assign=True)
+    for m in (sdpa, paged):
+        m.generation_config.eos_token_id = None
+        m.generation_config.pad_token_id = 0
+    n_params = sum(p.numel() for p in sdpa.parameters())
+    return sdpa, paged, n_params
+
+
+def make_workload(name: str, n: int, vocab: int, seed: int, scale: float) -> list[tuple[list[int], int]]:
+    """``n`` (prompt ids, max_new_tokens) pairs."""
+    rng = random.Random(f"{name}-{seed}")
+    s = lambda x: max(1, int(x * scale))  # noqa: E731
+    out = []
+    for _ in range(n):
+        if name == "uniform":
+            n_in, n_out = s(512), s(256)
+        elif name == "mixed":
+            n_in, n_out = rng.randint(s(16), s(1024)), rng.randint(s(16), s(512))
+        else:
+            raise SystemExit(f"unknown workload {name!r}")
+        out.append(([rng.randrange(3, vocab) for _ in range(n_in)], n_out))
+    return out
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_memory(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+# -- systems -------------------------------------------------------------------------------------------
+
+
+def run_hf_generate(model, requests, args) -> dict:
+    """Transformers ``model.generate``: static left-padded batches, greedy, each batch runs to its longest output."""
+
+    def run(reqs):
+        useful = 0
+        for i in range(0, len(reqs), args.hf_batch_size):
+            batch = reqs[i : i + args.hf_batch_size]
+            width = max(len(p) for p, _ in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, (p, _) in enumerate(batch):
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            max_new = max(n for _, n in batch)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids.to(args.device), attention_mask=mask.to(args.device), max_new_tokens=max_new,
+                    min_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                )
+            assert out.shape[1] == width + max_new
+            # Tokens past a request's own max_new_tokens are waste, not output.
+            useful += sum(n for _, n in batch)
+        return useful
+
+    run(requests[: min(len(requests), 2)])  # warm-up
+    reset_memory(args.device)
+    sync(args.device)
+    t0 = time.perf_counter()
+    tokens = run(requests)
+    sync(args.device)
+    elapsed = time.perf_counter() - t0
+    return dict(requests=len(requests), output_tokens=tokens, elapsed_s=elapsed, output_tok_per_s=tokens / elapsed,
+                peak_memory_gib=peak_memory_gib(args.device),
+                note=f"static batches of {args.hf_batch_size}, left padded; each batch generates its longest output")
+
+
+def run_hf_continuous_batching(model, requests, args) -> dict:
+    """Transformers' own continuous batching (``generation/continuous_batching``), per-request max_new_tokens."""
+    from transformers import GenerationConfig
+
+    gen_config = GenerationConfig(
+        max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None, pad_token_id=0,
+    )
+    hints = None
+    with contextlib.suppress(Exception):
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        hints = WorkloadHints(
+            max_prompt_length=max(len(p) for p, _ in requests),
+            max_generated_length=max(n for _, n in requests),
+            num_requests=len(requests),
+        )
+
+    def run(reqs, manager) -> int:
+        ids = [manager.add_request(p, max_new_tokens=n) for p, n in reqs]
+        pending, tokens = set(i for i in ids if i is not None), 0
+        if len(pending) != len(reqs):
+            raise RuntimeError("the continuous batching manager dropped requests")
+        deadline = time.perf_counter() + 3600
+        while pending:
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError("Transformers' continuous batching thread stopped")
+                if time.perf_counter() > deadline:
+                    raise TimeoutError("continuous batching did not finish within an hour")
+                continue
+            if result.is_finished() and result.request_id in pending:
+                if result.error:
+                    raise RuntimeError(f"request {result.request_id} failed: {result.error}")
+                pending.discard(result.request_id)
+                tokens += len(result.generated_tokens)
+        return tokens
+
+    kwargs = dict(generation_config=gen_config, block=True, timeout=30)
+    if hints is not None:
+        kwargs["workload_hints"] = hints
+    reset_memory(args.device)
+    with model.continuous_batching_context_manager(**kwargs) as manager:
+        run(requests[: min(len(requests), 8)], manager)  # warm-up inside the same manager
+        sync(args.device)
+        t0 = time.perf_counter()
+        tokens = run(requests, manager)
+        sync(args.device)
+        elapsed = time.perf_counter() - t0
+    return dict(requests=len(requests), output_tokens=tokens, elapsed_s=elapsed, output_tok_per_s=tokens / elapsed,
+                peak_memory_gib=peak_memory_gib(args.device),
+                note="ContinuousBatchingManager.add_request(max_new_tokens=per request), default config + workload hints")
+
+
+def make_engine(model, args) -> Engine:
+    return Engine(
+        model,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        memory_fraction=None if args.num_blocks else (args.memory_fraction if torch.device(args.device).type == "cuda" else None),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def _params(n_out: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True)
+
+
+def run_hf_paged(engine: Engine, requests, args) -> dict:
+    prompts = [p for p, _ in requests]
+    params = [_params(n) for _, n in requests]
+    # Warm-up: Triton compiles/tunes for prefill and decode shapes; distinct random prompts so the
+    # timed run gets no prefix-cache help from it.
+    warm = make_workload("uniform", 8, engine.vocab_size, args.seed + 1000, 0.05 if args.tiny else 0.25)
+    engine.generate([p for p, _ in warm], [_params(n) for _, n in warm])
+    engine.block_manager.reset_prefix_cache()
+    sync(args.device)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine.reset_stats()
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params, progress=sys.stderr.isatty())
+    sync(args.device)
+    elapsed = time.perf_counter() - t0
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} hf_paged requests failed, first: {errors[0]}")
+    tokens = sum(len(o.token_ids) for o in outs)
+    expected = sum(n for _, n in requests)
+    if tokens != expected:
+        raise RuntimeError(f"hf_paged produced {tokens} tokens, expected {expected}")
+    st = engine.stats()
+    per_block = engine.kv_pool.nbytes / engine.kv_pool.num_blocks
+    ttft = sorted(o.time_to_first_token for o in outs if o.time_to_first_token is not None)
+    return dict(
+        requests=len(requests), output_tokens=tokens, elapsed_s=elapsed, output_tok_per_s=tokens / elapsed,
+        peak_memory_gib=peak_memory_gib(args.device),
+        kv_pool_gib=engine.kv_pool.nbytes / 2**30, kv_blocks=engine.kv_pool.num_blocks,
+        kv_peak_blocks_used=st.peak_blocks_used, kv_peak_used_gib=st.peak_blocks_used * per_block / 2**30,
+        kv_waste=st.kv_waste, preemptions=st.preemptions, prefix_hit_rate=st.prefix_hit_rate, steps=st.steps,
+        median_ttft_s=ttft[len(ttft) // 2] if ttft else None,
+    )
+
+
+# -- profiling -----------------------------------------------------------------------------------------
+
+
+def profile_engine(engine: Engine, requests, args) -> dict:
+    """Profile a few engine steps in a steady state (decodes + prefill chunks) and summarise where time goes."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def wrap(obj, name, label):
+        fn = getattr(obj, name)
+        setattr(obj, name, lambda *a, **k: _labelled(record_function, label, fn, *a, **k))
+
+    # Instance attributes shadow the methods; deleting them afterwards restores the originals.
+    wrapped = [(engine.scheduler, "schedule"), (engine.runner, "prepare"), (engine, "_postprocess"),
+               (engine.runner.model, "forward")]
+    labels = ["engine/schedule", "engine/prepare_inputs", "engine/postprocess", "engine/forward"]
+    for (obj, name), label in zip(wrapped, labels):
+        wrap(obj, name, label)
+    sampler = engine.sampler
+    engine.sampler = lambda logits, seqs: _labelled(record_function, "engine/sample", sampler, logits, seqs)
+    try:
+        return _profile_steps(engine, requests, args, profile, ProfilerActivity)
+    finally:
+        for obj, name in wrapped:
+            delattr(obj, name)
+        engine.sampler = sampler
+
+
+def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) -> dict:
+    for p, n in requests:
+        engine.add_request(p, _params(n))
+    # Reach a steady mix: run until every request has been admitted at least once or 50 steps.
+    for _ in range(50):
+        engine.step()
+        if not engine.scheduler.waiting:
+            break
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    sync(args.device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            engine.step()
+        sync(args.device)
+    wall = time.perf_counter() - t0
+
+    # Device syncs inside one step (expected: the sampler's token copy only).
+    sync_warnings = []
+    if torch.device(args.device).type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sync_warnings = [str(w.message).splitlines()[0] for w in caught]
+    for rid in list(engine._requests):
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+
+    events = prof.key_averages()
+    device_attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
+    cats = {"attention": 0.0, "gemm": 0.0, "sampler": 0.0, "kv_store": 0.0, "other_kernels": 0.0}
+    for e in events:
+        t = getattr(e, f"self_{device_attr}", 0.0) or 0.0
+        if not t or e.key.startswith("engine/"):
+            continue
+        k = e.key.lower()
+        if "attn" in k or "attention" in k or "paged" in k:
+            cats["attention"] += t
+        elif "store" in k or "index_copy" in k or "index_put" in k:
+            cats["kv_store"] += t
+        elif any(s in k for s in ("gemm", "matmul", "mm", "cutlass", "nvjet", "xmma", "sm90", "linear")):
+            cats["gemm"] += t
+        elif any(s in k for s in ("argmax", "exponential", "softmax", "sort", "topk")):
+            cats["sampler"] += t
+        else:
+            cats["other_kernels"] += t
+    regions = {e.key: e.cpu_time_total / 1e3 for e in events if e.key.startswith("engine/")}
+    print(f"\n== profile: {args.profile_steps} engine steps, {wall * 1e3:.1f} ms wall "
+          f"({wall * 1e3 / args.profile_steps:.2f} ms/step) ==")
+    print("host time per region (ms, all steps):")
+    for k, v in sorted(regions.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:28s} {v:9.2f}")
+    total_dev = sum(cats.values())
+    if total_dev:
+        print("device kernel time by category (ms, all steps):")
+        for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:28s} {v / 1e3:9.2f}  ({100 * v / total_dev:4.1f}%)")
+        print(f"  device busy {total_dev / 1e3:.2f} ms of {wall * 1e3:.2f} ms wall "
+              f"({100 * total_dev / 1e3 / (wall * 1e3):.0f}%): the rest is host overhead (Python, launches)")
+    sort_key = f"self_{device_attr}" if total_dev else "self_cpu_time_total"
+    print(events.table(sort_by=sort_key, row_limit=20, max_name_column_width=60))
+    if sync_warnings:
+        print(f"device->host syncs in one step: {len(sync_warnings)}")
+        for w in sync_warnings[:10]:
+            print("  ", w)
+    return dict(steps=args.profile_steps, wall_ms=wall * 1e3, host_regions_ms=regions,
+                device_ms={k: v / 1e3 for k, v in cats.items()}, syncs_per_step=len(sync_warnings))
+
+
+def _labelled(record_function, label, fn, *a, **k):
+    with record_function(label):
+        return fn(*a, **k)
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    import transformers
+
+    v = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+             hf_paged=hf_paged.__version__)
+    with contextlib.suppress(Exception):
+        import triton
+
+        v["triton"] = triton.__version__
+    with contextlib.suppress(Exception):
+        root = Path(__file__).resolve().parents[1]
+        v["git_commit"] = subprocess.check_output(["git", "-C", str(root), "rev-parse", "HEAD"], text=True).strip()
+    return v
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    sdpa, paged, n_params = build_models(args)
+    vocab = paged.config.vocab_size
+    scale = 1 / 8 if args.tiny else 1.0
+    from hf_paged.kernels import get_backend
+
+    backend = get_backend(device, getattr(torch, args.dtype)).name
+    print(f"device: {gpu} | model: {n_params / 1e9:.2f}B params, {args.dtype} | kernel backend: {backend}")
+    print(f"versions: {versions()}")
+
+    report = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=gpu, device=str(device),
+                  model=dict(params=n_params, dtype=args.dtype, shape=MODEL_TINY if args.tiny else MODEL_1B),
+                  kernel_backend=backend, versions=versions(), args={k: v for k, v in vars(args).items()},
+                  workloads={})
+    engine = None
+    for name in args.workloads:
+        requests = make_workload(name, args.num_requests, vocab, args.seed, scale)
+        subset = requests[: args.baseline_requests]
+        print(f"\n== workload {name}: {len(requests)} requests (baselines on {len(subset)}), "
+              f"{sum(len(p) for p, _ in requests)} prompt / {sum(n for _, n in requests)} output tokens ==")
+        results: dict[str, dict] = {}
+        for base in args.baselines:
+            runner = {"generate": run_hf_generate, "hf_cb": run_hf_continuous_batching}.get(base)
+            if runner is None:
+                print(f"unknown baseline {base!r}, skipped")
+                continue
+            label = {"generate": "transformers_generate", "hf_cb": "transformers_continuous_batching"}[base]
+            try:
+                results[label] = runner(sdpa, subset, args)
+            except Exception as e:  # report and go on: a baseline's API may differ across versions
+                traceback.print_exc()
+                results[label] = dict(error=f"{type(e).__name__}: {e}")
+            _print_result(label, results[label])
+        reset_memory(device)
+        if engine is None:
+            engine = make_engine(paged, args)  # built once: the pool is sized after the baselines ran
+        try:
+            results["hf_paged"] = run_hf_paged(engine, requests, args)
+        except Exception as e:
+            traceback.print_exc()
+            results["hf_paged"] = dict(error=f"{type(e).__name__}: {e}")
+        _print_result("hf_paged", results["hf_paged"])
+        ours = results["hf_paged"].get("output_tok_per_s")
+        for label, r in results.items():
+            if label != "hf_paged" and ours and r.get("output_tok_per_s"):
+                r["hf_paged_speedup"] = ours / r["output_tok_per_s"]
+                print(f"  hf_paged / {label}: {r['hf_paged_speedup']:.2f}x output tok/s")
+        if args.profile and engine is not None:
+            results["profile"] = profile_engine(engine, requests[: min(len(requests), args.max_num_seqs * 2)], args)
+        report["workloads"][name] = results
+
+    out = Path(args.out) if args.out else RESULTS / (
+        f"throughput-{''.join(c if c.isalnum() else '-' for c in gpu)}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        f"{'-tiny' if args.tiny else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {out}")
+    failed = [f"{w}/{k}" for w, rs in report["workloads"].items() for k, r in rs.items() if k == "hf_paged" and "error" in r]
+    return 1 if failed else 0
+
+
+def _print_result(label: str, r: dict) -> None:
+    if "error" in r:
+        print(f"  {label:34s} FAILED: {r['error']}")
+        return
+    mem = f"{r['peak_memory_gib']:.1f} GiB peak" if r.get("peak_memory_gib") is not None else "peak mem n/a"
+    extra = ""
+    if "kv_waste" in r:
+        extra = (f" | KV pool {r['kv_pool_gib']:.1f} GiB, peak used {r['kv_peak_used_gib']:.2f} GiB, "
+                 f"waste {100 * r['kv_waste']:.1f}%, preemptions {r['preemptions']}, prefix hits {100 * r['prefix_hit_rate']:.1f}%")
+    print(f"  {label:34s} {r['output_tok_per_s']:10.1f} out tok/s  ({r['requests']} req, {r['output_tokens']} tok, "
+          f"{r['elapsed_s']:.1f} s) | {mem}{extra}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raise SystemExit(main())
