@@ -113,6 +113,7 @@ def test_decode_split_kv(splits):
 def test_split_heuristic_used_for_long_context():
     """The default heuristic splits a long single-sequence decode (4 pretend SMs in the interpreter)."""
     assert triton_attention.choose_num_splits(2, 4096, 64, 4, 2.0) == 4
+    assert triton_attention.choose_num_splits(1, 256, 64, 132, 2.0) == 2  # >= 2 key tiles per split
     assert triton_attention.choose_num_splits(512, 4096, 64, 132, 2.0) == 1
     q, k, v, meta = make_problem([1], [300], heads=4, kv_heads=1, block_size=16, seed=4)
     check(q, k, v, meta, scale=0.2)

@@ -234,15 +234,17 @@ class Config:
 def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int) -> Config:
     """Decode-like steps (all rows of a sequence fit one <= 64-row tile) get small tiles and may split;
     prefill gets flash-attention tiles."""
+    # Defaults from the H200 sweep in bench/NOTES.md: decode wants long key tiles (more bytes in
+    # flight per program); prefill at head_dim 128 prefers 4 warps, at 64 eight.
     rows = groups * max_seqlen_q
     if rows <= 64:
         block_m = max(16, triton.next_power_of_2(rows))
-        return Config(block_m, 64 if head_dim_pad <= 128 else 32, 4, 3 if head_dim_pad <= 128 else 2)
+        return Config(block_m, 128 if head_dim_pad <= 128 else 64, 4, 3 if head_dim_pad <= 128 else 2)
     block_m = max(128 if head_dim_pad <= 128 else 64, triton.next_power_of_2(groups))
     if head_dim_pad <= 64:
-        return Config(block_m, 64, 4, 3)
-    if head_dim_pad <= 128:
         return Config(block_m, 64, 8, 3)
+    if head_dim_pad <= 128:
+        return Config(block_m, 64, 4, 3)
     return Config(block_m, 32, 8, 2)
 
 
@@ -254,9 +256,9 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(programs: int, max_context_len: int, block_n: int, num_sms: int, target: float) -> int:
-    """Split the key range only when the grid cannot fill the GPU, and keep >= 4 key tiles per split."""
+    """Split the key range only when the grid cannot fill the GPU, and keep >= 2 key tiles per split."""
     want = math.ceil(target * num_sms / max(programs, 1))
-    useful = max(1, max_context_len // (4 * block_n))
+    useful = max(1, max_context_len // (2 * block_n))
     return max(1, min(want, useful, MAX_SPLITS))
 
 
