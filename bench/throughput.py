@@ -317,6 +317,7 @@ def profile_engine(engine: Engine, requests, args) -> dict:
 
 
 def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) -> dict:
+    engine.block_manager.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
     for p, n in requests:
         engine.add_request(p, _params(n))
     # Reach a steady mix: run until every request has been admitted at least once or 50 steps.
@@ -429,6 +430,8 @@ def main(argv=None) -> int:
     report = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=gpu, device=str(device),
                   model=dict(params=n_params, dtype=args.dtype, shape=MODEL_TINY if args.tiny else MODEL_1B),
                   kernel_backend=backend, versions=versions(), args={k: v for k, v in vars(args).items()},
+                  note=(f"baselines run the first {args.baseline_requests} requests of each workload, hf_paged all "
+                        f"{args.num_requests}; compare output tok/s (a rate), not times"),
                   workloads={})
     engine = None
     for name in args.workloads:
