@@ -1,0 +1,171 @@
+"""`build_app`: the FastAPI application of ``hf-paged serve`` (routes, auth, errors, lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..engine import Engine
+from .config import ServerConfig, model_max_len
+from .engine_loop import EngineLoop
+from .errors import APIError, error_response
+from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from .serving import OpenAIServing
+
+__all__ = ["ServerConfig", "build_app"]
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
+
+
+def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
+    """The OpenAI-compatible app serving ``engine``.
+
+    The app's lifespan starts the engine loop thread and, at shutdown, aborts what is still in
+    flight and joins the thread. ``config.max_model_len`` is resolved (model default, capped to the
+    KV pool) in place. ``app.state`` holds ``engine_loop``, ``metrics`` and ``config``.
+
+    Example:
+        >>> app = build_app(engine, tok, ServerConfig(model_name="tiny"))  # doctest: +SKIP
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    _resolve_max_model_len(engine, config)
+    metrics = ServerMetrics(config.model_name)
+    engine_loop = EngineLoop(engine, tokenizer, metrics=metrics, max_waiting=config.max_waiting)
+    serving = OpenAIServing(engine_loop, tokenizer, config, vocab_size=engine.vocab_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine_loop.start()
+        logger.info("engine loop started; serving %r", config.model_name)
+        try:
+            yield
+        finally:
+            # Uvicorn has closed the connections by now (waiting up to its graceful timeout);
+            # whatever still runs is aborted so its blocks return and the thread exits.
+            await asyncio.to_thread(engine_loop.stop, config.shutdown_drain_s)
+            logger.info("engine loop stopped")
+
+    app = FastAPI(title="hf-paged", summary="OpenAI-compatible server over hf_paged's Engine", lifespan=lifespan)
+    app.state.engine_loop = engine_loop
+    app.state.metrics = metrics
+    app.state.config = config
+    _install_error_handlers(app)
+    if config.api_key:
+        app.add_middleware(_BearerAuth, api_key=config.api_key)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        """Text completion (``stream=true``: server-sent events ending with ``data: [DONE]``)."""
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion through the chat template (``stream=true``: server-sent events)."""
+        return await serving.chat(body, request)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        """The one served model."""
+        return ModelList(data=[ModelCard(id=config.model_name, max_model_len=config.max_model_len)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 while the engine loop runs, 503 otherwise."""
+        if engine_loop.alive:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "the engine loop is not running")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _resolve_max_model_len(engine: Engine, config: ServerConfig) -> None:
+    capacity = engine.kv_pool.num_blocks * engine.block_size
+    wanted = config.max_model_len or model_max_len(engine.model) or capacity
+    if wanted > capacity:
+        logger.warning(
+            "max_model_len %d is more than the KV pool holds (%d tokens); capping it to %d", wanted, capacity, capacity
+        )
+        wanted = capacity
+    config.max_model_len = wanted
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Malformed JSON arrives here too (FastAPI reports it as a "json_invalid" error).
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # Union members show up in the location ("prompt", "str"); the field is the first part.
+        param = loc[0] if loc else None
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+            param = None
+        else:
+            where = ".".join(loc) if loc else "body"
+            message = f"invalid request: {where}: {first.get('msg', 'invalid value')}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more error(s))"
+        return error_response(400, message, param, "invalid_value" if param else "invalid_json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal server error: {type(exc).__name__}")
+
+
+class _BearerAuth:
+    """ASGI middleware: ``/v1/*`` needs ``Authorization: Bearer <api_key>`` (401 otherwise).
+
+    Checked before the body is read, so an unauthenticated client learns nothing else.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                response = error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

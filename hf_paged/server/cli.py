@@ -1,0 +1,155 @@
+"""``hf-paged serve``: load a model, build the engine and the app, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "load_model", "main"]
+
+logger = logging.getLogger("hf_paged.server")
+
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-paged`` argument parser (subcommand ``serve``)."""
+    parser = argparse.ArgumentParser(prog="hf-paged", description="hf_paged command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server", description="Serve a model over an OpenAI-compatible API."
+    )
+    serve.add_argument("model", nargs="?", help="local directory saved with save_pretrained (model + tokenizer)")
+    serve.add_argument("--demo", action="store_true", help="serve a small random model built offline instead")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", choices=_DTYPES, default="auto", help="model dtype (auto: the checkpoint's)")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--served-model-name", default=None, help="name clients pass as `model` (default: dir name)")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=256, help="sequences running at once")
+    serve.add_argument("--max-model-len", type=_positive_int, default=None,
+                       help="prompt + output tokens per request (default: the model's max_position_embeddings)")
+    pool = serve.add_mutually_exclusive_group()
+    pool.add_argument("--num-blocks", type=_positive_int, default=None, help="KV pool size in blocks")
+    pool.add_argument("--kv-memory-fraction", type=_fraction, default=None,
+                      help="size the KV pool from this fraction of free device memory")
+    serve.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
+    serve.add_argument("--api-key", default=os.environ.get("HF_PAGED_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1 (default: $HF_PAGED_API_KEY)")
+    serve.add_argument("--max-waiting", type=_non_negative_int, default=None,
+                       help="requests allowed to wait for their first token before 429 (default: unbounded)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hf-paged`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return 2  # pragma: no cover (argparse requires a command)
+
+
+def load_model(path: str, dtype: str = "auto", device: str | None = None):
+    """``(model, tokenizer)`` from a ``save_pretrained`` directory, the model with ``attn_implementation="paged"``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_paged  # noqa: F401  registers "paged"
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="paged", dtype=torch_dtype)
+    return model.to(_device(device)).eval(), tokenizer
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    if args.demo == bool(args.model):
+        parser.error("serve needs a MODEL directory or --demo (not both)")
+    chat_template = None
+    if args.chat_template:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        except OSError as e:
+            parser.error(f"cannot read --chat-template: {e}")
+
+    import torch
+    import uvicorn
+
+    from ..engine import Engine
+    from .app import build_app
+    from .config import ServerConfig
+    from .demo import DEMO_MODEL_NAME, build_demo
+
+    if args.demo:
+        model, tokenizer = build_demo()
+        if args.dtype not in ("auto", "float32"):
+            model = model.to(getattr(torch, args.dtype))
+        model = model.to(_device(args.device))
+        name = args.served_model_name or DEMO_MODEL_NAME
+        source = "demo (random weights)"
+    else:
+        if not os.path.isdir(args.model):
+            parser.error(f"MODEL must be a local directory saved with save_pretrained, got {args.model!r}")
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        source = args.model
+    engine = Engine(
+        model, num_blocks=args.num_blocks, memory_fraction=args.kv_memory_fraction, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, tokenizer=tokenizer,
+    )
+    config = ServerConfig(model_name=name, max_model_len=args.max_model_len, api_key=args.api_key,
+                          max_waiting=args.max_waiting, chat_template=chat_template)
+    app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
+    param = next(model.parameters())
+    pool_tokens = engine.kv_pool.num_blocks * engine.block_size
+    logger.info("model %s (%s) as %r: dtype %s on %s", source, type(model).__name__, name, param.dtype, param.device)
+    logger.info(
+        "KV pool: %d blocks of %d tokens (%.1f MiB) = %d tokens, room for %d sequences of max_model_len %d",
+        engine.kv_pool.num_blocks, engine.block_size, engine.kv_pool.nbytes / 2**20, pool_tokens,
+        pool_tokens // config.max_model_len, config.max_model_len,
+    )
+    if args.api_key:
+        logger.info("API key required on /v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _device(device: str | None):
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`ServerConfig`: what the HTTP layer needs to know besides the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServerConfig", "model_max_len"]
+
+
+@dataclass
+class ServerConfig:
+    """Settings of one server.
+
+    Args:
+        model_name: the name clients pass as ``model`` (others get 404).
+        max_model_len: prompt plus generated tokens allowed per request; ``None``: the model's
+            ``max_position_embeddings``. Capped to what the KV pool holds.
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        max_waiting: requests allowed to wait for their first token before answering 429
+            (``None``: unbounded).
+        chat_template: a Jinja chat template overriding the tokenizer's.
+        max_logprobs: largest ``logprobs`` / ``top_logprobs`` accepted.
+        shutdown_drain_s: at shutdown, seconds in-flight requests may still run before being aborted.
+    """
+
+    model_name: str
+    max_model_len: int | None = None
+    api_key: str | None = None
+    max_waiting: int | None = None
+    chat_template: str | None = None
+    max_logprobs: int = 20
+    shutdown_drain_s: float = 0.0
+
+
+def model_max_len(model) -> int | None:
+    """The model's ``max_position_embeddings`` (of its text config), if it has one."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the server, in a registry of their own (several servers may share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
+
+_PREFIX = "hf_paged_"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    """Gauges, counters and histograms the engine loop updates and ``GET /metrics`` renders.
+
+    Args:
+        model_name: value of the ``model_name`` label on every metric.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(_PREFIX + name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(_PREFIX + name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(_PREFIX + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.requests_running = gauge("num_requests_running", "Requests that have produced tokens and not finished.")
+        self.requests_waiting = gauge("num_requests_waiting", "Requests accepted and waiting for their first token.")
+        self.kv_blocks_total = gauge("kv_blocks_total", "KV blocks in the pool.")
+        self.kv_blocks_used = gauge("kv_blocks_used", "KV blocks owned by sequences.")
+        self.kv_blocks_free = gauge("kv_blocks_free", "KV blocks free (unowned prefix-cache blocks included).")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1).")
+        self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted for lack of KV blocks.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self._finished = Counter(
+            _PREFIX + "request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self._model_name = model_name
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens of one request.", _ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+
+    def request_finished(self, reason: str) -> None:
+        """Count a finished request under its finish reason (``stop``, ``length``, ``abort``, ``error``)."""
+        self._finished.labels(self._model_name, reason).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

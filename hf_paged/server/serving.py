@@ -1,0 +1,433 @@
+"""`OpenAIServing`: turns completion and chat requests into engine submissions and their results into responses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from ..engine import GenerationOutput, SamplingParams
+from ..engine.outputs import SampleOutput
+from .config import ServerConfig
+from .engine_loop import EngineLoop, QueueFullError, RequestDone, SampleDelta, Submission
+from .errors import APIError, error_body
+from .protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    TopLogprob,
+    Usage,
+)
+
+__all__ = ["OpenAIServing"]
+
+logger = logging.getLogger(__name__)
+
+# How often a non-streaming request waiting for its result checks that its client is still there.
+_DISCONNECT_POLL_S = 1.0
+
+# SamplingParams field names as the API calls them (for the ``param`` of a 400).
+_API_PARAM = {"max_new_tokens": "max_tokens", "stop": "stop", "logprobs": "logprobs"}
+
+
+@dataclass
+class _Job:
+    """The engine requests of one HTTP request and the queue their events arrive on."""
+
+    base_id: str
+    request_ids: list[str]
+    prompts: list[list[int]]
+    n: int
+    logprobs: int | None
+    queue: asyncio.Queue
+
+
+class OpenAIServing:
+    """Handlers of ``/v1/completions`` and ``/v1/chat/completions``.
+
+    Args:
+        engine_loop: where requests go.
+        tokenizer: tokenizes prompts, renders chat templates, decodes logprob tokens.
+        config: server settings (model name, max length, chat template...).
+        vocab_size: prompt token ids must lie in ``[0, vocab_size)``.
+    """
+
+    def __init__(self, engine_loop: EngineLoop, tokenizer, config: ServerConfig, vocab_size: int) -> None:
+        self._loop = engine_loop
+        self._tokenizer = tokenizer
+        self._config = config
+        self._vocab_size = vocab_size
+
+    # -- completions ------------------------------------------------------------------------------
+
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        """``POST /v1/completions``."""
+        self._check_model(req.model)
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        prompts = self._completion_prompts(req.prompt)
+        logprobs = req.logprobs
+        if logprobs is not None and not 0 <= logprobs <= self._config.max_logprobs:
+            raise APIError(400, f"logprobs must be in [0, {self._config.max_logprobs}], got {logprobs}", param="logprobs")
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        self._check_lengths(prompts, max_tokens, "max_tokens", "prompt")
+        params = self._sampling_params(req, max_tokens, "max_tokens", logprobs)
+        job = self._submit("cmpl", prompts, params, bool(req.stream))
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._sse(raw, job, self._completion_chunks(job, created, include_usage))
+        outputs = await self._collect(raw, job)
+        if outputs is None:
+            return Response(status_code=499)
+        choices = [
+            CompletionChoice(
+                index=i * job.n + s.index,
+                text=s.text or "",
+                logprobs=self._completion_logprobs(s) if logprobs is not None else None,
+                finish_reason=s.finish_reason,
+            )
+            for i, out in enumerate(outputs)
+            for s in out.samples
+        ]
+        choices.sort(key=lambda c: c.index)
+        body = CompletionResponse(id=job.base_id, created=created, model=self._config.model_name, choices=choices,
+                                  usage=_usage(outputs))
+        return JSONResponse(body.model_dump())
+
+    def _completion_prompts(self, prompt) -> list[list[int]]:
+        """Token ids of each prompt of ``prompt`` (text, texts, ids, lists of ids)."""
+        if isinstance(prompt, str):
+            texts: list[str] | None = [prompt]
+            id_lists: list[list[int]] = []
+        elif not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        elif all(isinstance(p, str) for p in prompt):
+            texts = list(prompt)
+        elif all(isinstance(p, int) for p in prompt):
+            texts, id_lists = None, [list(prompt)]
+        else:
+            texts, id_lists = None, [list(p) for p in prompt]
+        if texts is not None:
+            id_lists = [self._encode(t) for t in texts]
+        for ids in id_lists:
+            if not ids:
+                raise APIError(400, "prompt is empty", param="prompt")
+            bad = [t for t in ids if not 0 <= t < self._vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token ids outside the vocabulary [0, {self._vocab_size}): {bad[:5]}",
+                               param="prompt")
+        return id_lists
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not text:
+            return []
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    async def _completion_chunks(self, job: _Job, created: int, include_usage: bool) -> AsyncIterator[BaseModel]:
+        name = self._config.model_name
+
+        def chunk(choice: CompletionStreamChoice) -> CompletionStreamResponse:
+            return CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[choice])
+
+        outputs: list[GenerationOutput] = []
+        async for i, event in self._events(job):
+            if isinstance(event, SampleDelta):
+                yield chunk(CompletionStreamChoice(index=i * job.n + event.index, text=event.text))
+                continue
+            outputs.append(event.output)
+            with_logprobs = event.output.samples and self._wants_logprobs(job)
+            for s in event.output.samples:
+                yield chunk(CompletionStreamChoice(
+                    index=i * job.n + s.index, text=event.tails.get(s.index, ""),
+                    logprobs=self._completion_logprobs(s) if with_logprobs else None, finish_reason=s.finish_reason,
+                ))
+        if include_usage:
+            yield CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[],
+                                           usage=_usage(outputs))
+
+    def _completion_logprobs(self, sample: SampleOutput) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        offset = 0
+        for token_id, (logprob, top) in zip(sample.token_ids, sample.logprobs or []):
+            token = self._token_text(token_id)
+            result.tokens.append(token)
+            result.token_logprobs.append(logprob)
+            result.top_logprobs.append({self._token_text(t): lp for t, lp in _by_logprob(top)} if top else None)
+            result.text_offset.append(offset)
+            offset += len(token)
+        return result
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        """``POST /v1/chat/completions``."""
+        self._check_model(req.model)
+        prompt = self._render_chat(req)
+        top = req.top_logprobs
+        if top is not None:
+            if not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+            if not 0 <= top <= self._config.max_logprobs:
+                raise APIError(400, f"top_logprobs must be in [0, {self._config.max_logprobs}], got {top}",
+                               param="top_logprobs")
+        logprobs = (top or 0) if req.logprobs else None
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            # OpenAI's default for chat: as long as the context allows.
+            max_tokens = self._config.max_model_len - len(prompt)
+            if max_tokens <= 0:
+                raise APIError(400, f"the messages take {len(prompt)} tokens, the model's maximum context length "
+                               f"is {self._config.max_model_len}", param="messages")
+        self._check_lengths([prompt], max_tokens, field, "messages")
+        params = self._sampling_params(req, max_tokens, field, logprobs)
+        job = self._submit("chatcmpl", [prompt], params, bool(req.stream))
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._sse(raw, job, self._chat_chunks(job, created, include_usage))
+        outputs = await self._collect(raw, job)
+        if outputs is None:
+            return Response(status_code=499)
+        choices = [
+            ChatChoice(
+                index=s.index,
+                message=ChatResponseMessage(content=s.text or ""),
+                logprobs=self._chat_logprobs(s) if logprobs is not None else None,
+                finish_reason=s.finish_reason,
+            )
+            for s in outputs[0].samples
+        ]
+        body = ChatCompletionResponse(id=job.base_id, created=created, model=self._config.model_name,
+                                      choices=choices, usage=_usage(outputs))
+        return JSONResponse(body.model_dump())
+
+    def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        """Token ids of ``messages`` through the chat template (``--chat-template`` or the tokenizer's)."""
+        template = self._config.chat_template
+        if template is None and not getattr(self._tokenizer, "chat_template", None):
+            raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions or start the "
+                           "server with --chat-template FILE", param="messages", code="no_chat_template")
+        messages = []
+        for m in req.messages:
+            message = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                message["name"] = m.name
+            messages.append(message)
+        try:
+            text = self._tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=req.add_generation_prompt
+            )
+        except Exception as e:  # a template may raise on messages it does not accept (roles, order)
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
+        # The template writes the special tokens (BOS) it wants itself.
+        ids = self._encode(text, add_special_tokens=False)
+        if not ids:
+            raise APIError(400, "the messages render to an empty prompt", param="messages")
+        return ids
+
+    async def _chat_chunks(self, job: _Job, created: int, include_usage: bool) -> AsyncIterator[BaseModel]:
+        name = self._config.model_name
+
+        def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=job.base_id, created=created, model=name, choices=[choice])
+
+        for index in range(job.n):
+            yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+        outputs: list[GenerationOutput] = []
+        async for _, event in self._events(job):
+            if isinstance(event, SampleDelta):
+                yield chunk(ChatStreamChoice(index=event.index, delta=DeltaMessage(content=event.text)))
+                continue
+            outputs.append(event.output)
+            with_logprobs = event.output.samples and self._wants_logprobs(job)
+            for s in event.output.samples:
+                tail = event.tails.get(s.index, "")
+                yield chunk(ChatStreamChoice(
+                    index=s.index, delta=DeltaMessage(content=tail or None),
+                    logprobs=self._chat_logprobs(s) if with_logprobs else None, finish_reason=s.finish_reason,
+                ))
+        if include_usage:
+            yield ChatCompletionChunk(id=job.base_id, created=created, model=name, choices=[], usage=_usage(outputs))
+
+    def _chat_logprobs(self, sample: SampleOutput) -> ChatLogprobs:
+        content = []
+        for token_id, (logprob, top) in zip(sample.token_ids, sample.logprobs or []):
+            token = self._token_text(token_id)
+            content.append(ChatTokenLogprob(
+                token=token, logprob=logprob, bytes=list(token.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=(t := self._token_text(i)), logprob=lp, bytes=list(t.encode("utf-8")))
+                    for i, lp in _by_logprob(top or {})
+                ],
+            ))
+        return ChatLogprobs(content=content)
+
+    # -- shared -----------------------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self._config.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self._config.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def _check_lengths(self, prompts: list[list[int]], max_tokens: int, field: str, prompt_field: str) -> None:
+        if max_tokens <= 0:
+            raise APIError(400, f"{field} must be at least 1, got {max_tokens}", param=field)
+        limit = self._config.max_model_len
+        for ids in prompts:
+            if len(ids) >= limit:
+                raise APIError(400, f"the prompt has {len(ids)} tokens; the model's maximum context length is "
+                               f"{limit}", param=prompt_field)
+            if len(ids) + max_tokens > limit:
+                raise APIError(400, f"the model's maximum context length is {limit} tokens, but {len(ids)} prompt "
+                               f"tokens plus {field}={max_tokens} make {len(ids) + max_tokens}", param=field)
+
+    def _sampling_params(self, req, max_tokens: int, max_field: str, logprobs: int | None) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        top_k = req.top_k if req.top_k is not None else 0
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=_or(req.temperature, 1.0),
+                top_p=_or(req.top_p, 1.0),
+                top_k=0 if top_k == -1 else top_k,  # -1 means "off" in vLLM's API
+                min_p=_or(req.min_p, 0.0),
+                repetition_penalty=_or(req.repetition_penalty, 1.0),
+                presence_penalty=_or(req.presence_penalty, 0.0),
+                frequency_penalty=_or(req.frequency_penalty, 0.0),
+                seed=req.seed,
+                stop=stop or None,
+                ignore_eos=bool(req.ignore_eos),
+                n=_or(req.n, 1),
+                logprobs=logprobs,
+            )
+        except ValueError as e:
+            name = str(e).split(" ", 1)[0]
+            param = max_field if name == "max_new_tokens" else _API_PARAM.get(name, name)
+            raise APIError(400, str(e).replace("max_new_tokens", max_field, 1), param=param) from e
+
+    def _submit(self, prefix: str, prompts: list[list[int]], params: SamplingParams, stream: bool) -> _Job:
+        base_id = f"{prefix}-{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        holdback = max(len(s) for s in params.stop) - 1 if params.stop else 0
+        request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        submissions = [
+            Submission(rid, ids, params, _sink(loop, queue, i), stream=stream, holdback=holdback)
+            for i, (rid, ids) in enumerate(zip(request_ids, prompts))
+        ]
+        try:
+            self._loop.submit(submissions)
+        except QueueFullError as e:
+            raise APIError(429, str(e), code="rate_limit_exceeded") from e
+        except RuntimeError as e:
+            raise APIError(503, f"the engine is not running: {e}") from e
+        return _Job(base_id, request_ids, prompts, params.n, params.logprobs, queue)
+
+    @staticmethod
+    def _wants_logprobs(job: _Job) -> bool:
+        return job.logprobs is not None
+
+    async def _events(self, job: _Job) -> AsyncIterator[tuple[int, SampleDelta | RequestDone]]:
+        """Events of ``job`` until all its requests are done; raises `APIError` for a failed one.
+
+        Leaving early (client gone, error) aborts the requests still running.
+        """
+        done: set[int] = set()
+        try:
+            while len(done) < len(job.request_ids):
+                index, event = await job.queue.get()
+                if isinstance(event, RequestDone):
+                    done.add(index)
+                    _raise_for_output(event.output)
+                yield index, event
+        finally:
+            for i, rid in enumerate(job.request_ids):
+                if i not in done:
+                    self._loop.abort(rid)
+
+    async def _collect(self, raw: Request, job: _Job) -> list[GenerationOutput] | None:
+        """Final outputs of ``job`` in prompt order, or ``None`` when the client went away (then aborted)."""
+        outputs: dict[int, GenerationOutput] = {}
+        try:
+            while len(outputs) < len(job.request_ids):
+                try:
+                    # Waiting on the queue itself: cancelling a Queue.get on timeout loses no item.
+                    index, event = await asyncio.wait_for(job.queue.get(), _DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await raw.is_disconnected():
+                        return None
+                    continue
+                if isinstance(event, RequestDone):
+                    outputs[index] = event.output
+                    _raise_for_output(event.output)
+        finally:
+            for i, rid in enumerate(job.request_ids):
+                if i not in outputs:
+                    self._loop.abort(rid)
+        return [outputs[i] for i in range(len(job.request_ids))]
+
+    def _sse(self, raw: Request, job: _Job, chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield f"data: {chunk.model_dump_json()}\n\n"
+            except APIError as e:
+                # Headers are sent already: report the error in-stream, as OpenAI does.
+                yield f"data: {error_body(e.status, e.message, e.param, e.code).model_dump_json()}\n\n"
+            finally:
+                await chunks.aclose()  # aborts what is still running when the client left
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
+
+
+def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable[[object], None]:
+    def put(event: object) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+    return put
+
+
+def _raise_for_output(output: GenerationOutput) -> None:
+    if output.error is not None:
+        raise APIError(500, f"generation failed: {output.error}")
+    if not output.samples:  # aborted before any sample existed (server shutting down)
+        raise APIError(503, "the request was aborted (server shutting down)")
+
+
+def _usage(outputs: list[GenerationOutput]) -> Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(s.token_ids) for o in outputs for s in o.samples)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _by_logprob(top: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(top.items(), key=lambda kv: -kv[1])
+
+
+def _or(value, default):
+    return default if value is None else value
