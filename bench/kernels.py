@@ -172,6 +172,33 @@ def run_sweep(quick: bool) -> list[dict]:
     return rows
 
 
+def run_tune() -> list[dict]:
+    """Decode configs for head_dim 64 (and 128 at batch 1), each first checked against the reference."""
+    from hf_paged.kernels import reference
+
+    cfgs = [Config(16, 128, 4, 3), Config(16, 256, 4, 3), Config(16, 256, 8, 3), Config(16, 256, 4, 2),
+            Config(16, 128, 4, 3, split_target=4.0), Config(16, 256, 4, 3, split_target=4.0)]
+    q, k, v, meta = paged_inputs(3, 3000, 1, 32, 8, 64)
+    want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
+    for cfg in cfgs + [Config(16, 256, 8, 3)]:
+        got = triton_attention.paged_attention(q, k, v, **meta, config=cfg)
+        err = ((got.float() - want).norm() / want.norm()).item()
+        print(f"tune check {cfg}: rel_err {err:.2e} {'PASS' if err < 1e-2 else 'FAIL'}", flush=True)
+    rows = []
+    for batch, ctx, d in [(1, 32768, 64), (8, 8192, 64), (32, 2048, 64), (32, 8192, 64), (32, 32768, 64),
+                          (1, 32768, 128)]:
+        q, k, v, meta = paged_inputs(batch, ctx, 1, 32, 8, d)
+        floor = 2 * batch * ctx * 8 * d * 2 / 4.25e9  # ms at run 2's copy bandwidth
+        for cfg in cfgs if d == 64 else [Config(16, 128, 4, 3), Config(16, 256, 4, 3), Config(16, 256, 8, 3)]:
+            ms = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta, config=cfg))
+            rows.append(dict(kind="decode-tune", batch=batch, context=ctx, head_dim=d, config=repr(cfg), ms=ms,
+                             frac_copy_bw=floor / ms))
+            print(f"tune b={batch} ctx={ctx} d={d} {cfg}: {ms * 1e3:.1f} us ({100 * floor / ms:.0f}% copy bw)",
+                  flush=True)
+        del q, k, v
+    return rows
+
+
 def markdown(env, caps, decode, prefill, sweep) -> str:
     lines = [f"# Kernel benchmark ({env['gpu']}, {env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}. "
@@ -210,8 +237,16 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="only the head_dim-64 decode config sweep")
     args = parser.parse_args()
     import transformers
+
+    if args.tune:
+        rows = run_tune()
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "decode-tune.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), triton=triton.__version__, rows=rows), f, indent=1)
+        return
 
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                transformers=transformers.__version__, python=platform.python_version(),
