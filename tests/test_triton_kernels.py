@@ -119,6 +119,20 @@ def test_split_heuristic_used_for_long_context():
     check(q, k, v, meta, scale=0.2)
 
 
+def test_decode_tile_refinement():
+    """head_dim <= 64 decode with long per-program key ranges on a small grid takes 256-key tiles."""
+    cfg = triton_attention.choose_config(64, 4, 1)
+    assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 2, 256, 132).block_n == 256  # batch 32, 8k
+    assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 5, 64, 132).block_n == 128  # batch 8: short ranges
+    assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 1, 1024, 132).block_n == 128  # batch 128: many waves
+    assert triton_attention.refine_decode_tiles(cfg, 128, 8192, 2, 256, 132).block_n == 128
+    # a 256-key tile over a ragged batch (compiled: checked on the H200 by bench/kernels.py --tune)
+    q, k, v, meta = make_problem([1, 1], [600, 77], heads=8, kv_heads=2, head_dim=64, seed=14)
+    want = reference.paged_attention(q, k, v, scale=0.1, **meta)
+    got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, config=Config(16, 256, 4, 3), num_splits=2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_prefill_ragged_gqa():
     q, k, v, meta = make_problem([5, 1, 23, 16], [5, 9, 40, 16], heads=4, kv_heads=2, block_size=16, seed=5)
     check(q, k, v, meta)
