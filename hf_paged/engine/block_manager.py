@@ -105,6 +105,9 @@ class BlockManager:
         # Never the block holding the last token: that token is recomputed for its logits, and a
         # cached block must never be written.
         limit = (seq.num_tokens - 1) // self.block_size
+        cap = seq.request.max_cached_prefix  # positions whose prompt logprobs are still wanted
+        if cap is not None:
+            limit = min(limit, cap // self.block_size)
         self._extend_hashes(seq, limit)
         hits: list[int] = []
         parent = _ROOT_HASH

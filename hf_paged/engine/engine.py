@@ -78,12 +78,17 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.stream_text = stream_text and tokenizer is not None
-        text_config = _text_config(model.config)
-        num_layers, num_kv_heads, head_dim = _kv_geometry(text_config)
+        from ..distributed import BroadcastSampler, TensorParallelState, local_kv_heads, tensor_parallel_size
+
+        # Tensor-parallel ranks hold only their KV heads and run this engine in lockstep (hf_paged.distributed).
+        num_layers, num_kv_heads, head_dim = local_kv_heads(model)
+        self.tp = TensorParallelState(model) if tensor_parallel_size(model) > 1 else None
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, memory_fraction, max_num_seqs)
+        if self.tp is not None:
+            num_blocks = self.tp.agree_min(num_blocks)
         self.kv_pool = KVPool(
             num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, num_kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=dtype, device=device,
@@ -93,7 +98,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, lambda: next(self._seq_ids))
         self.runner = ModelRunner(model, self.kv_pool)
-        self.sampler = Sampler()
+        self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model)
         self._requests: dict[str, Request] = {}
@@ -180,9 +185,14 @@ class Engine:
             return updates
         self._peak_blocks = max(self._peak_blocks, self.kv_pool.blocks.num_used)
         samplers = [s for c in out.chunks for s in c.samplers]
+        prompt_rows = _prompt_logprob_rows(out)
         try:
-            logits = self.runner.execute(out, self.block_manager.take_pending_copies())
-            sampled = self.sampler(logits, samplers) if samplers else None
+            logits = self.runner.execute(
+                out, self.block_manager.take_pending_copies(), [(c, off, n) for c, off, n, _ in prompt_rows]
+            )
+            sampled = self.sampler(logits[: len(samplers)], samplers) if samplers else None
+            if prompt_rows:
+                _store_prompt_logprobs(out, prompt_rows, logits[len(samplers) :])
         except Exception as e:  # a failing forward fails this step's requests, not the engine
             logger.exception("engine step failed")
             failed = {id(c.seq.request): c.seq.request for c in out.chunks}
@@ -284,6 +294,7 @@ class Engine:
             time_to_first_token=ttft,
             total_time=(request.finish_time or time.perf_counter()) - request.arrival_time,
             num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=request.prompt_logprobs if request.error is None else None,
         )
 
     def _final_text(self, seq: Sequence) -> str | None:
@@ -431,6 +442,61 @@ class Engine:
             )
 
 
+def _prompt_logprob_rows(out: SchedulerOutput) -> list[tuple[int, int, int, int]]:
+    """Positions of this step whose logits give wanted prompt log-probabilities.
+
+    One ``(chunk index, offset in the chunk, count, first prompt position scored)`` per chunk that
+    computes positions ``q`` with ``next - 1 <= q < num_prompt_tokens - 1`` of a request that asked
+    for ``prompt_logprobs`` (the logits at ``q`` score prompt token ``q + 1``).
+    """
+    rows = []
+    for i, chunk in enumerate(out.chunks):
+        request = chunk.seq.request
+        if request.prompt_logprobs is None:
+            continue
+        lo = max(chunk.start, request.prompt_logprobs_next - 1)
+        hi = min(chunk.start + chunk.num_tokens, len(request.prompt_token_ids) - 1)
+        if hi > lo:
+            rows.append((i, lo - chunk.start, hi - lo, lo + 1))
+    return rows
+
+
+# Rows turned into log-probabilities at once: bounds the float32 [rows, vocab] temporaries.
+_LOGPROB_ROWS_PER_PASS = 512
+
+
+def _store_prompt_logprobs(out: SchedulerOutput, rows: list[tuple[int, int, int, int]], logits: torch.Tensor) -> None:
+    """Fill the requests' ``prompt_logprobs`` from the extra logits rows of a step."""
+    targets: list[int] = []
+    slots: list[tuple[list, int]] = []
+    top_k = 0
+    for chunk_index, _, count, first in rows:
+        request = out.chunks[chunk_index].seq.request
+        targets.extend(request.prompt_token_ids[first : first + count])
+        slots.extend((request.prompt_logprobs, p) for p in range(first, first + count))
+        top_k = max(top_k, request.params.prompt_logprobs)
+        request.prompt_logprobs_next = first + count
+    target_t = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+    chosen: list[float] = []
+    tops: list[list[int]] = []
+    top_vals: list[list[float]] = []
+    for lo in range(0, len(targets), _LOGPROB_ROWS_PER_PASS):
+        part = torch.log_softmax(logits[lo : lo + _LOGPROB_ROWS_PER_PASS].float(), dim=-1)
+        chosen.extend(part.gather(1, target_t[lo : lo + part.shape[0], None])[:, 0].tolist())
+        if top_k:
+            values, indices = part.topk(top_k, dim=-1)
+            top_vals.extend(values.tolist())
+            tops.extend(indices.tolist())
+    row = 0
+    for chunk_index, _, count, _ in rows:
+        k = out.chunks[chunk_index].seq.request.params.prompt_logprobs
+        for _ in range(count):
+            slot, pos = slots[row]
+            top = dict(zip(tops[row][:k], top_vals[row][:k])) if k else {}
+            slot[pos] = (chosen[row], top)
+            row += 1
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -439,13 +505,6 @@ def _check_positive(**values: int) -> None:
 
 def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def _kv_geometry(text_config) -> tuple[int, int, int]:
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return text_config.num_hidden_layers, kv_heads, head_dim
 
 
 def _prepare_model(model: torch.nn.Module) -> None:
@@ -489,8 +548,10 @@ def default_num_blocks(
     ``memory_fraction`` (default 0.9 on CUDA) of the device's free memory; on CPU without a fraction,
     room for ``max_num_seqs`` sequences of ``max_position_embeddings`` within a quarter of free RAM.
     """
+    from ..distributed import local_kv_heads
+
     text_config = _text_config(model.config)
-    num_layers, num_kv_heads, head_dim = _kv_geometry(text_config)
+    num_layers, num_kv_heads, head_dim = local_kv_heads(model)
     param = next(model.parameters())
     per_block = KVPool.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, param.dtype)
     if memory_fraction is not None or param.device.type == "cuda":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import chain
 
 import numpy as np
@@ -51,8 +52,12 @@ class ModelRunner:
         self._mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._zeros = torch.zeros(256, dtype=torch.int32, device=self.device)
 
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
-        """Build the step's device tensors from the scheduled chunks."""
+    def prepare(self, out: SchedulerOutput, extra_rows: Sequence[tuple[int, int, int]] = ()) -> StepInputs:
+        """Build the step's device tensors from the scheduled chunks.
+
+        ``extra_rows`` asks for logits of more positions (prompt log-probabilities): each
+        ``(chunk index, offset in the chunk, count)`` adds ``count`` rows after the sampled ones.
+        """
         chunks = out.chunks
         bs = self.block_size
         ids: list[int] = []
@@ -85,6 +90,10 @@ class ModelRunner:
         block_tables = torch.zeros(num_seqs, width, dtype=torch.int64)
         block_tables[torch.arange(width)[None, :] < table_lens[:, None]] = flat
         logits_indices = torch.repeat_interleave(cu[1:] - 1, torch.tensor(samples, dtype=torch.int64))
+        if extra_rows:
+            cu_list = cu.tolist()
+            extra = [cu_list[c] + off + i for c, off, count in extra_rows for i in range(count)]
+            logits_indices = torch.cat([logits_indices, torch.tensor(extra, dtype=torch.int64)])
         num_rows = logits_indices.numel()
 
         host64 = torch.cat([torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices])
@@ -113,12 +122,18 @@ class ModelRunner:
         return host.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_copies: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """Run the step; returns the ``[R, vocab]`` logits of the sampled rows, in chunk order."""
+    def execute(
+        self,
+        out: SchedulerOutput,
+        block_copies: list[tuple[int, int]] | None = None,
+        extra_rows: Sequence[tuple[int, int, int]] = (),
+    ) -> torch.Tensor:
+        """Run the step; returns the ``[R, vocab]`` logits of the sampled rows, in chunk order,
+        followed by those of ``extra_rows`` (see `prepare`)."""
         if block_copies:
             src, dst = zip(*block_copies)
             self.kv_pool.copy_blocks(list(src), list(dst))
-        inputs = self.prepare(out)
+        inputs = self.prepare(out, extra_rows)
         result = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.position_ids,

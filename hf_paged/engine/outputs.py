@@ -29,7 +29,9 @@ class GenerationOutput:
     ``token_ids``, ``text``, ``finish_reason`` and ``logprobs`` are those of the first sample;
     ``samples`` holds all ``n``. ``finish_reason`` is ``"length"``, ``"stop"``, ``"abort"`` or
     ``"error"`` (then ``error`` says why and no tokens were generated). Times are seconds since
-    the request was added.
+    the request was added. ``prompt_logprobs`` (when requested) has one entry per prompt token:
+    ``None`` for position 0 and positions before ``prompt_logprobs_start``, else
+    ``(logprob of the token given its prefix, {token: logprob} of the top k)``.
     """
 
     request_id: str
@@ -40,6 +42,7 @@ class GenerationOutput:
     time_to_first_token: float | None = None
     total_time: float = 0.0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -31,6 +31,13 @@ class SamplingParams:
         n: independent samples of the prompt; they share the prompt's KV blocks.
         logprobs: ``None``: none; ``0``: the log-probability of each generated token; ``k > 0``: also
             the ``k`` most likely tokens per step (log-softmax of the model's unprocessed logits).
+        prompt_logprobs: like ``logprobs`` for the prompt (as in vLLM): the log-probability of each
+            prompt token given the tokens before it, in ``GenerationOutput.prompt_logprobs``
+            (``None`` at position 0, which has no prefix). Used to score continuations.
+        prompt_logprobs_start: first prompt position whose log-probability is wanted (positions
+            before it are reported as ``None``). Tokens before ``prompt_logprobs_start - 1`` need no
+            logits, so they may still come from the prefix cache: scoring several continuations
+            of one context recomputes only the continuations.
 
     Invalid values raise ``ValueError`` naming the field.
 
@@ -53,6 +60,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,6 +95,9 @@ class SamplingParams:
         _int_at_least("n", self.n, 1)
         if self.logprobs is not None:
             _int_at_least("logprobs", self.logprobs, 0)
+        if self.prompt_logprobs is not None:
+            _int_at_least("prompt_logprobs", self.prompt_logprobs, 0)
+        _int_at_least("prompt_logprobs_start", self.prompt_logprobs_start, 1)
 
     @property
     def greedy(self) -> bool:

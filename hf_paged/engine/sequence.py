@@ -133,6 +133,26 @@ class Request:
     aborted: bool = False
     # Set at the first admission: prefix-cache hit statistics count first admissions only.
     admitted: bool = False
+    # Prompt log-probabilities (``params.prompt_logprobs``): one slot per prompt token, and the
+    # next prompt position still missing its value (filled in order, chunk by chunk).
+    prompt_logprobs: list | None = None
+    prompt_logprobs_next: int = 0
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None and self.error is None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
+            self.prompt_logprobs_next = min(max(1, self.params.prompt_logprobs_start), len(self.prompt_token_ids))
+
+    @property
+    def max_cached_prefix(self) -> int | None:
+        """Prompt tokens the prefix cache may serve at most (``None``: no limit).
+
+        The logits at position ``p - 1`` give the log-probability of token ``p``, so every position
+        from ``prompt_logprobs_next - 1`` on must be computed, not taken from the cache.
+        """
+        if self.prompt_logprobs is None or self.prompt_logprobs_next >= len(self.prompt_token_ids):
+            return None
+        return self.prompt_logprobs_next - 1
 
     @property
     def finished(self) -> bool:
