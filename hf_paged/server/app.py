@@ -60,9 +60,10 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
         try:
             yield
         finally:
-            # Uvicorn has closed the connections by now (waiting up to its graceful timeout);
-            # whatever still runs is aborted so its blocks return and the thread exits.
-            await asyncio.to_thread(engine_loop.stop, config.shutdown_drain_s)
+            # Uvicorn has closed the connections by now (waiting up to its graceful timeout), so
+            # nobody waits for what still runs: abort it, its blocks return, the thread exits.
+            # (`hf-paged serve` lets in-flight requests drain earlier, when the signal arrives.)
+            await asyncio.to_thread(engine_loop.stop, 0.0)
             logger.info("engine loop stopped")
 
     app = FastAPI(title="hf-paged", summary="OpenAI-compatible server over hf_paged's Engine", lifespan=lifespan)

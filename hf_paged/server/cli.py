@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import uvicorn
+
 __all__ = ["build_parser", "load_model", "main"]
 
 logger = logging.getLogger("hf_paged.server")
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=_non_negative_int, default=None,
                        help="requests allowed to wait for their first token before 429 (default: unbounded)")
     serve.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
+    serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=3.0, metavar="S",
+                       help="on SIGINT/SIGTERM, seconds in-flight requests may finish before being aborted")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -81,7 +85,6 @@ def _serve(args: argparse.Namespace) -> int:
             parser.error(f"cannot read --chat-template: {e}")
 
     import torch
-    import uvicorn
 
     from ..engine import Engine
     from .app import build_app
@@ -118,8 +121,33 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.api_key:
         logger.info("API key required on /v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = _DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                       timeout_graceful_shutdown=args.shutdown_timeout + 5),
+        on_exit=lambda: app.state.engine_loop.request_stop(args.shutdown_timeout),
+    )
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
+        pass
     return 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """A uvicorn server that, on SIGINT/SIGTERM, also tells the engine loop to wind down.
+
+    Uvicorn waits for open connections before the lifespan shutdown runs; without this, a long
+    stream would hold it until its graceful timeout and then be cancelled mid-response. Finishing
+    or aborting the requests (``--shutdown-timeout``) ends their streams normally instead.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
 
 
 def _device(device: str | None):
@@ -141,6 +169,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
     return value
 
 

@@ -20,7 +20,6 @@ class ServerConfig:
             (``None``: unbounded).
         chat_template: a Jinja chat template overriding the tokenizer's.
         max_logprobs: largest ``logprobs`` / ``top_logprobs`` accepted.
-        shutdown_drain_s: at shutdown, seconds in-flight requests may still run before being aborted.
     """
 
     model_name: str
@@ -29,7 +28,6 @@ class ServerConfig:
     max_waiting: int | None = None
     chat_template: str | None = None
     max_logprobs: int = 20
-    shutdown_drain_s: float = 0.0
 
 
 def model_max_len(model) -> int | None:

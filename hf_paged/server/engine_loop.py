@@ -20,9 +20,12 @@ from ..engine import Engine, GenerationOutput, SamplingParams
 from .detokenize import TextStream
 from .metrics import ServerMetrics
 
-__all__ = ["EngineLoop", "QueueFullError", "RequestDone", "SampleDelta", "Submission"]
+__all__ = ["SHUTTING_DOWN", "EngineLoop", "QueueFullError", "RequestDone", "SampleDelta", "Submission"]
 
 logger = logging.getLogger(__name__)
+
+# The error of a request that arrived after shutdown began.
+SHUTTING_DOWN = "the server is shutting down"
 
 # How long an idle loop sleeps on the command queue before checking its state again.
 _IDLE_POLL_S = 0.5
@@ -151,11 +154,17 @@ class EngineLoop:
         """Abort a request (no-op when it already finished); its blocks return to the pool."""
         self._commands.put(("abort", request_id))
 
+    def request_stop(self, drain_timeout: float = 0.0) -> None:
+        """Begin shutting down without waiting: refuse new requests, let in-flight ones run up to
+        ``drain_timeout`` seconds, then abort the rest (their consumers get finish reason ``abort``)."""
+        self._stopping = True  # `alive` turns False at once, so handlers answer 503 from now on
+        self._commands.put(("stop", drain_timeout))
+
     def stop(self, drain_timeout: float = 0.0, join_timeout: float = 30.0) -> None:
-        """Stop accepting requests, let in-flight ones run ``drain_timeout`` seconds, abort the rest, join."""
+        """`request_stop`, then wait for the loop thread to finish."""
         if self._thread is None:
             return
-        self._commands.put(("stop", drain_timeout))
+        self.request_stop(drain_timeout)
         self._thread.join(join_timeout)
         if self._thread.is_alive():
             logger.warning("engine loop did not stop within %.1f s", join_timeout)
@@ -181,7 +190,10 @@ class EngineLoop:
             self._fail_all(f"engine loop crashed: {type(e).__name__}: {e}")
         finally:
             self._stopping = True
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # an engine broken enough to crash the loop may not report either
+                logger.debug("could not publish final metrics", exc_info=True)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -203,12 +215,15 @@ class EngineLoop:
             if cmd[1] in self._tracked:
                 self._engine.abort(cmd[1])
         elif kind == "stop":
-            self._stopping = True
-            self._stop_deadline = time.monotonic() + max(0.0, cmd[1])
+            # Several stop requests: the earliest deadline wins.
+            deadline = time.monotonic() + max(0.0, cmd[1])
+            self._stop_deadline = deadline if self._stop_deadline is None else min(deadline, self._stop_deadline)
 
     def _add(self, sub: Submission) -> None:
-        if self._stopping:
-            self._reject(sub, "the server is shutting down")
+        # Commands run in order: a request submitted before the stop command is in flight and
+        # gets the drain time; only one that slipped in after it is refused.
+        if self._stop_deadline is not None:
+            self._reject(sub, SHUTTING_DOWN)
             return
         try:
             self._engine.add_request(sub.prompt_token_ids, sub.params, request_id=sub.request_id)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from ..engine import GenerationOutput, SamplingParams
 from ..engine.outputs import SampleOutput
 from .config import ServerConfig
-from .engine_loop import EngineLoop, QueueFullError, RequestDone, SampleDelta, Submission
+from .engine_loop import SHUTTING_DOWN, EngineLoop, QueueFullError, RequestDone, SampleDelta, Submission
 from .errors import APIError, error_body
 from .protocol import (
     ChatChoice,
@@ -413,6 +413,8 @@ def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> 
 
 
 def _raise_for_output(output: GenerationOutput) -> None:
+    if output.error == SHUTTING_DOWN:
+        raise APIError(503, SHUTTING_DOWN)
     if output.error is not None:
         raise APIError(500, f"generation failed: {output.error}")
     if not output.samples:  # aborted before any sample existed (server shutting down)

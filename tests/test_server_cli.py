@@ -1,0 +1,125 @@
+"""``hf-paged serve``: argument parsing, loading a saved model, the process end to end, the optional extra."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+
+from server_harness import tiny_demo  # noqa: E402
+
+from hf_paged.server import _deps  # noqa: E402
+from hf_paged.server.cli import build_parser, load_model, main  # noqa: E402
+
+
+def test_parser_defaults_and_options():
+    args = build_parser().parse_args(["serve", "some/dir"])
+    assert (args.model, args.host, args.port, args.dtype, args.block_size) == ("some/dir", "127.0.0.1", 8000, "auto", 16)
+    args = build_parser().parse_args([
+        "serve", "--demo", "--port", "9001", "--dtype", "bfloat16", "--served-model-name", "x", "--max-num-seqs", "4",
+        "--max-model-len", "128", "--kv-memory-fraction", "0.5", "--block-size", "32", "--api-key", "k",
+        "--max-waiting", "3", "--chat-template", "t.jinja",
+    ])
+    assert args.demo and args.kv_memory_fraction == 0.5 and args.max_waiting == 3 and args.chat_template == "t.jinja"
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve"],  # neither MODEL nor --demo
+    ["serve", "dir", "--demo"],
+    ["serve", "--demo", "--num-blocks", "8", "--kv-memory-fraction", "0.5"],
+    ["serve", "--demo", "--dtype", "int8"],
+    ["serve", "--demo", "--max-num-seqs", "0"],
+    ["serve", "--demo", "--kv-memory-fraction", "1.5"],
+    ["serve", "/no/such/dir"],
+])
+def test_bad_arguments_exit(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_missing_extra_says_how_to_install(monkeypatch):
+    real = _deps.importlib.util.find_spec
+    monkeypatch.setattr(_deps.importlib.util, "find_spec", lambda name: None if name == "fastapi" else real(name))
+    with pytest.raises(ImportError, match=r"pip install 'hf-paged\[serve\]'"):
+        _deps.require_serve_deps()
+
+
+def test_import_hf_paged_does_not_import_the_server():
+    code = "import sys, hf_paged; assert not [m for m in ('fastapi', 'uvicorn', 'hf_paged.server') if m in sys.modules]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "tiny-saved"
+    model, tok = tiny_demo()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_load_model(saved_model):
+    model, tok = load_model(str(saved_model), "float32", "cpu")
+    assert model.config._attn_implementation == "paged"
+    assert tok.chat_template and next(model.parameters()).dtype.is_floating_point
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_process_end_to_end(saved_model):
+    """``python -m hf_paged serve DIR``: startup log, a chat request, SIGINT during a stream, clean exit."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "hf_paged", "serve", str(saved_model), "--port", str(port), "--num-blocks", "64",
+           "--dtype", "float32", "--log-level", "info", "--shutdown-timeout", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        models = httpx.get(f"{base}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["tiny-saved"]
+        chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+        r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        body = {"prompt": "hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        lines = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as stream:
+            for line in stream.iter_lines():
+                if not lines:
+                    proc.send_signal(signal.SIGINT)  # shut down with this request in flight
+                lines.append(line)
+        out, _ = proc.communicate(timeout=30)
+        # The stream was ended properly: aborted (or, on a fast machine, finished) and [DONE].
+        events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("abort", "length")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "KV pool: 64 blocks of 16 tokens" in out and "dtype torch.float32 on cpu" in out
+    assert "engine loop stopped" in out and "Traceback" not in out
