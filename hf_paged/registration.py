@@ -57,7 +57,7 @@ def _with_paged_cache(original):
             raise NotImplementedError(
                 f"attn_implementation='paged' supports decoder-only models; {type(self).__name__} is encoder-decoder"
             )
-        cache = PagedCache(self.config, max_cache_len=max_cache_length)
+        cache = PagedCache(self.config, max_cache_len=max_cache_length, tp_size=getattr(self, "tp_size", None))
         model_kwargs[name] = cache
         result = original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kw)
         # The cache is ours, not the caller's: generate need not keep it alive for them.

@@ -75,6 +75,10 @@ class PagedCache(Cache):
         memory_fraction: size the pool from this fraction of free device memory.
         max_cache_len: longest sequence the default sizing provides for.
         dtype: expected K/V dtype (checked at the first ``update``).
+        tp_size: tensor-parallel degree of the model (``model.tp_size``): each rank's layers hand
+            over ``num_key_value_heads // tp_size`` KV heads and its pool holds only those. When
+            ``None``, a torch.distributed world of size ``W > 1`` makes ``num_key_value_heads // W``
+            heads acceptable too.
 
     Example:
         >>> import hf_paged
@@ -94,8 +98,11 @@ class PagedCache(Cache):
         memory_fraction: float | None = None,
         max_cache_len: int | None = None,
         dtype: torch.dtype | None = None,
+        tp_size: int | None = None,
     ) -> None:
         super().__init__(layers=[])
+        if tp_size is not None and tp_size <= 0:
+            raise ValueError(f"tp_size must be positive, got {tp_size}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if num_blocks is not None and num_blocks <= 0:
@@ -106,6 +113,8 @@ class PagedCache(Cache):
         self._max_cache_len = max_cache_len
         self._dtype = dtype
         self._expected = _geometry_from_config(config)
+        self._tp_size = tp_size
+        self._kv_heads_per_rank(self._expected[1])  # checks that tp_size divides the KV heads
         self._pool: KVPool | None = None
         self._tables: list[list[int]] = []
         self._seq_len = 0
@@ -267,16 +276,40 @@ class PagedCache(Cache):
         if value.shape != key.shape:
             raise ValueError(f"layer {layer_idx} gave keys {tuple(key.shape)} but values {tuple(value.shape)}")
         _, hkv, _, d = key.shape
-        if (hkv, d) != (kv_heads, head_dim):
+        allowed = self._kv_heads_per_rank(kv_heads)
+        if hkv not in allowed or d != head_dim:
+            per_rank = sorted(allowed - {kv_heads})
+            shard = f" ({per_rank[0]} per tensor-parallel rank)" if per_rank else ""
+            hint = ""
+            if self._tp_size is None and d == head_dim and hkv < kv_heads and kv_heads % hkv == 0:
+                hint = " For a tensor-parallel model pass tp_size=model.tp_size."
             raise ValueError(
-                f"PagedCache was built for a config with {kv_heads} KV heads of dim {head_dim}, "
-                f"but layer {layer_idx} gave {hkv} heads of dim {d}: was this cache built for another model?"
+                f"PagedCache was built for a config with {kv_heads} KV heads{shard} of dim {head_dim}, "
+                f"but layer {layer_idx} gave {hkv} heads of dim {d}: was this cache built for another model?{hint}"
             )
         dtype = self._pool.dtype if self._pool is not None else self._dtype
         if dtype is not None and key.dtype != dtype:
             raise ValueError(f"PagedCache stores {dtype}, got keys of {key.dtype}")
         if self._pool is not None and key.device != self._pool.device:
             raise ValueError(f"PagedCache lives on {self._pool.device}, got keys on {key.device}")
+
+    def _kv_heads_per_rank(self, kv_heads: int) -> set[int]:
+        """KV head counts a layer may hand over: all of them, or one tensor-parallel shard."""
+        tp = self._tp_size
+        if tp is None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            # A guess only (data-parallel worlds hand over every head): offered as an alternative.
+            return {kv_heads, kv_heads // world} if world > 1 and kv_heads % world == 0 else {kv_heads}
+        if tp == 1:
+            return {kv_heads}
+        if kv_heads % tp:
+            raise ValueError(
+                f"num_key_value_heads={kv_heads} is not divisible by the tensor-parallel size {tp}: "
+                f"the KV heads cannot be split evenly across ranks"
+            )
+        return {kv_heads // tp}
 
     # -- batch surgery used by beam search, num_return_sequences and assisted decoding -------------
 

@@ -1,0 +1,431 @@
+"""Tensor parallelism on Transformers' own sharding (``tp_plan``) and torch.distributed.
+
+hf_paged adds no parallel engine of its own. A model loaded with ``tp_plan="auto"`` (or
+``distributed_config=DistributedConfig(tp_plan="auto")``) under ``torchrun`` is sharded by
+Transformers: each rank's attention layers compute ``num_attention_heads // N`` query heads and
+``num_key_value_heads // N`` KV heads, and the LM head gathers the full logits on every rank. On
+top of that:
+
+* `PagedCache` (``model.generate``) and `Engine` size their pools from the per-rank KV heads, so
+  each rank's pool holds only its own heads.
+* Every rank runs the same deterministic `Engine` (scheduler, block manager, prefix cache) over
+  identical inputs, so block tables and batches come out identical without being sent around; the
+  pool size is agreed (minimum over ranks) when the engine is built. Only what is random is
+  decided once: rank 0 samples and broadcasts the chosen tokens (`BroadcastSampler`).
+* `start_tensor_parallel_engine` launches the ranks itself (torch.multiprocessing): the calling
+  process is rank 0 and gets a `DriverEngine`; ranks ``1..N-1`` replay the requests it forwards.
+
+Why replicate the scheduler rather than broadcast its decisions: the scheduler's inputs are small
+(requests, aborts, sampled tokens) while its outputs are large (block tables, slot mappings,
+positions every step); replaying is deterministic because nothing in scheduling reads clocks,
+memory or randomness once the pool size is agreed, and it keeps the engine a single code path
+for one rank and for N. Its contract: every rank must see the same requests in the same order
+(SPMD scripts do; `DriverEngine` forwards them) and build its engine with the same arguments.
+
+SPMD use (every rank runs the same script)::
+
+    torchrun --nproc-per-node 2 script.py
+
+    model = hf_paged.distributed.load_tensor_parallel_model(path)    # checks, then tp_plan="auto"
+    out = model.generate(ids, max_new_tokens=32)                      # PagedCache of local heads
+    outs = hf_paged.generate_batch(model, prompts, params)            # same outputs on every rank
+
+Driver use (one process, e.g. a server)::
+
+    with hf_paged.distributed.start_tensor_parallel_engine(path, 2, num_blocks=1024) as engine:
+        outs = engine.generate(prompts, params)                      # an Engine, plus N-1 workers
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .engine.engine import Engine
+from .engine.sampler import SamplerOutput
+
+__all__ = [
+    "BroadcastSampler",
+    "DriverEngine",
+    "TensorParallelState",
+    "check_tensor_parallel",
+    "load_tensor_parallel_model",
+    "local_kv_heads",
+    "run_worker",
+    "start_tensor_parallel_engine",
+    "tensor_parallel_size",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# -- facts about a (possibly sharded) model -------------------------------------------------------
+
+
+def tensor_parallel_size(model: torch.nn.Module) -> int:
+    """How many ranks Transformers sharded ``model`` over (``model.tp_size``; 1 when not sharded)."""
+    size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
+    return int(size) if size else 1
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def check_tensor_parallel(config, tp_size: int) -> None:
+    """Raise ``ValueError`` unless Transformers can shard a model of ``config`` over ``tp_size`` ranks.
+
+    Checks that the architecture has a tensor-parallel plan (``base_model_tp_plan``) and that both
+    the attention heads and the KV heads split evenly (hf_paged does not replicate KV heads).
+    """
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
+        raise ValueError(f"the tensor-parallel size must be a positive int, got {tp_size!r}")
+    if tp_size == 1:
+        return
+    text = _text_config(config)
+    model_type = getattr(text, "model_type", type(text).__name__)
+    if not getattr(text, "base_model_tp_plan", None):
+        raise ValueError(
+            f"{model_type} has no tensor-parallel plan (its config's base_model_tp_plan is empty), so "
+            f"Transformers cannot shard it over {tp_size} ranks; run it on one device per replica instead "
+            f"(hf_paged.integrations.ray)"
+        )
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if value % tp_size:
+            raise ValueError(
+                f"{model_type} has {name}={value}, not divisible by the tensor-parallel size {tp_size}: "
+                f"use a size that divides both num_attention_heads={heads} and num_key_value_heads={kv_heads}"
+            )
+
+
+def local_kv_heads(model: torch.nn.Module) -> tuple[int, int, int]:
+    """``(num_layers, KV heads on this rank, head_dim)`` of ``model``, after tensor-parallel sharding."""
+    text = _text_config(model.config)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    tp = tensor_parallel_size(model)
+    if tp > 1:
+        check_tensor_parallel(model.config, tp)
+    return text.num_hidden_layers, kv_heads // tp, head_dim
+
+
+def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, **from_pretrained_kwargs):
+    """``AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="paged")`` sharded by Transformers.
+
+    Call it on every rank (under ``torchrun``, or after ``init_process_group``). ``tp_size``
+    defaults to the world size. The config is checked first (`check_tensor_parallel`), so a model
+    that cannot be sharded fails with a clear message instead of a shape error inside a layer.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, DistributedConfig
+
+    if tp_size is None:
+        tp_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    trust = from_pretrained_kwargs.get("trust_remote_code")
+    check_tensor_parallel(AutoConfig.from_pretrained(model_path, trust_remote_code=trust), tp_size)
+    from_pretrained_kwargs.setdefault("attn_implementation", "paged")
+    if tp_size > 1:
+        from_pretrained_kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
+    return AutoModelForCausalLM.from_pretrained(model_path, **from_pretrained_kwargs).eval()
+
+
+# -- what an Engine needs on a sharded model ------------------------------------------------------
+
+
+class TensorParallelState:
+    """The tensor-parallel group of a sharded model, as the engine uses it.
+
+    ``group`` is the model's TP process group (its device mesh's ``"tp"`` dimension, else the
+    world); ``cpu_group`` a gloo group over the same ranks for small host-side messages (the same
+    group when the backend already is gloo). Building it is collective: every rank must do it.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.size = tensor_parallel_size(model)
+        self.group = _tp_group(model)
+        self.rank = dist.get_rank(self.group)
+        if dist.get_backend(self.group) == "gloo":
+            self.cpu_group = self.group
+        else:
+            self.cpu_group = dist.new_group(dist.get_process_group_ranks(self.group), backend="gloo")
+
+    def agree_min(self, value: int) -> int:
+        """The minimum of ``value`` over the ranks (pool sizes computed from each rank's free memory)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())
+
+
+def _tp_group(model: torch.nn.Module):
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is not None:
+        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+        try:
+            if "tp" in names:
+                return mesh["tp"].get_group()
+            if mesh.ndim == 1:
+                return mesh.get_group()
+        except Exception:  # an unfamiliar mesh layout: the world is the TP group then
+            logger.debug("could not read the TP group from %r", mesh, exc_info=True)
+    return dist.group.WORLD
+
+
+class BroadcastSampler:
+    """Samples on the group's rank 0 only and broadcasts the chosen tokens to the other ranks.
+
+    Every rank holds the same gathered logits, but unseeded sampling draws from each rank's own
+    generator: drawing once keeps the ranks' sequences (and so their schedules) identical. Token
+    ids travel as one int64 tensor over the TP group; when logprobs are wanted the whole
+    `SamplerOutput` goes over the gloo group instead.
+    """
+
+    def __init__(self, sampler, state: TensorParallelState) -> None:
+        self.sampler = sampler
+        self.state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sampler, name)
+
+    def __call__(self, logits: torch.Tensor, seqs) -> SamplerOutput:
+        state = self.state
+        out = self.sampler(logits, seqs) if state.rank == 0 else None
+        if any(s.request.params.logprobs is not None for s in seqs):
+            box = [out]
+            dist.broadcast_object_list(box, group=state.cpu_group, group_src=0)
+            return box[0]
+        if state.rank == 0:
+            tokens = torch.tensor(out.token_ids, dtype=torch.int64, device=logits.device)
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
+        dist.broadcast(tokens, group=state.group, group_src=0)
+        return out if state.rank == 0 else SamplerOutput(tokens.tolist())
+
+
+# -- rank 0 as the driver of N-1 worker ranks -----------------------------------------------------
+
+
+class _QueueChannel:
+    """Driver -> worker messages over torch.multiprocessing queues (one per worker).
+
+    Queues, not collectives: an idle server may send nothing for hours, which a blocking
+    collective would turn into a timeout.
+    """
+
+    def __init__(self, queues) -> None:
+        self.queues = queues
+
+    def send(self, message) -> None:
+        for q in self.queues:
+            q.put(message)
+
+
+class DriverEngine(Engine):
+    """The `Engine` of rank 0 when ranks ``1..N-1`` run `run_worker`: a drop-in `Engine`.
+
+    Every `add_request`/`abort` is recorded and, at the next `step`, sent to the workers before
+    the step runs; the workers replay them on their own engines and step in lockstep (their
+    forwards join this rank's collectives). Outputs are produced here only. Call `shutdown` (or use
+    it as a context manager) to stop the workers.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, channel, processes=(), owns_process_group: bool = False, **kwargs):
+        super().__init__(model, **kwargs)
+        self._channel = channel
+        self._processes = list(processes)
+        self._owns_process_group = owns_process_group
+        self._ops: list[tuple] = []
+        self._closed = False
+
+    def add_request(self, prompt, sampling_params=None, request_id: str | None = None) -> str:
+        request_id = super().add_request(prompt, sampling_params, request_id)
+        self._ops.append(("add", prompt, sampling_params, request_id))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        aborted = super().abort(request_id)
+        if aborted:
+            self._ops.append(("abort", request_id))
+        return aborted
+
+    def step(self):
+        if self._closed:
+            raise RuntimeError("this tensor-parallel engine was shut down")
+        ops, self._ops = self._ops, []
+        self._channel.send(("step", ops))
+        return super().step()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the worker ranks (idempotent) and tear down the process group this engine created."""
+        if self._closed:
+            return
+        self._closed = True
+        self._channel.send(("stop",))
+        for p in self._processes:
+            p.join(timeout)
+            if p.is_alive():
+                logger.warning("tensor-parallel worker pid %s did not stop; terminating it", p.pid)
+                p.terminate()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> DriverEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def run_worker(engine: Engine, receive) -> None:
+    """Worker rank loop: replay the driver's requests and aborts, step in lockstep until told to stop.
+
+    ``receive()`` returns the driver's next message (blocking).
+    """
+    while True:
+        message = receive()
+        if message[0] == "stop":
+            return
+        for op in message[1]:
+            if op[0] == "add":
+                Engine.add_request(engine, op[1], op[2], op[3])
+            else:
+                Engine.abort(engine, op[1])
+        engine.step()
+        # Updates are dropped here: only the driver reports. Still drain finished requests.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_rank(rank: int, world_size: int, port: int, backend: str | None, timeout_s: float) -> None:
+    os.environ.setdefault("LOCAL_RANK", str(rank))  # Transformers binds its accelerator from LOCAL_RANK
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device_id = None
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device_id = torch.device("cuda", rank)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device_id,
+    )
+
+
+def _load_rank(model_path, tp_size, tokenizer, model_kwargs):
+    model = load_tensor_parallel_model(model_path, tp_size, **(model_kwargs or {}))
+    if tokenizer is True:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    elif isinstance(tokenizer, str):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return model, tokenizer or None
+
+
+def _worker_main(rank, world_size, port, backend, timeout_s, model_path, tokenizer, model_kwargs, engine_kwargs,
+                 inbox, ready):
+    try:
+        _init_rank(rank, world_size, port, backend, timeout_s)
+        model, tok = _load_rank(model_path, world_size, tokenizer, model_kwargs)
+        engine = Engine(model, tokenizer=tok, **engine_kwargs)
+        ready.put((rank, None))
+    except BaseException as e:  # reported to the driver, which raises it
+        ready.put((rank, f"{type(e).__name__}: {e}"))
+        raise
+    run_worker(engine, inbox.get)
+    dist.destroy_process_group()
+
+
+def start_tensor_parallel_engine(
+    model_path: str,
+    tensor_parallel_size: int,
+    *,
+    tokenizer: bool | str | Any = True,
+    backend: str | None = None,
+    model_kwargs: dict | None = None,
+    timeout_s: float = 600.0,
+    **engine_kwargs,
+) -> DriverEngine:
+    """Launch a tensor-parallel engine over ``tensor_parallel_size`` local ranks; returns rank 0's engine.
+
+    The calling process becomes rank 0 (it joins a new process group and loads its shard);
+    ranks ``1..N-1`` are spawned with torch.multiprocessing, load theirs, and follow the returned
+    `DriverEngine`. Use it like any `Engine` (``generate``, ``add_request``/``step``, ``stream``),
+    e.g. hand it to the OpenAI server; call ``shutdown()`` when done.
+
+    Args:
+        model_path: a local directory or hub id, loaded with ``attn_implementation="paged"`` and
+            ``tp_plan="auto"`` on every rank.
+        tensor_parallel_size: ranks (GPUs; CPU processes with gloo when there is no CUDA).
+        tokenizer: ``True`` loads ``model_path``'s tokenizer on every rank (the replicated engines
+            need it for text prompts and stop strings), a path loads that one, ``None``/``False`` none.
+            A tokenizer object is used on rank 0 only and the workers load ``model_path``'s.
+        backend: torch.distributed backend (default ``nccl`` with CUDA, else ``gloo``).
+        model_kwargs: extra ``from_pretrained`` arguments (e.g. ``dtype``).
+        timeout_s: process-group timeout for collectives.
+        **engine_kwargs: `Engine` arguments (``num_blocks``, ``max_num_seqs``, ...); identical on all ranks.
+    """
+    import torch.multiprocessing as mp
+    from transformers import AutoConfig
+
+    check_tensor_parallel(AutoConfig.from_pretrained(model_path), tensor_parallel_size)
+    if dist.is_initialized():
+        raise RuntimeError("start_tensor_parallel_engine starts its own process group; torch.distributed is already initialized")
+    if backend is None and torch.cuda.is_available() and torch.cuda.device_count() < tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} needs as many GPUs, found {torch.cuda.device_count()}"
+        )
+    worker_tokenizer = tokenizer if isinstance(tokenizer, (bool, str)) or tokenizer is None else True
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    ready = ctx.Queue()
+    inboxes = [ctx.Queue() for _ in range(1, tensor_parallel_size)]
+    processes = []
+    for rank, inbox in zip(range(1, tensor_parallel_size), inboxes):
+        p = ctx.Process(
+            target=_worker_main,
+            args=(rank, tensor_parallel_size, port, backend, timeout_s, model_path, worker_tokenizer,
+                  model_kwargs, engine_kwargs, inbox, ready),
+            daemon=True,
+        )
+        p.start()
+        processes.append(p)
+    channel = _QueueChannel(inboxes)
+    try:
+        _init_rank(0, tensor_parallel_size, port, backend, timeout_s)
+        model, tok = _load_rank(model_path, tensor_parallel_size, tokenizer if worker_tokenizer is tokenizer else None,
+                                model_kwargs)
+        if worker_tokenizer is not tokenizer:
+            tok = tokenizer
+        engine = DriverEngine(model, channel=channel, processes=processes, owns_process_group=True,
+                              tokenizer=tok, **engine_kwargs)
+        for _ in processes:
+            rank, error = ready.get(timeout=timeout_s)
+            if error is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {error}")
+    except BaseException:
+        channel.send(("stop",))
+        for p in processes:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    return engine

@@ -1,0 +1,142 @@
+"""Tensor parallelism: Transformers' tp_plan over gloo on CPU, 2 ranks, against a single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+import hf_paged
+from hf_paged.distributed import check_tensor_parallel, local_kv_heads, tensor_parallel_size
+from tiny_models import make_config
+from tp_cases import engine_cases, generate_inputs
+
+HERE = Path(__file__).parent
+TIMEOUT_S = 120
+
+
+# -- checks that need no second process -----------------------------------------------------------
+
+
+def test_check_tensor_parallel_errors():
+    cfg = make_config("llama-gqa")  # 4 heads, 2 KV heads
+    check_tensor_parallel(cfg, 1)
+    check_tensor_parallel(cfg, 2)
+    with pytest.raises(ValueError, match="num_key_value_heads=2, not divisible by the tensor-parallel size 4"):
+        check_tensor_parallel(cfg, 4)
+    with pytest.raises(ValueError, match="num_attention_heads=4, not divisible by the tensor-parallel size 3"):
+        check_tensor_parallel(cfg, 3)
+    gpt2 = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32)
+    with pytest.raises(ValueError, match="gpt2 has no tensor-parallel plan"):
+        check_tensor_parallel(gpt2, 2)
+    with pytest.raises(ValueError, match="positive int"):
+        check_tensor_parallel(cfg, 0)
+
+
+def test_single_process_model_is_not_sharded():
+    model = AutoModelForCausalLM.from_config(make_config("llama-gqa"), attn_implementation="paged")
+    assert tensor_parallel_size(model) == 1
+    assert local_kv_heads(model) == (2, 2, 16)
+    assert hf_paged.Engine(model, num_blocks=4).tp is None
+
+
+def test_paged_cache_takes_per_rank_kv_heads():
+    cfg = make_config("llama-gqa")  # 2 layers, 2 KV heads of dim 16
+    shard = torch.randn(1, 1, 3, 16)
+    cache = hf_paged.PagedCache(cfg, num_blocks=4, block_size=4, tp_size=2)
+    k, _ = cache.update(shard, shard, 0)
+    assert cache.pool.num_kv_heads == 1 and k.shape[2] == 1
+    with pytest.raises(ValueError, match=r"2 KV heads \(1 per tensor-parallel rank\).*gave 2 heads"):
+        hf_paged.PagedCache(cfg, num_blocks=4, tp_size=2).update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16), 0)
+    # Without tp_size (and no process group) a shard is an error that says what to pass.
+    with pytest.raises(ValueError, match="pass tp_size=model.tp_size"):
+        hf_paged.PagedCache(cfg, num_blocks=4).update(shard, shard, 0)
+    with pytest.raises(ValueError, match="num_key_value_heads=2 is not divisible by the tensor-parallel size 4"):
+        hf_paged.PagedCache(cfg, tp_size=4)
+
+
+# -- two ranks --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tp") / "llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(make_config("llama-gqa")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_llama):
+    """What one process generates (the oracle of the 2-rank runs)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="paged").eval()
+    ids, mask = generate_inputs()
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    prompts, params, engine_kwargs = engine_cases()
+    outs = hf_paged.Engine(model, **engine_kwargs).generate(prompts, params, progress=False)
+    return {
+        "generate": gen[:, ids.shape[1]:].tolist(),
+        "engine": [o.samples[0].token_ids if o.samples else o.error for o in outs],
+        "params": params,
+    }
+
+
+def _run(cmd: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    # A new session, so that a hung run is ended with all the ranks it started.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} timed out after {TIMEOUT_S} s:\n{stderr[-6000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_same_as_single(tokens: list, single: dict) -> None:
+    """Greedy and seeded requests match the single process; unseeded samples may differ."""
+    for i, (got, want, p) in enumerate(zip(tokens, single["engine"], single["params"])):
+        if p.temperature == 0.0 or p.seed is not None or isinstance(want, str):
+            assert got == want, f"request {i}"
+
+
+def test_torchrun_two_ranks_match_single_process(tiny_llama, single_process, tmp_path):
+    """``torchrun --nproc-per-node 2``: model.generate, generate_batch and Engine on gloo."""
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+          "--master-port", str(_free_port()),
+          str(HERE / "tp_worker_script.py"), str(tiny_llama), str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # Each rank's pool holds its own KV head; every rank decided the same tokens (sampled ones included).
+    assert ranks[0] == ranks[1]
+    r = ranks[0]
+    assert r["tp_size"] == 2 and r["plain_tp_size"] == 2 and r["kv_pool_heads"] == 1
+    assert r["preemptions"] > 0
+    assert r["generate"] == single_process["generate"]
+    _assert_same_as_single(r["generate_batch"], single_process)
+    _assert_same_as_single(r["engine"], single_process)
+
+
+def test_driver_engine_over_spawned_ranks(tiny_llama, single_process, tmp_path):
+    """`start_tensor_parallel_engine`: this process is rank 0, rank 1 follows over a queue."""
+    out = tmp_path / "driver.json"
+    _run([sys.executable, str(HERE / "tp_driver_script.py"), str(tiny_llama), str(out)])
+    r = json.loads(out.read_text())
+    _assert_same_as_single(r["engine"], single_process)
+    assert r["finished"] == ["length", "abort"]
+    assert r["blocks_free_end"] == r["num_blocks"]
+    assert r["group_destroyed"]

@@ -1,0 +1,45 @@
+"""Run by tests/test_distributed.py: `start_tensor_parallel_engine` with 2 CPU ranks (gloo).
+
+argv: model_dir out_json. This process is rank 0 and drives the engine; rank 1 is spawned.
+"""
+
+import json
+import sys
+
+import torch.distributed as dist
+
+from hf_paged import SamplingParams
+from hf_paged.distributed import DriverEngine, start_tensor_parallel_engine
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from tp_cases import engine_cases  # noqa: E402
+
+
+def main(model_dir: str, out_json: str) -> None:
+    prompts, params, engine_kwargs = engine_cases()
+    with start_tensor_parallel_engine(model_dir, 2, tokenizer=None, **engine_kwargs) as engine:
+        assert isinstance(engine, DriverEngine) and engine.kv_pool.num_kv_heads == 1
+        outs = engine.generate(prompts, params, progress=False)
+        # add_request/step/abort, as a server drives it: the abort reaches the worker too.
+        keep = engine.add_request(prompts[0], SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True))
+        gone = engine.add_request(prompts[1], SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))
+        engine.step()
+        engine.abort(gone)
+        finished = {}
+        while engine.has_unfinished():
+            for u in engine.step():
+                if u.finished:
+                    finished[u.request_id] = u.finish_reason
+        result = {
+            "engine": [o.samples[0].token_ids if o.samples else o.error for o in outs],
+            "finished": [finished[keep], finished[gone]],
+            "blocks_free_end": engine.kv_pool.blocks.num_free,
+            "num_blocks": engine.kv_pool.num_blocks,
+        }
+    result["group_destroyed"] = not dist.is_initialized()
+    with open(out_json, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
