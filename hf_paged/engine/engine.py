@@ -78,12 +78,17 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.stream_text = stream_text and tokenizer is not None
-        text_config = _text_config(model.config)
-        num_layers, num_kv_heads, head_dim = _kv_geometry(text_config)
+        from ..distributed import BroadcastSampler, TensorParallelState, local_kv_heads, tensor_parallel_size
+
+        # Tensor-parallel ranks hold only their KV heads and run this engine in lockstep (hf_paged.distributed).
+        num_layers, num_kv_heads, head_dim = local_kv_heads(model)
+        self.tp = TensorParallelState(model) if tensor_parallel_size(model) > 1 else None
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, memory_fraction, max_num_seqs)
+        if self.tp is not None:
+            num_blocks = self.tp.agree_min(num_blocks)
         self.kv_pool = KVPool(
             num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, num_kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=dtype, device=device,
@@ -93,7 +98,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, lambda: next(self._seq_ids))
         self.runner = ModelRunner(model, self.kv_pool)
-        self.sampler = Sampler()
+        self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model)
         self._requests: dict[str, Request] = {}
@@ -502,13 +507,6 @@ def _text_config(config):
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def _kv_geometry(text_config) -> tuple[int, int, int]:
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return text_config.num_hidden_layers, kv_heads, head_dim
-
-
 def _prepare_model(model: torch.nn.Module) -> None:
     """Check that ``model`` is a decoder-only causal LM and make sure it runs ``"paged"`` attention."""
     config = getattr(model, "config", None)
@@ -550,8 +548,10 @@ def default_num_blocks(
     ``memory_fraction`` (default 0.9 on CUDA) of the device's free memory; on CPU without a fraction,
     room for ``max_num_seqs`` sequences of ``max_position_embeddings`` within a quarter of free RAM.
     """
+    from ..distributed import local_kv_heads
+
     text_config = _text_config(model.config)
-    num_layers, num_kv_heads, head_dim = _kv_geometry(text_config)
+    num_layers, num_kv_heads, head_dim = local_kv_heads(model)
     param = next(model.parameters())
     per_block = KVPool.bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, param.dtype)
     if memory_fraction is not None or param.device.type == "cuda":
