@@ -300,7 +300,7 @@ def _cut_at_stops(text: str, stops: Iterable[str]) -> str:
 def register() -> list[str]:
     """Add the ``lm_eval.models`` entry points to lm-eval's model registry; returns their names.
 
-    For lm-eval versions whose registry does not read that group itself (0.4.x), so that
+    For lm-eval versions whose registry does not read that group itself (0.4.13 and older), so that
     ``--model hf-paged`` and ``simple_evaluate(model="hf-paged")`` resolve. Names lm-eval knows
     already are left alone.
     """
