@@ -104,7 +104,7 @@ def test_simple_evaluate_four_choice_task_reuses_context(ours, tmp_path):
         "metric_list:\n  - metric: acc\n"
     )
     results = lm_eval.simple_evaluate(
-        model=ours, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=False,
+        model=ours, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=False,
     )
     assert 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
     rate = ours.last_stats.prefix_hit_rate
