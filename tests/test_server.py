@@ -175,18 +175,27 @@ def test_n_samples(client, reference):
                                           n=2, temperature=1.0, seed=3)
     assert sorted(c.index for c in chat.choices) == [0, 1]
 
+    texts, finish = ["", "", "", ""], [None] * 4
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            finish[c.index] = c.finish_reason or finish[c.index]
+    assert texts == [c.text for c in sampled.choices]
+    assert finish == [c.finish_reason for c in sampled.choices]
+
 
 def test_stop_strings(client, reference):
     ref = reference("the cache of attention", 12)
     words = ref.text.split()
     stop = words[len(words) // 2]
     expected = ref.text[: ref.text.find(stop)]
-    kwargs = dict(model="tiny", prompt="the cache of attention", max_tokens=12, temperature=0, stop=[stop, "zzz"])
-    resp = client.completions.create(**kwargs)
-    assert resp.choices[0].text == expected
-    assert resp.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
-    assert streamed == expected
+    for stops in (stop, [stop, "zzz"]):
+        kwargs = dict(model="tiny", prompt="the cache of attention", max_tokens=12, temperature=0, stop=stops)
+        resp = client.completions.create(**kwargs)
+        assert resp.choices[0].text == expected
+        assert resp.choices[0].finish_reason == "stop"
+        streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+        assert streamed == expected
 
 
 def test_logprobs(client):

@@ -23,7 +23,8 @@ from hf_paged.server.cli import build_parser, load_model, main  # noqa: E402
 
 def test_parser_defaults_and_options():
     args = build_parser().parse_args(["serve", "some/dir"])
-    assert (args.model, args.host, args.port, args.dtype, args.block_size) == ("some/dir", "127.0.0.1", 8000, "auto", 16)
+    got = (args.model, args.host, args.port, args.dtype, args.block_size)
+    assert got == ("some/dir", "127.0.0.1", 8000, "auto", 16)
     args = build_parser().parse_args([
         "serve", "--demo", "--port", "9001", "--dtype", "bfloat16", "--served-model-name", "x", "--max-num-seqs", "4",
         "--max-model-len", "128", "--kv-memory-fraction", "0.5", "--block-size", "32", "--api-key", "k",
@@ -103,7 +104,8 @@ def test_serve_process_end_to_end(saved_model):
         assert [m["id"] for m in models["data"]] == ["tiny-saved"]
         chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
         r = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
         body = {"prompt": "hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
         lines = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as stream:

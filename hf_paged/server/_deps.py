@@ -6,7 +6,10 @@ import importlib.util
 
 __all__ = ["require_serve_deps"]
 
-_SERVE_DEPS = {"fastapi": "fastapi", "uvicorn": "uvicorn", "pydantic": "pydantic", "prometheus_client": "prometheus-client"}
+# Module name -> distribution name.
+_SERVE_DEPS = {
+    "fastapi": "fastapi", "uvicorn": "uvicorn", "pydantic": "pydantic", "prometheus_client": "prometheus-client",
+}
 
 
 def require_serve_deps() -> None:

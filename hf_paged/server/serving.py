@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -55,7 +56,6 @@ class _Job:
 
     base_id: str
     request_ids: list[str]
-    prompts: list[list[int]]
     n: int
     logprobs: int | None
     queue: asyncio.Queue
@@ -87,7 +87,8 @@ class OpenAIServing:
         prompts = self._completion_prompts(req.prompt)
         logprobs = req.logprobs
         if logprobs is not None and not 0 <= logprobs <= self._config.max_logprobs:
-            raise APIError(400, f"logprobs must be in [0, {self._config.max_logprobs}], got {logprobs}", param="logprobs")
+            raise APIError(400, f"logprobs must be in [0, {self._config.max_logprobs}], got {logprobs}",
+                           param="logprobs")
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         self._check_lengths(prompts, max_tokens, "max_tokens", "prompt")
         params = self._sampling_params(req, max_tokens, "max_tokens", logprobs)
@@ -150,17 +151,19 @@ class OpenAIServing:
             return CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[choice])
 
         outputs: list[GenerationOutput] = []
-        async for i, event in self._events(job):
-            if isinstance(event, SampleDelta):
-                yield chunk(CompletionStreamChoice(index=i * job.n + event.index, text=event.text))
-                continue
-            outputs.append(event.output)
-            with_logprobs = event.output.samples and self._wants_logprobs(job)
-            for s in event.output.samples:
-                yield chunk(CompletionStreamChoice(
-                    index=i * job.n + s.index, text=event.tails.get(s.index, ""),
-                    logprobs=self._completion_logprobs(s) if with_logprobs else None, finish_reason=s.finish_reason,
-                ))
+        async with aclosing(self._events(job)) as events:  # closing it aborts what still runs
+            async for i, event in events:
+                if isinstance(event, SampleDelta):
+                    yield chunk(CompletionStreamChoice(index=i * job.n + event.index, text=event.text))
+                    continue
+                outputs.append(event.output)
+                with_logprobs = event.output.samples and self._wants_logprobs(job)
+                for s in event.output.samples:
+                    yield chunk(CompletionStreamChoice(
+                        index=i * job.n + s.index, text=event.tails.get(s.index, ""),
+                        logprobs=self._completion_logprobs(s) if with_logprobs else None,
+                        finish_reason=s.finish_reason,
+                    ))
         if include_usage:
             yield CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[],
                                            usage=_usage(outputs))
@@ -255,18 +258,19 @@ class OpenAIServing:
         for index in range(job.n):
             yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         outputs: list[GenerationOutput] = []
-        async for _, event in self._events(job):
-            if isinstance(event, SampleDelta):
-                yield chunk(ChatStreamChoice(index=event.index, delta=DeltaMessage(content=event.text)))
-                continue
-            outputs.append(event.output)
-            with_logprobs = event.output.samples and self._wants_logprobs(job)
-            for s in event.output.samples:
-                tail = event.tails.get(s.index, "")
-                yield chunk(ChatStreamChoice(
-                    index=s.index, delta=DeltaMessage(content=tail or None),
-                    logprobs=self._chat_logprobs(s) if with_logprobs else None, finish_reason=s.finish_reason,
-                ))
+        async with aclosing(self._events(job)) as events:  # closing it aborts what still runs
+            async for _, event in events:
+                if isinstance(event, SampleDelta):
+                    yield chunk(ChatStreamChoice(index=event.index, delta=DeltaMessage(content=event.text)))
+                    continue
+                outputs.append(event.output)
+                with_logprobs = event.output.samples and self._wants_logprobs(job)
+                for s in event.output.samples:
+                    tail = event.tails.get(s.index, "")
+                    yield chunk(ChatStreamChoice(
+                        index=s.index, delta=DeltaMessage(content=tail or None),
+                        logprobs=self._chat_logprobs(s) if with_logprobs else None, finish_reason=s.finish_reason,
+                    ))
         if include_usage:
             yield ChatCompletionChunk(id=job.base_id, created=created, model=name, choices=[], usage=_usage(outputs))
 
@@ -342,7 +346,7 @@ class OpenAIServing:
             raise APIError(429, str(e), code="rate_limit_exceeded") from e
         except RuntimeError as e:
             raise APIError(503, f"the engine is not running: {e}") from e
-        return _Job(base_id, request_ids, prompts, params.n, params.logprobs, queue)
+        return _Job(base_id, request_ids, params.n, params.logprobs, queue)
 
     @staticmethod
     def _wants_logprobs(job: _Job) -> bool:
