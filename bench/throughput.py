@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-fraction", type=float, default=0.6, help="share of free GPU memory for hf_paged's KV pool")
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (overrides --memory-fraction)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -246,6 +247,7 @@ def make_engine(model, args) -> Engine:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 

@@ -49,6 +49,8 @@ class Engine:
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
         tokenizer: decodes outputs (``text``), enables string prompts and stop strings.
         stream_text: give every `RequestUpdate` a ``text_delta`` (needs ``tokenizer``).
+        cuda_graphs: on CUDA, replay captured graphs for decode-only steps (off under tensor
+            parallelism, where capturing the collectives is untested).
 
     Example:
         >>> engine = Engine(model, num_blocks=1024, tokenizer=tok)  # doctest: +SKIP
@@ -70,6 +72,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         tokenizer=None,
         stream_text: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         if num_blocks is not None:
@@ -97,7 +100,9 @@ class Engine:
         self.block_manager = BlockManager(self.kv_pool.blocks, block_size, enable_prefix_caching)
         self._seq_ids = itertools.count()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, lambda: next(self._seq_ids))
-        self.runner = ModelRunner(model, self.kv_pool)
+        self.runner = ModelRunner(
+            model, self.kv_pool, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs and self.tp is None
+        )
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model)

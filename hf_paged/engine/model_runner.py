@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
+from .cuda_graphs import DecodeGraphs
 from .scheduler import SchedulerOutput
 
 __all__ = ["ModelRunner", "StepInputs"]
@@ -27,6 +29,19 @@ class StepInputs:
         self.metadata = metadata
 
 
+class _HostStep(NamedTuple):
+    """A packed step on the host, before it travels to the device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    logits_indices: torch.Tensor
+    cu_seqlens: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_seqlen_q: int
+
+
 class ModelRunner:
     """Owns the model call of the engine: one varlen forward per step, no padding.
 
@@ -36,9 +51,19 @@ class ModelRunner:
     (``logits_to_keep``).
 
     All integer inputs of a step travel in two host buffers (int64 and int32) and two copies.
+    With ``cuda_graphs`` (CUDA only), decode-only steps of up to ``max_num_seqs`` sequences whose
+    context fits ``max_context`` replay captured graphs instead (`DecodeGraphs`).
     """
 
-    def __init__(self, model: torch.nn.Module, kv_pool: KVPool) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_pool: KVPool,
+        *,
+        max_num_seqs: int = 256,
+        max_context: int | None = None,
+        cuda_graphs: bool = False,
+    ) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.block_size = kv_pool.block_size
@@ -51,6 +76,16 @@ class ModelRunner:
         # turn a mask into left-padding offsets, kv_start is given explicitly (all zeros).
         self._mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._zeros = torch.zeros(256, dtype=torch.int32, device=self.device)
+        self._graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            if max_context is None:
+                max_context = getattr(model.config, "max_position_embeddings", None) or 4096
+            max_context = min(max_context, kv_pool.num_blocks * kv_pool.block_size)
+            self._graphs = DecodeGraphs(
+                model, kv_pool, max_batch=max_num_seqs, max_context=max_context, mask=self._mask
+            )
+            with torch.inference_mode():
+                self._graphs.capture_all()
 
     def prepare(self, out: SchedulerOutput, extra_rows: Sequence[tuple[int, int, int]] = ()) -> StepInputs:
         """Build the step's device tensors from the scheduled chunks.
@@ -58,6 +93,9 @@ class ModelRunner:
         ``extra_rows`` asks for logits of more positions (prompt log-probabilities): each
         ``(chunk index, offset in the chunk, count)`` adds ``count`` rows after the sampled ones.
         """
+        return self._upload(self._pack(out, extra_rows))
+
+    def _pack(self, out: SchedulerOutput, extra_rows: Sequence[tuple[int, int, int]]) -> _HostStep:
         chunks = out.chunks
         bs = self.block_size
         ids: list[int] = []
@@ -94,10 +132,15 @@ class ModelRunner:
             cu_list = cu.tolist()
             extra = [cu_list[c] + off + i for c, off, count in extra_rows for i in range(count)]
             logits_indices = torch.cat([logits_indices, torch.tensor(extra, dtype=torch.int64)])
-        num_rows = logits_indices.numel()
+        return _HostStep(
+            torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices, cu, ctx, block_tables, max(lens)
+        )
 
-        host64 = torch.cat([torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices])
-        host32 = torch.cat([cu, ctx, block_tables.view(-1)]).to(torch.int32)
+    def _upload(self, host: _HostStep) -> StepInputs:
+        total, num_rows = host.input_ids.numel(), host.logits_indices.numel()
+        num_seqs, width = host.block_tables.shape
+        host64 = torch.cat([host.input_ids, host.positions, host.slots, host.logits_indices])
+        host32 = torch.cat([host.cu_seqlens, host.context_lens, host.block_tables.view(-1)]).to(torch.int32)
         dev64, dev32 = self._to_device(host64), self._to_device(host32)
         input_ids, position_ids, slot_mapping, logits_idx = dev64.split([total, total, total, num_rows])
         cu_d, ctx_d, bt_d = dev32.split([num_seqs + 1, num_seqs, num_seqs * width])
@@ -108,8 +151,8 @@ class ModelRunner:
             cu_seqlens_q=cu_d,
             context_lens=ctx_d,
             block_tables=bt_d.view(num_seqs, width),
-            max_seqlen_q=max(lens),
-            max_context_len=int(ctx.max()),
+            max_seqlen_q=host.max_seqlen_q,
+            max_context_len=int(host.context_lens.max()),
             kv_start=self._zeros[:num_seqs],
         )
         return StepInputs(input_ids[None], position_ids[None], logits_idx, metadata)
@@ -133,7 +176,12 @@ class ModelRunner:
         if block_copies:
             src, dst = zip(*block_copies)
             self.kv_pool.copy_blocks(list(src), list(dst))
-        inputs = self.prepare(out, extra_rows)
+        host = self._pack(out, extra_rows)
+        num_seqs = host.block_tables.shape[0]
+        decode_only = host.input_ids.numel() == num_seqs == host.logits_indices.numel()
+        if self._graphs is not None and decode_only and self._graphs.fits(num_seqs, int(host.context_lens.max())):
+            return self._graphs.run(host.input_ids, host.positions, host.slots, host.context_lens, host.block_tables)
+        inputs = self._upload(host)
         result = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.position_ids,

@@ -1,0 +1,127 @@
+"""CUDA graphs of decode-only steps: the model's per-layer Python and kernel launches, replayed.
+
+A decode step feeds one token per sequence, so its shapes depend only on the batch size. Batches
+are padded up to a bucket (padded rows own no slot and see no key); each bucket's forward is
+captured once over static input buffers, and a step copies its inputs into those buffers and
+replays. The kernels size their grids from ``max_context`` (an upper bound), never from tensor
+values, which is what makes them capturable.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from ..cache.kv_pool import KVPool
+from ..cache.metadata import PagedAttentionMetadata
+
+__all__ = ["DecodeGraphs"]
+
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    """Captures (once, per bucket) and replays decode forwards of up to ``max_batch`` sequences.
+
+    Args:
+        model: the paged model; called exactly as the eager runner calls it.
+        kv_pool: the engine's pool (its tensors are read and written in place by the graphs).
+        max_batch: the largest decode batch (the engine's ``max_num_seqs``).
+        max_context: the longest sequence a decode step may attend over, in tokens.
+        mask: the runner's dummy 4D mask (see `ModelRunner`).
+    """
+
+    def __init__(self, model, kv_pool: KVPool, *, max_batch: int, max_context: int, mask: torch.Tensor) -> None:
+        self._model = model
+        self._kv_pool = kv_pool
+        self._mask = mask
+        self.buckets = [b for b in _BUCKETS if b < max_batch] + [max_batch]
+        bs = kv_pool.block_size
+        self.max_context = -(-max_context // bs) * bs
+        device, n = kv_pool.device, max_batch
+        # int64 inputs travel in one copy: token ids | positions | slots (-1: padding, store nothing).
+        self._i64 = torch.zeros(3 * n, dtype=torch.int64, device=device)
+        self._ids, self._positions, self._slots = self._i64.view(3, n)
+        self._context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self._block_tables = torch.zeros(n, self.max_context // bs, dtype=torch.int32, device=device)
+        self._cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per row, always
+        self._kv_start = torch.zeros(n, dtype=torch.int32, device=device)
+        self._rows = torch.arange(n, device=device)
+        # Pinned staging buffers, refilled each step (the previous step's copies are done by then:
+        # the engine waits for its sampled tokens).
+        self._host64 = torch.zeros(3, n, dtype=torch.int64).pin_memory()
+        self._host_ctx = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._host_tables = torch.zeros(n, self.max_context // bs, dtype=torch.int32).pin_memory()
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def fits(self, num_seqs: int, max_context_len: int) -> bool:
+        return num_seqs <= self.buckets[-1] and max_context_len <= self.max_context
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step from host tensors (``[S]`` each, ``block_tables`` ``[S, W]``); ``[S, V]`` logits."""
+        num_seqs, width = block_tables.shape
+        bucket = self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
+        host, host_ctx, host_tables = self._host64, self._host_ctx, self._host_tables
+        host[:, num_seqs:] = 0
+        host[2, num_seqs:] = -1
+        host[0, :num_seqs] = input_ids
+        host[1, :num_seqs] = positions
+        host[2, :num_seqs] = slots
+        host_ctx[num_seqs:] = 0
+        host_ctx[:num_seqs] = context_lens
+        host_tables[:num_seqs, :width] = block_tables
+        self._i64.copy_(host.view(-1), non_blocking=True)
+        self._context_lens.copy_(host_ctx, non_blocking=True)
+        # Entries beyond a row's context are never read, so only the used columns travel.
+        self._block_tables[:num_seqs, :width].copy_(host_tables[:num_seqs, :width], non_blocking=True)
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits[:num_seqs]
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
+        for bucket in reversed(self.buckets):
+            self._graphs[bucket] = self._capture(bucket)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        metadata = PagedAttentionMetadata(
+            slot_mapping=self._slots[:bucket],
+            cu_seqlens_q=self._cu_seqlens[: bucket + 1],
+            context_lens=self._context_lens[:bucket],
+            block_tables=self._block_tables[:bucket],
+            max_seqlen_q=1,
+            max_context_len=self.max_context,
+            kv_start=self._kv_start[:bucket],
+        )
+        return self._model(
+            input_ids=self._ids[None, :bucket],
+            position_ids=self._positions[None, :bucket],
+            attention_mask=self._mask,
+            use_cache=False,
+            logits_to_keep=self._rows[:bucket],
+            paged_metadata=metadata,
+            paged_kv=self._kv_pool,
+        ).logits[0]
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Capture over inputs that touch nothing: no slot to store into, no key to read.
+        self._slots.fill_(-1)
+        self._context_lens.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(bucket)  # warm-up: compiles kernels, initialises cuBLAS workspaces
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(bucket)
+        return graph, logits
