@@ -8,7 +8,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_paged.server.detokenize import TextStream
+pytest.importorskip("fastapi")  # hf_paged.server needs the serve extra
+
+from hf_paged.server.detokenize import TextStream  # noqa: E402
 
 
 @pytest.fixture(scope="module")
