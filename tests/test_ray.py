@@ -141,3 +141,20 @@ def test_killing_a_replica_loses_nothing(ray_local, model_dir, expected):
         stats = router.pool_stats()
         assert stats[0] is None
         assert stats[1]["free_blocks"] == stats[1]["num_blocks"] and not stats[1]["unfinished"]
+
+
+def test_closing_a_stream_aborts_the_request(ray_local, model_dir):
+    with ReplicaRouter(str(model_dir), 1, engine_kwargs=ENGINE) as router:
+        async def first_update():
+            agen = router.stream([1, 5, 9], SamplingParams(max_new_tokens=740, temperature=0.0, ignore_eos=True))
+            update = await agen.__anext__()
+            await agen.aclose()
+            return update
+
+        assert asyncio.run(first_update()).new_token_ids
+        deadline = time.time() + 20
+        while router.pool_stats()[0]["unfinished"] and time.time() < deadline:
+            time.sleep(0.05)
+        stats = router.pool_stats()[0]
+        assert not stats["unfinished"] and stats["free_blocks"] == stats["num_blocks"]
+        assert ray.get(router.replicas[0].engine_stats.remote()).output_tokens < 600  # aborted, not run out

@@ -210,6 +210,13 @@ def _replica_died(error: BaseException) -> bool:
     return isinstance(error, kinds)
 
 
+def _cancel(stream) -> None:
+    try:
+        require("ray", "ray").cancel(stream)
+    except Exception:  # finished or dead already
+        pass
+
+
 class ReplicaRouter:
     """N `EngineReplica` actors and the routing policy over them; streams, survives replica deaths.
 
@@ -293,8 +300,10 @@ class ReplicaRouter:
             replica = self.table.choose(token_ids, num_prompt_tokens, params, exclude=frozenset(tried))
             tried.append(replica)
             replayed: dict[int, int] = {}  # tokens of this attempt, per sample
+            stream = self.replicas[replica].generate.remote(payload, params)
+            finished = False
             try:
-                async for ref in self.replicas[replica].generate.remote(payload, params):
+                async for ref in stream:
                     update, free_blocks = await ref
                     self.table.report(replica, free_blocks)
                     update = self._dedupe(update, sent, replayed)
@@ -305,6 +314,7 @@ class ReplicaRouter:
                     if update.new_token_ids or update.finish_reason or update.output is not None:
                         yield update
                     if update.finished:
+                        finished = True
                         return
                 raise RuntimeError(f"replica {replica} ended the stream of {request_id} without an output")
             except Exception as e:
@@ -316,6 +326,9 @@ class ReplicaRouter:
                     raise RuntimeError(f"{request_id} failed on {len(tried)} replicas") from e
             finally:
                 self.table.release(replica, num_prompt_tokens, params)
+                if not finished:
+                    # The caller stopped listening (or the replica died): abort it there too.
+                    _cancel(stream)
 
     @staticmethod
     def _dedupe(update: RequestUpdate, sent: dict[int, list[int]], replayed: dict[int, int]) -> RequestUpdate:
