@@ -16,6 +16,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .outputs import EngineStats, GenerationOutput, RequestUpdate, SampleOutput
+from .policy import request_priority
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
@@ -145,7 +146,8 @@ class Engine:
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids)
         if params.ignore_eos:
             stops -= set(self.eos_token_ids)
-        request = Request(request_id, token_ids, params, frozenset(stops), prompt=text)
+        request = Request(request_id, token_ids, params, frozenset(stops), prompt=text,
+                          priority=request_priority(request_id, token_ids, params))
         seq = Sequence(next(self._seq_ids), request, 0, token_ids)
         seq.pending_forks = params.n - 1
         request.sequences.append(seq)

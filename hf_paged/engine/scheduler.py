@@ -1,4 +1,4 @@
-"""FCFS continuous-batching scheduler with chunked prefill and recompute preemption.
+"""FCFS (or plugin-prioritised, see `hf_paged.engine.policy`) continuous-batching scheduler with chunked prefill and recompute preemption.
 
 Every step fills a token budget (``max_num_batched_tokens``) under a sequence cap
 (``max_num_seqs``): first one token for each decoding sequence, then the next chunk of prompts
@@ -69,8 +69,13 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence behind every waiting one of lower or equal priority."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        priority = seq.request.priority
+        position = len(self.waiting)
+        while position > 0 and self.waiting[position - 1].request.priority > priority:
+            position -= 1
+        self.waiting.insert(position, seq)
 
     @property
     def has_unfinished(self) -> bool:

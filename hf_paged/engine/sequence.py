@@ -131,6 +131,8 @@ class Request:
     error: str | None = None
     num_cached_tokens: int = 0
     aborted: bool = False
+    # Admission order from the waiting queue: lower first (see hf_paged.engine.policy).
+    priority: float = 0.0
     # Set at the first admission: prefix-cache hit statistics count first admissions only.
     admitted: bool = False
     # Prompt log-probabilities (``params.prompt_logprobs``): one slot per prompt token, and the
