@@ -146,11 +146,8 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
-class CompletionStreamChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
+# A streamed completion choice carries the same fields as a whole one.
+CompletionStreamChoice = CompletionChoice
 
 
 class CompletionStreamResponse(BaseModel):
@@ -168,10 +165,7 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None = None
 
 
-class ChatTokenLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
+class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 

@@ -92,14 +92,9 @@ class OpenAIServing:
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         self._check_lengths(prompts, max_tokens, "max_tokens", "prompt")
         params = self._sampling_params(req, max_tokens, "max_tokens", logprobs)
-        job = self._submit("cmpl", prompts, params, bool(req.stream))
-        created = int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._sse(raw, job, self._completion_chunks(job, created, include_usage))
-        outputs = await self._collect(raw, job)
-        if outputs is None:
-            return Response(status_code=499)
+        job, created, outputs = await self._run(raw, req, "cmpl", prompts, params, self._completion_chunks)
+        if not isinstance(outputs, list):
+            return outputs
         choices = [
             CompletionChoice(
                 index=i * job.n + s.index,
@@ -204,14 +199,9 @@ class OpenAIServing:
                                f"is {self._config.max_model_len}", param="messages")
         self._check_lengths([prompt], max_tokens, field, "messages")
         params = self._sampling_params(req, max_tokens, field, logprobs)
-        job = self._submit("chatcmpl", [prompt], params, bool(req.stream))
-        created = int(time.time())
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._sse(raw, job, self._chat_chunks(job, created, include_usage))
-        outputs = await self._collect(raw, job)
-        if outputs is None:
-            return Response(status_code=499)
+        job, created, outputs = await self._run(raw, req, "chatcmpl", [prompt], params, self._chat_chunks)
+        if not isinstance(outputs, list):
+            return outputs
         choices = [
             ChatChoice(
                 index=s.index,
@@ -329,6 +319,17 @@ class OpenAIServing:
             name = str(e).split(" ", 1)[0]
             param = max_field if name == "max_new_tokens" else _API_PARAM.get(name, name)
             raise APIError(400, str(e).replace("max_new_tokens", max_field, 1), param=param) from e
+
+    async def _run(self, raw: Request, req, prefix: str, prompts: list[list[int]], params: SamplingParams, chunks):
+        """Submit a request; returns ``(job, created, outputs)`` where ``outputs`` is the finished list or,
+        for a stream or a client that went away, the `Response` to send as it is."""
+        job = self._submit(prefix, prompts, params, bool(req.stream))
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return job, created, self._sse(raw, job, chunks(job, created, include_usage))
+        outputs = await self._collect(raw, job)
+        return job, created, outputs if outputs is not None else Response(status_code=499)
 
     def _submit(self, prefix: str, prompts: list[list[int]], params: SamplingParams, stream: bool) -> _Job:
         base_id = f"{prefix}-{uuid.uuid4().hex}"
