@@ -303,9 +303,10 @@ def profile_engine(engine: Engine, requests, args) -> dict:
         setattr(obj, name, lambda *a, **k: _labelled(record_function, label, fn, *a, **k))
 
     # Instance attributes shadow the methods; deleting them afterwards restores the originals.
-    wrapped = [(engine.scheduler, "schedule"), (engine.runner, "prepare"), (engine, "_postprocess"),
-               (engine.runner.model, "forward")]
-    labels = ["engine/schedule", "engine/prepare_inputs", "engine/postprocess", "engine/forward"]
+    wrapped = [(engine.scheduler, "schedule"), (engine.runner, "prepare"), (engine.scheduler, "update_from_output"),
+               (engine.outputs, "updates"), (engine.runner.model, "forward")]
+    labels = ["engine/schedule", "engine/prepare_inputs", "engine/update_from_output", "engine/output_processing",
+              "engine/forward"]
     for (obj, name), label in zip(wrapped, labels):
         wrap(obj, name, label)
     sampler = engine.sampler

@@ -9,12 +9,14 @@
     model.generate(**inputs)  # KV cache in blocks of a PagedCache
 """
 
+from . import distributed, loader, plugins
 from .cache import BlockPool, KVPool, OutOfBlocksError, PagedCache, PagedCacheStats
-from .engine import Engine, EngineStats, GenerationOutput, RequestUpdate, SamplingParams, generate_batch
+from .engine import AsyncEngine, Engine, EngineStats, GenerationOutput, RequestUpdate, SamplingParams, generate_batch
 from .registration import ATTN_IMPLEMENTATION, register
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "AsyncEngine",
     "BlockPool",
     "Engine",
     "EngineStats",
@@ -25,7 +27,10 @@ __all__ = [
     "PagedCacheStats",
     "RequestUpdate",
     "SamplingParams",
+    "distributed",
     "generate_batch",
+    "loader",
+    "plugins",
     "register",
 ]
 __version__ = "0.1.0"

@@ -11,7 +11,8 @@ top of that:
 * Every rank runs the same deterministic `Engine` (scheduler, block manager, prefix cache) over
   identical inputs, so block tables and batches come out identical without being sent around; the
   pool size is agreed (minimum over ranks) when the engine is built. Only what is random is
-  decided once: rank 0 samples and broadcasts the chosen tokens (`BroadcastSampler`).
+  decided once: rank 0 samples and broadcasts the chosen tokens
+  (`hf_paged.engine.tensor_parallel.BroadcastSampler`).
 * `start_tensor_parallel_engine` launches the ranks itself (torch.multiprocessing): the calling
   process is rank 0 and gets a `DriverEngine`; ranks ``1..N-1`` replay the requests it forwards.
 
@@ -47,166 +48,44 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .cache.geometry import check_tensor_parallel
 from .engine.engine import Engine
-from .engine.sampler import SamplerOutput
+from .loader import load_causal_lm, load_tokenizer
 
 __all__ = [
-    "BroadcastSampler",
     "DriverEngine",
-    "TensorParallelState",
     "check_tensor_parallel",
     "load_tensor_parallel_model",
-    "local_kv_heads",
     "run_worker",
     "start_tensor_parallel_engine",
-    "tensor_parallel_size",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-# -- facts about a (possibly sharded) model -------------------------------------------------------
-
-
-def tensor_parallel_size(model: torch.nn.Module) -> int:
-    """How many ranks Transformers sharded ``model`` over (``model.tp_size``; 1 when not sharded)."""
-    size = getattr(model, "tp_size", None) or getattr(model, "_tp_size", None)
-    return int(size) if size else 1
-
-
-def _text_config(config):
-    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def check_tensor_parallel(config, tp_size: int) -> None:
-    """Raise ``ValueError`` unless Transformers can shard a model of ``config`` over ``tp_size`` ranks.
-
-    Checks that the architecture has a tensor-parallel plan (``base_model_tp_plan``) and that both
-    the attention heads and the KV heads split evenly (hf_paged does not replicate KV heads).
-    """
-    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
-        raise ValueError(f"the tensor-parallel size must be a positive int, got {tp_size!r}")
-    if tp_size == 1:
-        return
-    text = _text_config(config)
-    model_type = getattr(text, "model_type", type(text).__name__)
-    if not getattr(text, "base_model_tp_plan", None):
-        raise ValueError(
-            f"{model_type} has no tensor-parallel plan (its config's base_model_tp_plan is empty), so "
-            f"Transformers cannot shard it over {tp_size} ranks; run it on one device per replica instead "
-            f"(hf_paged.integrations.ray)"
-        )
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    for name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if value % tp_size:
-            raise ValueError(
-                f"{model_type} has {name}={value}, not divisible by the tensor-parallel size {tp_size}: "
-                f"use a size that divides both num_attention_heads={heads} and num_key_value_heads={kv_heads}"
-            )
-
-
-def local_kv_heads(model: torch.nn.Module) -> tuple[int, int, int]:
-    """``(num_layers, KV heads on this rank, head_dim)`` of ``model``, after tensor-parallel sharding."""
-    text = _text_config(model.config)
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    tp = tensor_parallel_size(model)
-    if tp > 1:
-        check_tensor_parallel(model.config, tp)
-    return text.num_hidden_layers, kv_heads // tp, head_dim
+# -- loading a sharded model ---------------------------------------------------------------------
 
 
 def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, **from_pretrained_kwargs):
-    """``AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="paged")`` sharded by Transformers.
+    """`hf_paged.loader.load_causal_lm` of ``model_path`` sharded by Transformers (``tp_plan="auto"``).
 
     Call it on every rank (under ``torchrun``, or after ``init_process_group``). ``tp_size``
     defaults to the world size. The config is checked first (`check_tensor_parallel`), so a model
     that cannot be sharded fails with a clear message instead of a shape error inside a layer.
+    ``from_pretrained_kwargs`` take ``dtype`` as the loader does (``"auto"``: the checkpoint's).
+
+    Example:
+        >>> model = load_tensor_parallel_model("path/to/model", dtype="bfloat16")  # doctest: +SKIP
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, DistributedConfig
+    from transformers import AutoConfig, DistributedConfig
 
     if tp_size is None:
         tp_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    trust = from_pretrained_kwargs.get("trust_remote_code")
+    trust = from_pretrained_kwargs.get("trust_remote_code", False)
     check_tensor_parallel(AutoConfig.from_pretrained(model_path, trust_remote_code=trust), tp_size)
-    from_pretrained_kwargs.setdefault("attn_implementation", "paged")
     if tp_size > 1:
         from_pretrained_kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
-    return AutoModelForCausalLM.from_pretrained(model_path, **from_pretrained_kwargs).eval()
-
-
-# -- what an Engine needs on a sharded model ------------------------------------------------------
-
-
-class TensorParallelState:
-    """The tensor-parallel group of a sharded model, as the engine uses it.
-
-    ``group`` is the model's TP process group (its device mesh's ``"tp"`` dimension, else the
-    world); ``cpu_group`` a gloo group over the same ranks for small host-side messages (the same
-    group when the backend already is gloo). Building it is collective: every rank must do it.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.size = tensor_parallel_size(model)
-        self.group = _tp_group(model)
-        self.rank = dist.get_rank(self.group)
-        if dist.get_backend(self.group) == "gloo":
-            self.cpu_group = self.group
-        else:
-            self.cpu_group = dist.new_group(dist.get_process_group_ranks(self.group), backend="gloo")
-
-    def agree_min(self, value: int) -> int:
-        """The minimum of ``value`` over the ranks (pool sizes computed from each rank's free memory)."""
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
-        return int(t.item())
-
-
-def _tp_group(model: torch.nn.Module):
-    mesh = getattr(model, "_device_mesh", None)
-    if mesh is not None:
-        names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
-        try:
-            if "tp" in names:
-                return mesh["tp"].get_group()
-            if mesh.ndim == 1:
-                return mesh.get_group()
-        except Exception:  # an unfamiliar mesh layout: the world is the TP group then
-            logger.debug("could not read the TP group from %r", mesh, exc_info=True)
-    return dist.group.WORLD
-
-
-class BroadcastSampler:
-    """Samples on the group's rank 0 only and broadcasts the chosen tokens to the other ranks.
-
-    Every rank holds the same gathered logits, but unseeded sampling draws from each rank's own
-    generator: drawing once keeps the ranks' sequences (and so their schedules) identical. Token
-    ids travel as one int64 tensor over the TP group; when logprobs are wanted the whole
-    `SamplerOutput` goes over the gloo group instead.
-    """
-
-    def __init__(self, sampler, state: TensorParallelState) -> None:
-        self.sampler = sampler
-        self.state = state
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sampler, name)
-
-    def __call__(self, logits: torch.Tensor, seqs) -> SamplerOutput:
-        state = self.state
-        out = self.sampler(logits, seqs) if state.rank == 0 else None
-        if any(s.request.params.logprobs is not None for s in seqs):
-            box = [out]
-            dist.broadcast_object_list(box, group=state.cpu_group, group_src=0)
-            return box[0]
-        if state.rank == 0:
-            tokens = torch.tensor(out.token_ids, dtype=torch.int64, device=logits.device)
-        else:
-            tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
-        dist.broadcast(tokens, group=state.group, group_src=0)
-        return out if state.rank == 0 else SamplerOutput(tokens.tolist())
+    return load_causal_lm(model_path, **from_pretrained_kwargs)
 
 
 # -- rank 0 as the driver of N-1 worker ranks -----------------------------------------------------
@@ -326,16 +205,10 @@ def _init_rank(rank: int, world_size: int, port: int, backend: str | None, timeo
 
 
 def _load_rank(model_path, tp_size, tokenizer, model_kwargs):
-    model = load_tensor_parallel_model(model_path, tp_size, **(model_kwargs or {}))
-    if tokenizer is True:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    elif isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return model, tokenizer or None
+    model_kwargs = model_kwargs or {}
+    model = load_tensor_parallel_model(model_path, tp_size, **model_kwargs)
+    trust = model_kwargs.get("trust_remote_code", False)
+    return model, load_tokenizer(tokenizer, model_path, trust_remote_code=trust)
 
 
 def _worker_main(rank, world_size, port, backend, timeout_s, model_path, tokenizer, model_kwargs, engine_kwargs,

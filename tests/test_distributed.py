@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import hf_paged
-from hf_paged.distributed import check_tensor_parallel, local_kv_heads, tensor_parallel_size
+from hf_paged.cache.geometry import check_tensor_parallel, kv_geometry, tensor_parallel_size
 from tiny_models import make_config
 from tp_cases import engine_cases, generate_inputs
 
@@ -44,7 +44,7 @@ def test_check_tensor_parallel_errors():
 def test_single_process_model_is_not_sharded():
     model = AutoModelForCausalLM.from_config(make_config("llama-gqa"), attn_implementation="paged")
     assert tensor_parallel_size(model) == 1
-    assert local_kv_heads(model) == (2, 2, 16)
+    assert kv_geometry(model) == (2, 2, 16)
     assert hf_paged.Engine(model, num_blocks=4).tp is None
 
 

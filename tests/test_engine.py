@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, make_pair, make_tokenizer
+from tiny_models import VOCAB, continuation_text, make_pair, make_tokenizer
 
 from hf_paged import Engine, SamplingParams, generate_batch
 
@@ -177,14 +177,16 @@ def test_stop_strings_and_text():
     base = generate_batch(paged, [prompt], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True),
                           tokenizer=tok, progress=False)[0]
     words = base.text.split()
-    assert len(words) == 10 and base.text == tok.decode(base.token_ids, skip_special_tokens=True)
+    # The text is what the output adds to the prompt's decode, leading space included (as OpenAI and vLLM return it).
+    assert len(words) == 10 and base.text == continuation_text(tok, tok(prompt)["input_ids"], base.token_ids)
+    assert base.text.startswith(" ")
     stop_word = words[4]
     first = words.index(stop_word)
     out = generate_batch(paged, [prompt], SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, stop=[stop_word]),
                          tokenizer=tok, progress=False)[0]
     assert out.finish_reason == "stop"
     assert out.token_ids == base.token_ids[: first + 1]
-    assert out.text == " ".join(words[:first]) + (" " if first else "")  # cut before the stop string
+    assert out.text == "".join(" " + w for w in words[:first]) + " "  # cut before the stop string
 
 
 def test_n_samples_share_prompt_blocks(llama):
@@ -312,7 +314,7 @@ def test_generate_batch_switches_model_and_orders_outputs():
         ids = tok(text)["input_ids"]
         assert out.prompt_token_ids == ids and out.prompt == text
         assert out.token_ids == _reference(ref, ids, 12)
-        assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+        assert out.text == continuation_text(tok, ids, out.token_ids)
         assert out.time_to_first_token is not None and out.total_time >= out.time_to_first_token
 
 

@@ -71,8 +71,21 @@ def test_python_api_and_env_var(user_dir, model_dir, monkeypatch, expected):
     (user_dir / "hf-paged-models.json").unlink()
     monkeypatch.setenv("HF_PAGED_LLM_MODELS", f"env-tiny={model_dir}")
     response = llm.get_model("hf-paged/env-tiny").prompt(PROMPT, max_tokens=8, temperature=0)
-    assert response.text().strip() == expected.strip()
+    assert response.text() == expected
     assert response.output_tokens == 8
+
+
+def test_streamed_chunks_join_to_the_final_text(user_dir, model_dir):
+    from tiny_models import continuation_text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    response = llm.get_model("hf-paged/tiny").prompt(PROMPT, max_tokens=8, temperature=0)
+    chunks = list(response)
+    assert len(chunks) > 1 and all(chunks)  # streamed token by token, no empty chunk
+    (out,) = generate_batch(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="paged"), [PROMPT],
+                            SamplingParams(max_new_tokens=8, temperature=0.0), tokenizer=tok, progress=False)
+    assert "".join(chunks) == out.text == continuation_text(tok, out.prompt_token_ids, out.token_ids)
+    assert out.text.startswith(" ")  # decode(prompt + output) minus decode(prompt) keeps the space
 
 
 def test_bad_config_is_reported(user_dir):

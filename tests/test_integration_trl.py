@@ -51,7 +51,7 @@ def test_grpo_step_with_engine_rollouts(tmp_path, monkeypatch):
     assert len(out["prompt_ids"]) == len(out["completion_ids"]) == len(out["logprobs"]) == len(prompts) == 4
     assert all(1 <= len(c) == len(lp) <= 6 for c, lp in zip(out["completion_ids"], out["logprobs"]))
     assert not torch.equal(before, model.lm_head.weight)  # the step trained the model
-    assert trainer._hf_paged_engine.model is model  # the engine wraps the trained model, no copy
+    assert trainer._hf_paged_engine.engine.model is model  # the engine wraps the trained model, no copy
     assert model.config._attn_implementation == "sdpa"  # restored for training forwards
 
     # A rollout after the update samples from the new weights: its logprobs are those of a plain

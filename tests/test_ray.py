@@ -112,11 +112,14 @@ def test_killing_a_replica_loses_nothing(ray_local, model_dir, expected):
     with ReplicaRouter(str(model_dir), 2, engine_kwargs=ENGINE) as router:
         victim = router.replicas[0]
         streamed: dict[str, dict[int, list[int]]] = {}
+        texts: dict[str, dict[int, str]] = {}
 
         async def one(i):
             out = None
-            async for u in router.stream(prompts[i], params[i], request_id=f"r{i}"):
+            async for u in router.stream(prompts[i], params[i], request_id=f"r{i}", stream_text=True):
                 streamed.setdefault(u.request_id, {}).setdefault(u.sample_index, []).extend(u.new_token_ids)
+                sample_texts = texts.setdefault(u.request_id, {})
+                sample_texts[u.sample_index] = sample_texts.get(u.sample_index, "") + (u.text_delta or "")
                 if u.finished:
                     out = u.output
             return out
@@ -135,9 +138,10 @@ def test_killing_a_replica_loses_nothing(ray_local, model_dir, expected):
         assert _tokens(outs) == expected
         replayed = [i for i in range(len(prompts)) if router.assignments[f"r{i}"] == [0, 1]]
         assert replayed, "no request was in flight on the killed replica"
-        # What was streamed is exactly the output: nothing lost, nothing repeated.
+        # What was streamed is exactly the output: nothing lost, nothing repeated (tokens and text).
         for i, o in enumerate(outs):
             assert [streamed[f"r{i}"][s.index] for s in o.samples] == [s.token_ids for s in o.samples]
+            assert [texts[f"r{i}"].get(s.index, "") for s in o.samples] == [s.text for s in o.samples]
         stats = router.pool_stats()
         assert stats[0] is None
         assert stats[1]["free_blocks"] == stats[1]["num_blocks"] and not stats[1]["unfinished"]
@@ -158,3 +162,18 @@ def test_closing_a_stream_aborts_the_request(ray_local, model_dir):
         stats = router.pool_stats()[0]
         assert not stats["unfinished"] and stats["free_blocks"] == stats["num_blocks"]
         assert ray.get(router.replicas[0].engine_stats.remote()).output_tokens < 600  # aborted, not run out
+
+
+def test_replay_skips_the_text_already_streamed():
+    """A replay's first tokens and characters were streamed by the dead attempt: only the rest goes out."""
+    from hf_paged.engine import RequestUpdate
+
+    sent, sent_text = {}, {}
+    first = {"tokens": {}, "text": {}}
+    for ids, delta in (([5, 6], " w5"), ([7], " w6")):  # text held back a token behind (a stop string)
+        ReplicaRouter._dedupe(RequestUpdate("r", 0, ids, delta), sent, first["tokens"], sent_text, first["text"])
+    replay = {"tokens": {}, "text": {}}
+    out = [ReplicaRouter._dedupe(RequestUpdate("r", 0, ids, delta), sent, replay["tokens"], sent_text, replay["text"])
+           for ids, delta in (([5, 6, 7], " w5 w6 w"), ([8], "7 w8"))]
+    assert [(u.new_token_ids, u.text_delta) for u in out] == [([], " w"), ([8], "7 w8")]
+    assert sent == {0: [5, 6, 7, 8]} and sent_text == {0: len(" w5 w6 w7 w8")}

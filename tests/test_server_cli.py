@@ -18,7 +18,8 @@ pytest.importorskip("fastapi")
 from server_harness import tiny_demo  # noqa: E402
 
 from hf_paged.server import _deps  # noqa: E402
-from hf_paged.server.cli import build_parser, load_model, main  # noqa: E402
+from hf_paged.loader import load_model  # noqa: E402
+from hf_paged.server.cli import build_parser, main  # noqa: E402
 
 
 def test_parser_defaults_and_options():
@@ -70,7 +71,7 @@ def saved_model(tmp_path_factory):
 
 
 def test_load_model(saved_model):
-    model, tok = load_model(str(saved_model), "float32", "cpu")
+    model, tok = load_model(str(saved_model), dtype="float32", device="cpu")
     assert model.config._attn_implementation == "paged"
     assert tok.chat_template and next(model.parameters()).dtype.is_floating_point
 
@@ -124,4 +125,4 @@ def test_serve_process_end_to_end(saved_model):
             proc.communicate()
     assert proc.returncode == 0, out
     assert "KV pool: 64 blocks of 16 tokens" in out and "dtype torch.float32 on cpu" in out
-    assert "engine loop stopped" in out and "Traceback" not in out
+    assert "engine stopped" in out and "Traceback" not in out

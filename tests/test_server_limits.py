@@ -1,4 +1,4 @@
-"""API key, the waiting-queue limit (429), missing chat templates, and engine-loop shutdown.
+"""API key, the waiting-queue limit (429), missing chat templates, and engine-client shutdown.
 
 The engine's ``step`` is gated by an event here, so "a request is waiting" is a fact, not a race.
 """
@@ -16,9 +16,9 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from server_harness import ServerThread, metrics, tiny_demo, wait_pool_whole  # noqa: E402
 
-from hf_paged import Engine, SamplingParams  # noqa: E402
-from hf_paged.server import EngineLoop, ServerConfig, build_app  # noqa: E402
-from hf_paged.server.engine_loop import RequestDone, Submission  # noqa: E402
+from hf_paged import AsyncEngine, Engine, SamplingParams  # noqa: E402
+from hf_paged.engine import EngineDeadError  # noqa: E402
+from hf_paged.server import ServerConfig, build_app  # noqa: E402
 
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -136,34 +136,33 @@ def test_chat_template_option():
     assert engine.kv_pool.blocks.num_free == engine.kv_pool.num_blocks
 
 
-def test_engine_loop_shutdown_aborts_in_flight_requests():
+def test_engine_client_shutdown_aborts_in_flight_requests():
     model, tok = tiny_demo(seed=3)
     engine = Engine(model, num_blocks=32, tokenizer=tok)
     gate = _gate(engine)
-    loop = EngineLoop(engine, tok)
-    loop.start()
-    events: list = []
+    client = AsyncEngine(engine)
+    updates: list = []
     done = threading.Event()
 
-    def sink(event):
-        events.append(event)
-        if isinstance(event, RequestDone):
+    def sink(update):
+        updates.append(update)
+        if update.finished:
             done.set()
 
     gate.clear()
     params = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
-    loop.submit([Submission("r1", [5, 6, 7], params, sink, stream=True)])
-    stopper = threading.Thread(target=loop.stop, kwargs={"drain_timeout": 0.0})
+    client.submit([5, 6, 7], params, sink, stream_text=True)
+    stopper = threading.Thread(target=client.shutdown, kwargs={"drain_timeout": 0.0})
     stopper.start()
     time.sleep(0.05)
     gate.set()
     stopper.join(30)
-    assert not stopper.is_alive() and not loop.alive
+    assert not stopper.is_alive() and not client.alive
     assert done.is_set()
-    (final,) = [e for e in events if isinstance(e, RequestDone)]
+    (final,) = [u for u in updates if u.finished]
     assert final.output.finish_reason == "abort"
     assert len(final.output.token_ids) < 200
     assert not engine.has_unfinished()
     assert engine.kv_pool.blocks.num_free == engine.kv_pool.num_blocks
-    with pytest.raises(RuntimeError):
-        loop.submit([Submission("r2", [5], params, sink)])
+    with pytest.raises(EngineDeadError):
+        client.submit([5], params, sink)

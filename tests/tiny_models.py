@@ -73,3 +73,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         padding_side="left",
     )
+
+
+def continuation_text(tok, prompt_ids: list[int], output_ids: list[int]) -> str:
+    """What the output adds to the prompt's text: ``decode(prompt + output)`` minus ``decode(prompt)``."""
+    whole = tok.decode(list(prompt_ids) + list(output_ids), skip_special_tokens=True)
+    return whole[len(tok.decode(list(prompt_ids), skip_special_tokens=True)) :]

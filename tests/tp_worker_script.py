@@ -12,7 +12,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import hf_paged
-from hf_paged.distributed import load_tensor_parallel_model, tensor_parallel_size
+from hf_paged.cache.geometry import tensor_parallel_size
+from hf_paged.distributed import load_tensor_parallel_model
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from tp_cases import engine_cases, generate_inputs  # noqa: E402

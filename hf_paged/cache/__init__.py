@@ -1,9 +1,10 @@
-"""Block-allocated KV storage: `BlockPool`, `KVPool`, `PagedCache` and the per-step metadata."""
+"""Block-allocated KV storage: `BlockPool`, `KVPool`, `PagedCache`, the per-step metadata and pool sizing."""
 
 from .block_pool import BlockPool, OutOfBlocksError
+from .geometry import default_num_blocks, num_blocks_for_memory
 from .kv_pool import KVPool
 from .metadata import PagedAttentionMetadata
-from .paged_cache import PagedCache, PagedCacheStats, num_blocks_for_memory
+from .paged_cache import PagedCache, PagedCacheStats
 
 __all__ = [
     "BlockPool",
@@ -12,5 +13,6 @@ __all__ = [
     "PagedAttentionMetadata",
     "PagedCache",
     "PagedCacheStats",
+    "default_num_blocks",
     "num_blocks_for_memory",
 ]

@@ -55,6 +55,10 @@ class KVPool:
     def nbytes(self) -> int:
         return self._storage.numel() * self._storage.element_size()
 
+    def release(self) -> None:
+        """Free the K/V storage now (the pool is unusable afterwards)."""
+        self._storage = self._storage.new_empty(0)
+
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(k_cache, v_cache)`` views of one layer."""
         return self._storage[layer_idx, 0], self._storage[layer_idx, 1]

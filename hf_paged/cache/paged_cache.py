@@ -9,10 +9,11 @@ from transformers.cache_utils import Cache
 
 from ..kernels import get_backend
 from .block_pool import OutOfBlocksError
+from .geometry import cdiv, config_kv_geometry, num_blocks_for_memory
 from .kv_pool import KVPool
 from .metadata import PagedAttentionMetadata, publish
 
-__all__ = ["PagedCache", "PagedCacheStats", "num_blocks_for_memory"]
+__all__ = ["PagedCache", "PagedCacheStats"]
 
 
 @dataclass(frozen=True)
@@ -38,24 +39,6 @@ class PagedCacheStats:
     @property
     def bytes_used(self) -> int:
         return self.blocks_used * self.bytes_per_block
-
-
-def num_blocks_for_memory(fraction: float, device: torch.device | str, bytes_per_block: int) -> int:
-    """How many blocks fit in ``fraction`` of the memory now free on ``device``."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
-    device = torch.device(device)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return max(1, int(free * fraction) // bytes_per_block)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class PagedCache(Cache):
@@ -112,7 +95,7 @@ class PagedCache(Cache):
         self._memory_fraction = memory_fraction
         self._max_cache_len = max_cache_len
         self._dtype = dtype
-        self._expected = _geometry_from_config(config)
+        self._expected = config_kv_geometry(config)
         self._tp_size = tp_size
         self._kv_heads_per_rank(self._expected[1])  # checks that tp_size divides the KV heads
         self._pool: KVPool | None = None
@@ -210,7 +193,7 @@ class PagedCache(Cache):
         if num_blocks is None:
             longest = max(new_len, self._max_cache_len or 0)
             # One extra block per row covers a copy-on-write of a shared last block.
-            num_blocks = batch * (_cdiv(longest, self.block_size) + 1)
+            num_blocks = batch * (cdiv(longest, self.block_size) + 1)
         self._pool = KVPool(
             num_layers=num_layers,
             num_blocks=num_blocks,
@@ -231,7 +214,7 @@ class PagedCache(Cache):
         elif batch != len(self._tables):
             raise ValueError(f"PagedCache holds {len(self._tables)} sequences but got a batch of {batch}")
         blocks, bs = self._pool.blocks, self.block_size
-        per_row = _cdiv(new_len, bs)
+        per_row = cdiv(new_len, bs)
         if per_row > blocks.num_blocks:
             raise OutOfBlocksError(
                 f"a sequence of {new_len} tokens needs {per_row} blocks of {bs}, "
@@ -340,7 +323,7 @@ class PagedCache(Cache):
         new_len = tokens_to_remove if tokens_to_remove > 0 else self._seq_len + tokens_to_remove
         if tokens_to_remove == 0 or new_len >= self._seq_len:
             return
-        keep = _cdiv(max(new_len, 0), self.block_size)
+        keep = cdiv(max(new_len, 0), self.block_size)
         for t in self._tables:
             self._pool.blocks.free(t[keep:])
             del t[keep:]
@@ -374,12 +357,4 @@ class PagedCache(Cache):
             slots_reserved=len(distinct) * pool.block_size,
             bytes_per_block=per_block,
         )
-
-
-def _geometry_from_config(config) -> tuple[int, int, int]:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return text.num_hidden_layers, kv_heads, head_dim
 

@@ -14,16 +14,13 @@ sequence's last token, so a cached block is never written. Blocks shared by fork
 from __future__ import annotations
 
 from ..cache.block_pool import BlockPool
+from ..cache.geometry import cdiv
 from .sequence import Sequence
 
 __all__ = ["BlockManager"]
 
 # The hash standing for "no block before this one".
 _ROOT_HASH = 0x5F3759DF
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class BlockManager:
@@ -81,7 +78,7 @@ class BlockManager:
         if num_new <= 0:
             return 0
         revived = sum(1 for b in hits if self.pool.is_free(b))
-        needed = _cdiv(cached + num_new, self.block_size) - len(hits) + revived
+        needed = cdiv(cached + num_new, self.block_size) - len(hits) + revived
         if needed > self.pool.num_free:
             return 0
         for b in hits:
@@ -92,7 +89,7 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.num_committed_blocks = len(hits)
         seq.num_computed_tokens = cached
-        self._allocate_into(seq, _cdiv(cached + num_new, self.block_size) - len(hits))
+        self._allocate_into(seq, cdiv(cached + num_new, self.block_size) - len(hits))
         if count_query:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += cached
@@ -131,7 +128,7 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks the pool must provide for ``seq`` to store ``num_new_tokens`` more tokens."""
-        total = _cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
+        total = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
         return max(total, 0) + (1 if self._needs_copy(seq) else 0)
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -147,7 +144,7 @@ class BlockManager:
             self.pending_copies.append((shared, fresh))
             self.pool.free([shared])
             seq.block_table[idx] = fresh
-        more = _cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
+        more = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
         if more > 0:
             self._allocate_into(seq, more)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from itertools import chain
 from typing import NamedTuple
@@ -9,12 +10,41 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..cache.geometry import max_model_len
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
+from ..registration import ATTN_IMPLEMENTATION
 from .cuda_graphs import DecodeGraphs
 from .scheduler import SchedulerOutput
 
-__all__ = ["ModelRunner", "StepInputs"]
+__all__ = ["ModelRunner", "StepInputs", "prepare_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_model(model: torch.nn.Module) -> None:
+    """Check that ``model`` is a decoder-only causal LM and make sure it runs ``"paged"`` attention."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or not hasattr(model, "get_input_embeddings"):
+        raise ValueError(f"Engine needs a Transformers causal LM, got {name}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"Engine runs decoder-only causal LMs; {name} is an encoder-decoder model")
+    can_generate = getattr(model, "can_generate", None)
+    if (can_generate is not None and not can_generate()) or model.get_output_embeddings() is None:
+        raise ValueError(
+            f"Engine needs a causal LM with a language-model head (e.g. AutoModelForCausalLM); {name} has none"
+        )
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != ATTN_IMPLEMENTATION:
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except Exception as e:
+            raise ValueError(
+                f"{name} uses attn_implementation={impl!r} and could not be switched to "
+                f"{ATTN_IMPLEMENTATION!r} ({e}); load it with attn_implementation='paged'"
+            ) from e
+        logger.warning("switched %s from attn_implementation=%r to %r for the engine", name, impl, ATTN_IMPLEMENTATION)
 
 
 class StepInputs:
@@ -79,7 +109,7 @@ class ModelRunner:
         self._graphs = None
         if cuda_graphs and self.device.type == "cuda":
             if max_context is None:
-                max_context = getattr(model.config, "max_position_embeddings", None) or 4096
+                max_context = max_model_len(model) or 4096
             max_context = min(max_context, kv_pool.num_blocks * kv_pool.block_size)
             self._graphs = DecodeGraphs(
                 model, kv_pool, max_batch=max_num_seqs, max_context=max_context, mask=self._mask
@@ -163,6 +193,10 @@ class ModelRunner:
         if self._pin:
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Drop the captured graphs and their memory pool."""
+        self._graphs = None
 
     @torch.inference_mode()
     def execute(

@@ -1,10 +1,12 @@
-"""What the engine hands back: per-step updates, finished outputs and run statistics."""
+"""What the engine hands back (per-step updates, finished outputs, run statistics) and what its sampler hands on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["EngineStats", "GenerationOutput", "RequestUpdate", "SampleOutput"]
+from .sequence import Request
+
+__all__ = ["EngineStats", "GenerationOutput", "RequestUpdate", "SampleOutput", "SamplerOutput"]
 
 
 @dataclass
@@ -113,3 +115,16 @@ class EngineStats:
         d = dict(self.__dict__)
         d["output_tokens_per_s"] = self.output_tokens_per_s
         return d
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled token per row; with logprobs, ``(token logprob, {token: logprob} top-k)`` per row (else ``None``).
+
+    ``prompt_logprobs``: per request that asked for them this step, ``(request, first position,
+    values)`` with one ``(logprob, top-k dict)`` per scored prompt position.
+    """
+
+    token_ids: list[int]
+    logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+    prompt_logprobs: list[tuple[Request, int, list]] | None = None

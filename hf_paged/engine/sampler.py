@@ -2,21 +2,57 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .sequence import Sequence
+from .outputs import SamplerOutput
+from .scheduler import SchedulerOutput
+from .sequence import Request, Sequence
 
-__all__ = ["Sampler", "SamplerOutput"]
+__all__ = ["PromptLogprobRows", "Sampler", "SamplerOutput", "prompt_logprob_rows", "sample_step"]
+
+# Rows turned into log-probabilities at once: bounds the float32 [rows, vocab] temporaries.
+_LOGPROB_ROWS_PER_PASS = 512
 
 
-@dataclass
-class SamplerOutput:
-    """Sampled token per row; with logprobs, ``(token logprob, {token: logprob} top-k)`` per row (else ``None``)."""
+class PromptLogprobRows(NamedTuple):
+    """Positions of one chunk whose logits score prompt tokens: ``count`` rows from ``offset`` in
+    the chunk; the first scores prompt position ``first``."""
 
-    token_ids: list[int]
-    logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+    chunk_index: int
+    offset: int
+    count: int
+    first: int
+
+
+def sample_step(sampler, out: SchedulerOutput, logits: torch.Tensor, rows: list[PromptLogprobRows]) -> SamplerOutput:
+    """Tokens for the step's sampling rows (the first rows of ``logits``, drawn by ``sampler``: a
+    `Sampler` or a wrapper such as the tensor-parallel broadcast) and the prompt log-probabilities
+    of ``rows`` (the rows after them)."""
+    samplers = [s for c in out.chunks for s in c.samplers]
+    result = sampler(logits[: len(samplers)], samplers) if samplers else SamplerOutput([])
+    if rows:
+        result.prompt_logprobs = _prompt_logprobs(out, rows, logits[len(samplers) :])
+    return result
+
+
+def prompt_logprob_rows(out: SchedulerOutput) -> list[PromptLogprobRows]:
+    """The positions of this step whose logits give wanted prompt log-probabilities.
+
+    A chunk contributes the positions ``q`` it computes with ``next - 1 <= q < num_prompt_tokens - 1``
+    of a request that asked for ``prompt_logprobs`` (the logits at ``q`` score prompt token ``q + 1``).
+    """
+    rows = []
+    for i, chunk in enumerate(out.chunks):
+        request = chunk.seq.request
+        if request.prompt_logprobs is None:
+            continue
+        lo = max(chunk.start, request.prompt_logprobs_next - 1)
+        hi = min(chunk.start + chunk.num_tokens, len(request.prompt_token_ids) - 1)
+        if hi > lo:
+            rows.append(PromptLogprobRows(i, lo - chunk.start, hi - lo, lo + 1))
+    return rows
 
 
 class Sampler:
@@ -146,3 +182,35 @@ class Sampler:
             top = dict(zip(top_ids[i][:n], top_vals[i][:n])) if n else {}
             result.append((chosen[i], top))
         return result
+
+
+def _prompt_logprobs(out: SchedulerOutput, rows: list[PromptLogprobRows], logits: torch.Tensor) -> list:
+    """Log-probabilities of the prompt tokens that ``rows`` score, from their logits rows."""
+    targets: list[int] = []
+    top_k = 0
+    for r in rows:
+        request = out.chunks[r.chunk_index].seq.request
+        targets.extend(request.prompt_token_ids[r.first : r.first + r.count])
+        top_k = max(top_k, request.params.prompt_logprobs)
+    target_t = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+    chosen: list[float] = []
+    tops: list[list[int]] = []
+    top_vals: list[list[float]] = []
+    for lo in range(0, len(targets), _LOGPROB_ROWS_PER_PASS):
+        part = torch.log_softmax(logits[lo : lo + _LOGPROB_ROWS_PER_PASS].float(), dim=-1)
+        chosen.extend(part.gather(1, target_t[lo : lo + part.shape[0], None])[:, 0].tolist())
+        if top_k:
+            values, indices = part.topk(top_k, dim=-1)
+            top_vals.extend(values.tolist())
+            tops.extend(indices.tolist())
+    result = []
+    row = 0
+    for r in rows:
+        request = out.chunks[r.chunk_index].seq.request
+        k = request.params.prompt_logprobs
+        values = []
+        for i in range(row, row + r.count):
+            values.append((chosen[i], dict(zip(tops[i][:k], top_vals[i][:k])) if k else {}))
+        row += r.count
+        result.append((request, r.first, values))
+    return result

@@ -10,11 +10,14 @@ waiting queue, to be recomputed from its tokens (the prefix cache usually still 
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .sequence import FinishReason, Sequence, SequenceStatus
+from .outputs import SamplerOutput
+from .sequence import FinishReason, Request, Sequence, SequenceStatus
 
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput"]
 
@@ -50,26 +53,36 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Decides which tokens of which sequences the next forward computes.
+    """Decides which tokens of which sequences the next forward computes, and owns their state.
+
+    The scheduler (with its block manager) is the only writer of `Sequence` state: it creates the
+    sequences of a request, schedules them, advances them with each step's sampled tokens
+    (`update_from_output`) and finishes them.
 
     Args:
         block_manager: block tables and the prefix cache.
         max_num_seqs: running sequences at most.
         max_num_batched_tokens: tokens per forward at most.
-        new_seq_id: a callable giving fresh sequence ids (for the samples ``n > 1`` forks).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, new_seq_id) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self._new_seq_id = new_seq_id
+        self._seq_ids = itertools.count()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a new sequence behind every waiting one of lower or equal priority."""
+    def add_request(self, request: Request) -> None:
+        """Queue the first sample of ``request`` (the other ``n - 1`` split off when its prompt is done)."""
+        seq = Sequence(next(self._seq_ids), request, 0, request.prompt_token_ids)
+        seq.pending_forks = request.params.n - 1
+        request.sequences.append(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Queue ``seq`` behind every waiting sequence of lower or equal priority."""
         seq.status = SequenceStatus.WAITING
         priority = seq.request.priority
         position = len(self.waiting)
@@ -135,7 +148,7 @@ class Scheduler:
         children = []
         request = parent.request
         for _ in range(parent.pending_forks):
-            child = Sequence(self._new_seq_id(), request, len(request.sequences), parent.token_ids)
+            child = Sequence(next(self._seq_ids), request, len(request.sequences), parent.token_ids)
             self.block_manager.fork(parent, child)
             child.status = SequenceStatus.RUNNING
             request.sequences.append(child)
@@ -154,9 +167,50 @@ class Scheduler:
         self.num_preemptions += 1
         return chunk.num_tokens if chunk else 0
 
+    def update_from_output(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[Sequence]:
+        """Advance the sequences of a computed step; returns those that took a token, in row order.
+
+        Computed tokens are committed (their full blocks enter the prefix cache), sampled tokens
+        and their logprobs appended, prompt logprobs stored, and a sample that drew a stop token
+        or reached ``max_new_tokens`` finished.
+        """
+        advanced: list[Sequence] = []
+        tokens, logprobs = sampled.token_ids, sampled.logprobs
+        bm = self.block_manager
+        now = time.perf_counter()
+        row = 0
+        for chunk in out.chunks:
+            end = chunk.start + chunk.num_tokens
+            if not chunk.samplers:
+                chunk.seq.num_computed_tokens = end
+                bm.commit(chunk.seq)
+                continue
+            for seq in chunk.samplers:
+                token = tokens[row]
+                seq.num_computed_tokens = end
+                seq.token_ids.append(token)
+                if seq.logprobs is not None and logprobs is not None:
+                    seq.logprobs.append(logprobs[row])
+                row += 1
+                bm.commit(seq)
+                request = seq.request
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                if token in request.stop_token_ids:
+                    self.finish(seq, FinishReason.STOP)
+                elif seq.num_output_tokens >= request.params.max_new_tokens:
+                    self.finish(seq, FinishReason.LENGTH)
+                advanced.append(seq)
+        for request, first, values in sampled.prompt_logprobs or ():
+            request.prompt_logprobs[first : first + len(values)] = values
+            request.prompt_logprobs_next = first + len(values)
+        return advanced
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Mark ``seq`` finished and return its blocks (it may be running or waiting)."""
         if seq.status is SequenceStatus.FINISHED:
+            if reason is FinishReason.STOP and seq.finish_reason is FinishReason.LENGTH:
+                seq.finish_reason = reason  # its last token also completed a stop string
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
@@ -168,3 +222,9 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.request.num_finished_samples += 1
+
+    def finish_request(self, request: Request, reason: FinishReason) -> None:
+        """Finish every sample of ``request`` (abort, error)."""
+        for seq in request.sequences:
+            self.finish(seq, reason)

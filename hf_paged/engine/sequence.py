@@ -49,9 +49,7 @@ class Sequence:
         "generator",
         "logprobs",
         "finish_reason",
-        "stop_text_end",
         "detokenizer",
-        "_stream_offset",
     )
 
     def __init__(self, seq_id: int, request: Request, sample_index: int, token_ids: list[int]) -> None:
@@ -73,10 +71,8 @@ class Sequence:
         self.generator: torch.Generator | None = None
         self.logprobs: list | None = [] if request.params.logprobs is not None else None
         self.finish_reason: FinishReason | None = None
-        # Where a matched stop string starts in the decoded output (the text is cut there).
-        self.stop_text_end: int | None = None
-        self.detokenizer = None  # an IncrementalDetokenizer when text is streamed or stop strings are set
-        self._stream_offset = 0
+        # Output processing's state of this sample (an IncrementalDetokenizer), kept here to save a lookup.
+        self.detokenizer = None
 
     @property
     def num_tokens(self) -> int:
@@ -93,13 +89,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    def take_new_tokens(self) -> list[int]:
-        """Output tokens not handed out by a previous call (for streaming)."""
-        start = self.num_prompt_tokens + self._stream_offset
-        new = self.token_ids[start:]
-        self._stream_offset += len(new)
-        return new
 
     def seed_for_sample(self) -> int | None:
         seed = self.request.params.seed
@@ -139,6 +128,10 @@ class Request:
     # next prompt position still missing its value (filled in order, chunk by chunk).
     prompt_logprobs: list | None = None
     prompt_logprobs_next: int = 0
+    # Samples that finished (kept by `Scheduler.finish`), so `finished` costs O(1) however large ``n``.
+    num_finished_samples: int = 0
+    # Whether output processing streams text deltas of this request.
+    stream_text: bool = False
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.error is None:
@@ -160,4 +153,4 @@ class Request:
     def finished(self) -> bool:
         if self.error is not None or self.aborted:
             return True
-        return len(self.sequences) == self.params.n and all(s.is_finished for s in self.sequences)
+        return self.num_finished_samples == self.params.n

@@ -2,7 +2,7 @@
 
 Inspect finds this module through the entry-point group ``inspect_ai`` and the ``@modelapi``
 registration below. Every ``generate`` call becomes a request of one continuous-batching `Engine`
-per model, driven by a background thread (`EngineThread`), and awaits its result: Inspect runs
+per (model, model args), driven by its `AsyncEngine`, and awaits its result: Inspect runs
 samples concurrently, so they decode together in the same forwards. ``-M`` model args::
 
     inspect eval task.py --model hf_paged/./models/tiny -M dtype=float32 -M block_size=16 -M num_blocks=4096
@@ -10,10 +10,16 @@ samples concurrently, so they decode together in the same forwards. ``-M`` model
 Generation options map onto `SamplingParams`: ``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``seed``, ``stop_seqs``, ``num_choices``, ``frequency_penalty``, ``presence_penalty``.
 Messages go through the tokenizer's chat template. Tools are not supported (no tool-call parsing).
+
+The engines live until the last model API using them is closed (``async with get_model(...)``) or the
+interpreter exits; `shutdown_engines` stops them all earlier.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import itertools
 import json
 import logging
 import threading
@@ -33,12 +39,16 @@ from inspect_ai.model import (  # noqa: E402
     modelapi,
 )
 
-from ..engine import Engine, GenerationOutput, SamplingParams  # noqa: E402
-from ._chat import prompt_token_ids  # noqa: E402
-from ._engine_thread import EngineThread  # noqa: E402
-from ._loading import load_model  # noqa: E402
+from ..engine import AsyncEngine, Engine, GenerationOutput, SamplingParams  # noqa: E402
+from ..engine.input_processor import render_chat  # noqa: E402
+from ..loader import load_model  # noqa: E402
 
-__all__ = ["HfPagedAPI"]
+try:  # the api_key of the throwaway instance Inspect builds to look up a model's info
+    from inspect_ai.model._model_info import MODEL_INFO_LOOKUP_API_KEY  # noqa: E402
+except ImportError:  # pragma: no cover  (older Inspect)
+    MODEL_INFO_LOOKUP_API_KEY = "__model_info_lookup__"
+
+__all__ = ["HfPagedAPI", "shutdown_engines"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +56,50 @@ _ENGINE_ARGS = {"block_size", "num_blocks", "memory_fraction", "max_num_seqs", "
                 "enable_prefix_caching"}
 _LOAD_ARGS = {"dtype", "device", "trust_remote_code"}
 
-# One engine thread per (model, args), shared by every ModelAPI instance Inspect creates for it.
-_RUNNERS: dict[str, EngineThread] = {}
+# One engine per (model, args), shared by every ModelAPI instance Inspect creates for it; the
+# count is how many open instances hold it (the last one to close shuts it down).
+_RUNNERS: dict[str, AsyncEngine] = {}
+_HOLDERS: dict[str, int] = {}
 _RUNNERS_LOCK = threading.Lock()
+_names = itertools.count()
 
 
-def _runner(model_path: str, args: dict[str, Any]) -> EngineThread:
-    key = json.dumps([model_path, args], sort_keys=True, default=str)
+def _runner_key(model_path: str, args: dict[str, Any]) -> str:
+    return json.dumps([model_path, args], sort_keys=True, default=str)
+
+
+def _acquire(model_path: str, args: dict[str, Any]) -> AsyncEngine:
+    key = _runner_key(model_path, args)
     with _RUNNERS_LOCK:
         if key not in _RUNNERS:
             model, tokenizer = load_model(model_path, **{k: v for k, v in args.items() if k in _LOAD_ARGS})
             engine = Engine(model, tokenizer=tokenizer, **{k: v for k, v in args.items() if k in _ENGINE_ARGS})
-            _RUNNERS[key] = EngineThread(engine, name=f"hf-paged-inspect-{len(_RUNNERS)}")
+            _RUNNERS[key] = AsyncEngine(engine, name=f"hf-paged-inspect-{next(_names)}")
+            _HOLDERS[key] = 0
+        _HOLDERS[key] += 1
         return _RUNNERS[key]
+
+
+def _release(key: str, runner: AsyncEngine) -> None:
+    with _RUNNERS_LOCK:
+        if _RUNNERS.get(key) is not runner:  # shut down already (shutdown_engines)
+            return
+        _HOLDERS[key] -= 1
+        if _HOLDERS[key] > 0:
+            return
+        del _HOLDERS[key], _RUNNERS[key]
+    runner.shutdown()
+
+
+@atexit.register
+def shutdown_engines() -> None:
+    """Shut down every engine this module started (requests in flight end aborted; KV pools freed)."""
+    with _RUNNERS_LOCK:
+        runners = list(_RUNNERS.values())
+        _RUNNERS.clear()
+        _HOLDERS.clear()
+    for runner in runners:
+        runner.shutdown(join_timeout=5.0)
 
 
 class HfPagedAPI(ModelAPI):
@@ -77,7 +118,28 @@ class HfPagedAPI(ModelAPI):
         if unknown:
             raise ValueError(f"hf_paged: unknown model args {sorted(unknown)}; known: {sorted(_ENGINE_ARGS | _LOAD_ARGS)}")
         self._max_connections = int(model_args.pop("max_connections", 0)) or int(model_args.get("max_num_seqs", 256))
-        self.runner = _runner(model_name, model_args)
+        self._model_args = model_args
+        self._runner: AsyncEngine | None = None
+        # Inspect also builds a throwaway instance, without the -M args, to look up the model's
+        # info (context window...): it never generates, so it must not load a second model.
+        if api_key != MODEL_INFO_LOOKUP_API_KEY:
+            self._runner = _acquire(model_name, model_args)
+
+    @property
+    def runner(self) -> AsyncEngine:
+        """This model's `AsyncEngine` (loaded on first use when the constructor did not)."""
+        if self._runner is None:
+            self._runner = _acquire(self.model_name, self._model_args)
+        return self._runner
+
+    def close(self) -> None:
+        """Let go of the engine; the last instance holding it shuts it down."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            _release(_runner_key(self.model_name, self._model_args), runner)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
 
     def max_connections(self) -> int:
         # Inspect caps concurrent generate calls at this; the engine batches up to max_num_seqs.
@@ -86,10 +148,13 @@ class HfPagedAPI(ModelAPI):
     async def generate(self, input, tools, tool_choice, config: GenerateConfig) -> ModelOutput:
         if tools:
             logger.warning("hf_paged: tools are not supported; generating without them")
-        engine = self.runner.engine
+        runner = self.runner
         messages = [{"role": m.role, "content": m.text} for m in input]
-        ids = prompt_token_ids(engine.tokenizer, messages)
-        out = await self.runner.agenerate(ids, _sampling_params(config))
+        try:
+            ids = render_chat(runner.engine.tokenizer, messages)
+        except ValueError as e:
+            return ModelOutput.from_content(model=self.model_name, content="", stop_reason="unknown", error=str(e))
+        out = await runner.agenerate(ids, _sampling_params(config))
         return _model_output(self.model_name, out)
 
 

@@ -11,13 +11,15 @@ or in the environment: ``HF_PAGED_LLM_MODELS=tiny=/models/tiny-llama:/models/qwe
 
     llm -m hf-paged/tiny "Tell me a joke" -o max_tokens 64 -o temperature 0
 
-The model is loaded on first use; every prompt is a request of one `Engine` per model, driven by a
-background thread, so prompts from several threads batch together. Defaults for sampling come from
-the model's generation config (greedy unless it samples).
+The model is loaded on first use; every prompt is a request of one `Engine` per model, driven by its
+`AsyncEngine` thread, so prompts from several threads batch together. Defaults for sampling come from
+the model's generation config (greedy unless it samples). The engines are shut down when the
+interpreter exits (`shutdown_engines` does it earlier).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
@@ -29,12 +31,11 @@ llm = require("llm", "llm")
 
 from pydantic import Field  # noqa: E402
 
-from ..engine import Engine, SamplingParams  # noqa: E402
-from ._chat import prompt_token_ids  # noqa: E402
-from ._engine_thread import EngineThread  # noqa: E402
-from ._loading import load_model  # noqa: E402
+from ..engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
+from ..engine.input_processor import render_chat  # noqa: E402
+from ..loader import load_model  # noqa: E402
 
-__all__ = ["CONFIG_FILE", "ENV_VAR", "HfPagedModel", "configured_models", "register_models"]
+__all__ = ["CONFIG_FILE", "ENV_VAR", "HfPagedModel", "configured_models", "register_models", "shutdown_engines"]
 
 CONFIG_FILE = "hf-paged-models.json"
 ENV_VAR = "HF_PAGED_LLM_MODELS"
@@ -72,10 +73,20 @@ def register_models(register) -> None:
         register(HfPagedModel(name, spec), aliases=tuple(spec.get("aliases", ())))
 
 
-# One engine thread per loaded model, shared by every prompt (and every HfPagedModel instance:
+# One engine per loaded model, shared by every prompt (and every HfPagedModel instance:
 # llm rebuilds its model list on each lookup).
-_RUNNERS: dict[str, EngineThread] = {}
+_RUNNERS: dict[str, AsyncEngine] = {}
 _RUNNERS_LOCK = threading.Lock()
+
+
+@atexit.register
+def shutdown_engines() -> None:
+    """Shut down every engine this module started (requests in flight end aborted; KV pools freed)."""
+    with _RUNNERS_LOCK:
+        runners = list(_RUNNERS.values())
+        _RUNNERS.clear()
+    for runner in runners:
+        runner.shutdown(join_timeout=5.0)
 
 
 class HfPagedModel(llm.Model):
@@ -94,8 +105,8 @@ class HfPagedModel(llm.Model):
         self.model_id = MODEL_PREFIX + name
         self.spec = spec
 
-    def runner(self) -> EngineThread:
-        """The engine thread of this model, loading the model on first use."""
+    def runner(self) -> AsyncEngine:
+        """The `AsyncEngine` of this model, loading the model on first use."""
         key = json.dumps(self.spec, sort_keys=True)
         with _RUNNERS_LOCK:
             if key not in _RUNNERS:
@@ -103,28 +114,26 @@ class HfPagedModel(llm.Model):
                     self.spec["path"], dtype=self.spec.get("dtype"), device=self.spec.get("device"),
                     trust_remote_code=bool(self.spec.get("trust_remote_code", False)),
                 )
-                engine = Engine(model, tokenizer=tokenizer, stream_text=True,
-                                **{k: v for k, v in self.spec.items() if k in _ENGINE_KEYS})
-                _RUNNERS[key] = EngineThread(engine, name=f"hf-paged-{self.model_id}")
+                engine = Engine(model, tokenizer=tokenizer, **{k: v for k, v in self.spec.items() if k in _ENGINE_KEYS})
+                _RUNNERS[key] = AsyncEngine(engine, name=f"hf-paged-{self.model_id}")
             return _RUNNERS[key]
 
     def execute(self, prompt, stream, response, conversation):
         runner = self.runner()
         engine = runner.engine
-        ids = prompt_token_ids(engine.tokenizer, _messages(prompt, conversation))
+        try:
+            ids = render_chat(engine.tokenizer, _messages(prompt, conversation))
+        except ValueError as e:
+            raise llm.ModelError(f"hf-paged: {e}") from e
         params = self._sampling_params(prompt.options, engine)
-        emitted = ""
-        for update in runner.stream(ids, params):
+        # The deltas (held back around stop strings, the rest on the last update) add up to the text.
+        for update in runner.stream(ids, params, stream_text=True):
             if update.text_delta:
-                emitted += update.text_delta
                 yield update.text_delta
             if update.finished:
                 out = update.output
                 if out.error is not None:
                     raise llm.ModelError(f"hf-paged: {out.error}")
-                # The final decode may differ from the streamed deltas at the end (held-back bytes).
-                if out.text and out.text.startswith(emitted) and len(out.text) > len(emitted):
-                    yield out.text[len(emitted):]
                 response.set_usage(input=len(ids), output=len(out.token_ids))
 
     def _sampling_params(self, options, engine: Engine) -> SamplingParams:

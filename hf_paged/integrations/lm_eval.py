@@ -23,6 +23,7 @@ runs lm-eval's own CLI after registering.
 from __future__ import annotations
 
 import logging
+import queue
 import sys
 from collections.abc import Iterable
 from importlib import metadata
@@ -35,8 +36,9 @@ import torch  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from ..engine import Engine, GenerationOutput, SamplingParams  # noqa: E402
-from ._loading import load_model  # noqa: E402
+from ..engine import AsyncEngine, Engine, GenerationOutput, RequestUpdate, SamplingParams  # noqa: E402
+from ..cache.geometry import max_model_len  # noqa: E402
+from ..loader import load_model, resolve_device  # noqa: E402
 
 __all__ = ["ENTRY_POINT_GROUP", "HfPagedLM", "register"]
 
@@ -53,8 +55,9 @@ class HfPagedLM(TemplateLM):
         pretrained: a model directory / hub id, or an already loaded causal LM (its weights are
             used in place).
         tokenizer: a tokenizer or its path (default: ``pretrained``'s).
-        dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), or a torch dtype name.
-        device: where to load ``pretrained`` (default: CUDA when available).
+        dtype: ``"auto"`` (the checkpoint's dtype), or a torch dtype name.
+        device: where to load ``pretrained`` (default: CUDA when available). lm-eval passes
+            ``"cuda:0"`` unasked, so a CUDA device that is not here falls back to the default, with a warning.
         max_length: longest sequence (default: the model's ``max_position_embeddings``).
         max_gen_toks: ``generate_until``'s default token limit.
         add_bos_token: force (``True``) or suppress (``False``) special tokens when encoding.
@@ -90,7 +93,8 @@ class HfPagedLM(TemplateLM):
         if isinstance(pretrained, str):
             if not pretrained:
                 raise ValueError("hf-paged needs model_args pretrained=<model directory or id>")
-            model, tok = load_model(pretrained, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            model, tok = load_model(pretrained, dtype=dtype, device=_available_device(device),
+                                    trust_remote_code=trust_remote_code)
             self._name = pretrained
         else:
             model, tok = pretrained, None
@@ -106,15 +110,43 @@ class HfPagedLM(TemplateLM):
         self.model = model
         self.tokenizer = tok
         self.add_bos_token = add_bos_token
-        self._max_length = max_length or getattr(model.config, "max_position_embeddings", None) or _DEFAULT_MAX_LENGTH
+        self._max_length = max_length or max_model_len(model) or _DEFAULT_MAX_LENGTH
         self._max_gen_toks = max_gen_toks
         self.engine = Engine(
             model, tokenizer=tok, block_size=block_size, num_blocks=num_blocks, memory_fraction=memory_fraction,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching,
         )
+        # Every request list goes through the engine's one client (its thread owns the engine;
+        # `stats` / `reset_stats` are read between lists, when nothing is in flight).
+        self.client = AsyncEngine(self.engine, name="hf-paged-lm-eval")
         # Engine statistics of the last loglikelihood / generate_until call (prefix-cache hit rate...).
         self.last_stats = None
+
+    def close(self) -> None:
+        """Stop the engine's thread and free its KV pool."""
+        self.client.shutdown()
+
+    def _generate(self, prompts: list, params: list[SamplingParams], progress: bool) -> list[GenerationOutput]:
+        """`AsyncEngine.generate` (outputs in input order), with lm-eval's progress bar."""
+        if not progress:
+            return self.client.generate(prompts, params)
+        from tqdm.auto import tqdm
+
+        done: queue.SimpleQueue[GenerationOutput] = queue.SimpleQueue()
+
+        def collect(update: RequestUpdate) -> None:
+            if update.finished:
+                done.put(update.output)
+
+        ids = [self.client.submit(p, sp, collect) for p, sp in zip(prompts, params)]
+        results: dict[str, GenerationOutput] = {}
+        with tqdm(total=len(ids), desc="hf_paged", unit="req", dynamic_ncols=True) as bar:
+            while len(results) < len(ids):
+                out = done.get()
+                results[out.request_id] = out
+                bar.update(1)
+        return [results[i] for i in ids]
 
     # -- what TemplateLM asks of a model ----------------------------------------------------------
 
@@ -217,7 +249,7 @@ class HfPagedLM(TemplateLM):
         outputs: dict[int, GenerationOutput] = {}
         for wave in (leaders, followers):
             if wave:
-                outs = self.engine.generate([prompts[i] for i in wave], [params[i] for i in wave], progress=not disable_tqdm)
+                outs = self._generate([prompts[i] for i in wave], [params[i] for i in wave], not disable_tqdm)
                 outputs.update(zip(wave, outs))
         self.last_stats = self.engine.stats()
         logger.info("hf-paged loglikelihood: %d requests, prefix-cache hit rate %.1f%%",
@@ -247,12 +279,12 @@ class HfPagedLM(TemplateLM):
             prompts.append(ids or [self.prefix_token_id])
             params.append(sp)
             stops.append(until)
-        outs = self.engine.generate(prompts, params, progress=not disable_tqdm) if prompts else []
+        outs = self._generate(prompts, params, not disable_tqdm) if prompts else []
         self.last_stats = self.engine.stats()
         texts = []
         for req, out, until in zip(requests, outs, stops):
-            text = self.tokenizer.decode(_checked(out).token_ids, skip_special_tokens=True)
-            text = _cut_at_stops(text, until)
+            # The engine's text: decode(prompt + output) minus decode(prompt), cut before a stop string.
+            text = _cut_at_stops(_checked(out).text or "", until)
             self.cache_hook.add_partial("generate_until", req.args, text)
             texts.append(text)
         return texts
@@ -279,6 +311,18 @@ class HfPagedLM(TemplateLM):
             stop=[s for s in until if s] or None,
         )
         return sp, until
+
+
+def _available_device(device: str | None) -> torch.device:
+    """``device``, or the default device when it names a CUDA device this machine lacks (lm-eval's default)."""
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        if not str(device).startswith("cuda"):
+            raise
+        fallback = resolve_device(None)
+        logger.warning("%s; using %s instead", e, fallback)
+        return fallback
 
 
 def _checked(out: GenerationOutput) -> GenerationOutput:

@@ -16,7 +16,7 @@ adds only the routing policy:
 * **Failures.** When a replica dies (crash, node loss, ``ray.kill``) every request in flight there
   is replayed, from its prompt and with the same parameters, on another live replica; nothing is
   lost. Tokens already streamed are not streamed again: as many of a replay's first tokens are
-  skipped (their ``text_delta`` too) and only what comes after is forwarded. Greedy and seeded
+  skipped, and as many characters of its first ``text_delta``s, and only what comes after is forwarded. Greedy and seeded
   requests replay exactly (seeded draws do not depend on the batch), so the stream stays
   consistent; an unseeded sampled request is sampled afresh and its final ``output`` is the replay's.
 
@@ -48,16 +48,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..engine import Engine, GenerationOutput, RequestUpdate, SamplingParams
+from ..cache.geometry import cdiv
+from ..engine import AsyncEngine, Engine, GenerationOutput, RequestUpdate, SamplingParams
+from ..loader import load_model, load_tokenizer
 from . import require
 
 __all__ = ["EngineReplica", "ReplicaRouter", "RoutingTable", "generate_batch_dp"]
 
 logger = logging.getLogger(__name__)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # -- the routing policy (plain Python, tested without Ray) ------------------------------------------
@@ -99,7 +97,7 @@ class RoutingTable:
     def need(self, replica: int, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Blocks a request holds on ``replica`` when every sample runs to ``max_new_tokens``."""
         bs = self._state[replica].block_size
-        return params.n * _cdiv(num_prompt_tokens + params.max_new_tokens, bs)
+        return params.n * cdiv(num_prompt_tokens + params.max_new_tokens, bs)
 
     def _prefix_key(self, replica: int, token_ids: Sequence[int] | None):
         bs = self._state[replica].block_size
@@ -154,28 +152,19 @@ class RoutingTable:
 class EngineReplica:
     """One `Engine` in a Ray actor (an async actor: many requests stream through it at once).
 
-    The engine runs on its own thread (`EngineThread`) and batches every request in flight.
+    The engine runs on the thread of its `AsyncEngine` and batches every request in flight.
     Used through `ReplicaRouter`, which creates it with ``ray.remote``.
     """
 
     def __init__(self, model_path: str, engine_kwargs: dict | None = None, model_kwargs: dict | None = None,
                  tokenizer: bool | str = True) -> None:
-        from ._engine_thread import EngineThread
-        from ._loading import default_device, resolve_dtype
-
-        import hf_paged  # noqa: F401  registers "paged"
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model_kwargs = dict(model_kwargs or {})
-        device = default_device(model_kwargs.pop("device", None))
-        dtype = resolve_dtype(model_kwargs.pop("dtype", None), device)
-        model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="paged", dtype=dtype,
-                                                     **model_kwargs).to(device).eval()
-        tok = None
-        if tokenizer:
-            tok = AutoTokenizer.from_pretrained(model_path if tokenizer is True else tokenizer)
+        model, tok = load_model(model_path, tokenizer=tokenizer, **(model_kwargs or {}))
         self.engine = Engine(model, tokenizer=tok, **(engine_kwargs or {}))
-        self._thread = EngineThread(self.engine, name=f"hf-paged-replica-{uuid.uuid4().hex[:8]}")
+        self.client = AsyncEngine(self.engine, name=f"hf-paged-replica-{uuid.uuid4().hex[:8]}")
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop the engine (requests in flight end aborted after ``drain_timeout`` s) and free its KV pool."""
+        await asyncio.to_thread(self.client.shutdown, drain_timeout)
 
     def info(self) -> dict[str, Any]:
         import os
@@ -192,10 +181,10 @@ class EngineReplica:
     def engine_stats(self):
         return self.engine.stats()
 
-    async def generate(self, prompt, params: SamplingParams):
+    async def generate(self, prompt, params: SamplingParams, stream_text: bool | None = None):
         """Stream ``(RequestUpdate, free blocks after the step)`` for one request."""
         blocks = self.engine.kv_pool.blocks
-        async for update in self._thread.astream(prompt, params):
+        async for update in self.client.astream(prompt, params, stream_text=stream_text):
             yield update, blocks.num_free
 
 
@@ -226,8 +215,8 @@ class ReplicaRouter:
         model_path: directory or hub id every replica loads (``attn_implementation="paged"``).
         num_replicas: how many engines.
         engine_kwargs: `Engine` arguments of every replica (``num_blocks``, ``max_num_seqs``...).
-        model_kwargs: ``from_pretrained`` extras; ``device``/``dtype`` as in the integrations
-            (default: the replica's GPU in bfloat16, else CPU float32).
+        model_kwargs: `hf_paged.loader.load_model` arguments (``device``, ``dtype``, ...; default: the
+            replica's GPU, else the CPU, in the checkpoint's dtype).
         tokenizer: ``True``: ``model_path``'s tokenizer (here, for text prompts and prefix
             hashing, and in the replicas, for text outputs and stop strings); a path; or ``False``.
         num_gpus: GPUs per replica (default 1 when the Ray cluster has a GPU per replica, else 0).
@@ -258,11 +247,7 @@ class ReplicaRouter:
             num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= num_replicas else 0
         self.model_path = model_path
         self.max_retries = max_retries
-        self.tokenizer = None
-        if tokenizer:
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path if tokenizer is True else tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer, model_path)
         actor = ray.remote(EngineReplica).options(num_gpus=num_gpus, num_cpus=num_cpus, **(actor_options or {}))
         self.replicas = [
             actor.remote(model_path, engine_kwargs, model_kwargs, tokenizer) for _ in range(num_replicas)
@@ -282,10 +267,12 @@ class ReplicaRouter:
         return list(prompt) if isinstance(prompt, (list, tuple)) else None
 
     async def stream(self, prompt, sampling_params: SamplingParams | dict | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestUpdate]:
+                     request_id: str | None = None, *, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
         """Updates of one request as its replica produces them; the last one carries ``output``.
 
-        A replica's death replays the request elsewhere (see the module docstring).
+        ``stream_text`` gives the updates ``text_delta``s (default: the replicas' ``engine_kwargs``);
+        they add up to each sample's final text. A replica's death replays the request elsewhere
+        (see the module docstring).
         """
         params = SamplingParams.coerce(sampling_params)
         request_id = request_id or f"dp-{next(self._ids)}"
@@ -294,24 +281,26 @@ class ReplicaRouter:
         payload = token_ids if token_ids is not None else prompt
         num_prompt_tokens = len(token_ids) if token_ids is not None else 0
         sent: dict[int, list[int]] = {}  # tokens forwarded so far, per sample
+        sent_text: dict[int, int] = {}  # characters of text forwarded so far, per sample
         tried: list[int] = []
         self.assignments[request_id] = tried
         while True:
             replica = self.table.choose(token_ids, num_prompt_tokens, params, exclude=frozenset(tried))
             tried.append(replica)
             replayed: dict[int, int] = {}  # tokens of this attempt, per sample
-            stream = self.replicas[replica].generate.remote(payload, params)
+            replayed_text: dict[int, int] = {}  # characters of text of this attempt, per sample
+            stream = self.replicas[replica].generate.remote(payload, params, stream_text)
             finished = False
             try:
                 async for ref in stream:
                     update, free_blocks = await ref
                     self.table.report(replica, free_blocks)
-                    update = self._dedupe(update, sent, replayed)
+                    update = self._dedupe(update, sent, replayed, sent_text, replayed_text)
                     update.request_id = request_id
                     if update.output is not None:
                         update.output = replace(update.output, request_id=request_id,
                                                 prompt=prompt if isinstance(prompt, str) else update.output.prompt)
-                    if update.new_token_ids or update.finish_reason or update.output is not None:
+                    if update.new_token_ids or update.text_delta or update.finish_reason or update.output is not None:
                         yield update
                     if update.finished:
                         finished = True
@@ -331,16 +320,31 @@ class ReplicaRouter:
                     _cancel(stream)
 
     @staticmethod
-    def _dedupe(update: RequestUpdate, sent: dict[int, list[int]], replayed: dict[int, int]) -> RequestUpdate:
-        """Forward only the tokens past those an earlier attempt already streamed for this sample."""
+    def _dedupe(update: RequestUpdate, sent: dict[int, list[int]], replayed: dict[int, int],
+                sent_text: dict[int, int], replayed_text: dict[int, int]) -> RequestUpdate:
+        """Forward only the tokens, and the text, past what an earlier attempt already streamed for this sample.
+
+        Text is counted apart from tokens: the engine holds text back around stop strings, so a
+        delta need not cover the tokens of its update. The replay's text is that of the same tokens
+        (greedy or seeded), so its first ``sent_text`` characters are those streamed already.
+        """
         i = update.sample_index
         done_before = sent.setdefault(i, [])
         position = replayed.get(i, 0)
         replayed[i] = position + len(update.new_token_ids)
         skip = max(0, min(len(done_before) - position, len(update.new_token_ids)))
-        if skip:
-            update = replace(update, new_token_ids=update.new_token_ids[skip:], text_delta=None)
+        delta = update.text_delta
+        text_skip = 0
+        if delta:
+            text_position = replayed_text.get(i, 0)
+            replayed_text[i] = text_position + len(delta)
+            text_skip = max(0, min(sent_text.get(i, 0) - text_position, len(delta)))
+        if skip or text_skip:
+            update = replace(update, new_token_ids=update.new_token_ids[skip:],
+                             text_delta=delta[text_skip:] if delta is not None else None)
         done_before.extend(update.new_token_ids)
+        if update.text_delta:
+            sent_text[i] = sent_text.get(i, 0) + len(update.text_delta)
         return update
 
     async def generate(self, prompt, sampling_params: SamplingParams | dict | None = None,
@@ -375,9 +379,12 @@ class ReplicaRouter:
                 out.append(None)
         return out
 
-    def shutdown(self) -> None:
-        """Kill the replicas."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Let the live replicas close their engines (up to ``timeout`` s), then kill them."""
         ray = require("ray", "ray")
+        closing = [r.shutdown.remote() for i, r in enumerate(self.replicas) if self.table._state[i].alive]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=timeout)  # a dead one's error is ready too
         for r in self.replicas:
             try:
                 ray.kill(r)

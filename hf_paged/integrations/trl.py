@@ -32,12 +32,12 @@ require("trl", "trl")
 
 import torch  # noqa: E402
 
-from ..engine import Engine, SamplingParams  # noqa: E402
+from ..engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
 from ..registration import ATTN_IMPLEMENTATION  # noqa: E402
 
 __all__ = ["make_rollout_func", "rollout_func"]
 
-_ENGINE_ATTR = "_hf_paged_engine"
+_ENGINE_ATTR = "_hf_paged_engine"  # the trainer's `AsyncEngine` (its ``engine`` wraps the model)
 
 
 def make_rollout_func(**engine_kwargs: Any) -> Callable[[list, Any], dict[str, list]]:
@@ -76,12 +76,10 @@ def _rollout(prompts: list, trainer, engine_kwargs: dict) -> dict[str, list]:
         model.eval()
         if impl != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        engine = _engine(trainer, model, engine_kwargs)
-        # Blocks cached by earlier rollouts hold KV of earlier weights.
-        engine.block_manager.reset_prefix_cache()
-        outs = engine.generate(
-            [ids for ids, _ in groups], [_with_n(params, n) for _, n in groups], progress=False
-        )
+        client = _client(trainer, model, engine_kwargs)
+        # Blocks cached by earlier rollouts hold KV of earlier weights (nothing is in flight here).
+        client.engine.block_manager.reset_prefix_cache()
+        outs = client.generate([ids for ids, _ in groups], [_with_n(params, n) for _, n in groups])
     finally:
         if impl != ATTN_IMPLEMENTATION and impl is not None:
             model.set_attn_implementation(impl)
@@ -98,13 +96,15 @@ def _rollout(prompts: list, trainer, engine_kwargs: dict) -> dict[str, list]:
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
 
 
-def _engine(trainer, model: torch.nn.Module, engine_kwargs: dict) -> Engine:
-    """The engine kept on the trainer, built on first use around ``model`` itself."""
-    engine = getattr(trainer, _ENGINE_ATTR, None)
-    if engine is None or engine.model is not model:
-        engine = Engine(model, **engine_kwargs)
-        setattr(trainer, _ENGINE_ATTR, engine)
-    return engine
+def _client(trainer, model: torch.nn.Module, engine_kwargs: dict) -> AsyncEngine:
+    """The engine client kept on the trainer, built on first use around ``model`` itself."""
+    client = getattr(trainer, _ENGINE_ATTR, None)
+    if client is None or client.engine.model is not model or not client.alive:
+        if client is not None:
+            client.shutdown()  # an engine of an older model object: free its KV pool
+        client = AsyncEngine(Engine(model, **engine_kwargs), name="hf-paged-trl")
+        setattr(trainer, _ENGINE_ATTR, client)
+    return client
 
 
 def _encode(tokenizer, prompt, trainer) -> list[int]:

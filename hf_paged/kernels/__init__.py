@@ -3,7 +3,7 @@
 Nothing here imports Transformers.
 """
 
-from .backend import PLUGIN_GROUP, get_backend, plugin_manager
-from .hookspecs import KernelBackend, hookimpl, hookspec
+from ..plugins import PLUGIN_GROUP, hookimpl, hookspec, plugin_manager
+from .backend import KernelBackend, get_backend
 
 __all__ = ["PLUGIN_GROUP", "KernelBackend", "get_backend", "hookimpl", "hookspec", "plugin_manager"]

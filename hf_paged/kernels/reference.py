@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .hookspecs import hookimpl
+from ..plugins import hookimpl
 
 __all__ = ["name", "store_kv", "paged_attention"]
 

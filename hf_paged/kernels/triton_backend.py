@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from .hookspecs import hookimpl
+from ..plugins import hookimpl
 from .triton_attention import SUPPORTED_DTYPES, paged_attention
 from .triton_store import store_kv
 

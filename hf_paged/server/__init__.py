@@ -4,10 +4,9 @@ Needs the ``serve`` extra (``pip install hf-paged[serve]``); ``import hf_paged``
 imports it. Layout:
 
 - `protocol`: pydantic models of every request and response (OpenAI shapes).
-- `engine_loop`: the background thread that owns the `Engine` and streams events to requests.
 - `serving`: the completion/chat handlers (validation, prompts, responses, SSE).
 - `app`: the FastAPI application (routes, auth, errors, lifespan).
-- `metrics`: Prometheus metrics; `cli`: ``hf-paged serve``; `demo`: an offline random model.
+- `metrics`: Prometheus metrics (a sink of the engine's `AsyncEngine` client); `cli`: ``hf-paged serve``; `demo`: an offline random model.
 """
 
 from ._deps import require_serve_deps
@@ -15,6 +14,5 @@ from ._deps import require_serve_deps
 require_serve_deps()
 
 from .app import ServerConfig, build_app  # noqa: E402
-from .engine_loop import EngineLoop  # noqa: E402
 
-__all__ = ["EngineLoop", "ServerConfig", "build_app"]
+__all__ = ["ServerConfig", "build_app"]

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..engine import Engine
-from .config import ServerConfig, model_max_len
-from .engine_loop import EngineLoop
+from ..engine import AsyncEngine, Engine
+from ..cache.geometry import max_model_len
+from .config import ServerConfig
 from .errors import APIError, error_response
-from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from .metrics import CONTENT_TYPE_LATEST, MetricsSink, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -40,9 +40,10 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 5
 def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app serving ``engine``.
 
-    The app's lifespan starts the engine loop thread and, at shutdown, aborts what is still in
-    flight and joins the thread. ``config.max_model_len`` is resolved (model default, capped to the
-    KV pool) in place. ``app.state`` holds ``engine_loop``, ``metrics`` and ``config``.
+    The engine gets its `AsyncEngine` client at once; the app's lifespan shuts it down at exit
+    (aborting what is still in flight and freeing the KV pool). ``config.max_model_len`` is
+    resolved (model default, capped to the KV pool) in place. ``app.state`` holds ``engine_client``,
+    ``metrics`` and ``config``.
 
     Example:
         >>> app = build_app(engine, tok, ServerConfig(model_name="tiny"))  # doctest: +SKIP
@@ -50,24 +51,26 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     """
     _resolve_max_model_len(engine, config)
     metrics = ServerMetrics(config.model_name)
-    engine_loop = EngineLoop(engine, tokenizer, metrics=metrics, max_waiting=config.max_waiting)
-    serving = OpenAIServing(engine_loop, tokenizer, config, vocab_size=engine.vocab_size)
+    client = AsyncEngine(engine, max_waiting=config.max_waiting)
+    sink = MetricsSink(metrics, lambda: client.num_waiting)
+    sink.publish(engine)
+    client.add_sink(sink)
+    serving = OpenAIServing(client, tokenizer, config, vocab_size=engine.vocab_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine_loop.start()
-        logger.info("engine loop started; serving %r", config.model_name)
+        logger.info("serving %r", config.model_name)
         try:
             yield
         finally:
             # Uvicorn has closed the connections by now (waiting up to its graceful timeout), so
             # nobody waits for what still runs: abort it, its blocks return, the thread exits.
             # (`hf-paged serve` lets in-flight requests drain earlier, when the signal arrives.)
-            await asyncio.to_thread(engine_loop.stop, 0.0)
-            logger.info("engine loop stopped")
+            await asyncio.to_thread(client.shutdown, 0.0)
+            logger.info("engine stopped")
 
     app = FastAPI(title="hf-paged", summary="OpenAI-compatible server over hf_paged's Engine", lifespan=lifespan)
-    app.state.engine_loop = engine_loop
+    app.state.engine_client = client
     app.state.metrics = metrics
     app.state.config = config
     _install_error_handlers(app)
@@ -91,14 +94,15 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while the engine loop runs, 503 otherwise."""
-        if engine_loop.alive:
+        """200 while the engine runs, 503 otherwise (saying why)."""
+        if client.alive:
             return JSONResponse({"status": "ok"})
-        return error_response(503, "the engine loop is not running")
+        return error_response(503, f"the engine is not running: {client.error or 'shut down'}")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         """Prometheus text exposition."""
+        metrics.requests_waiting.set(client.num_waiting)  # also while a step runs
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -106,7 +110,7 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
 
 def _resolve_max_model_len(engine: Engine, config: ServerConfig) -> None:
     capacity = engine.kv_pool.num_blocks * engine.block_size
-    wanted = config.max_model_len or model_max_len(engine.model) or capacity
+    wanted = config.max_model_len or max_model_len(engine.model) or capacity
     if wanted > capacity:
         logger.warning(
             "max_model_len %d is more than the KV pool holds (%d tokens); capping it to %d", wanted, capacity, capacity

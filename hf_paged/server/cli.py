@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import uvicorn
 
-__all__ = ["build_parser", "load_model", "main"]
+from ..loader import load_model, resolve_device
+
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("hf_paged.server")
 
@@ -24,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server", description="Serve a model over an OpenAI-compatible API."
     )
-    serve.add_argument("model", nargs="?", help="local directory saved with save_pretrained (model + tokenizer)")
-    serve.add_argument("--demo", action="store_true", help="serve a small random model built offline instead")
+    serve.add_argument("model", nargs="?", help="model + tokenizer: a save_pretrained directory or a hub id")
+    serve.add_argument("--demo", action="store_true",
+                       help="serve SmolLM2-135M-Instruct, a small real chat model fetched and converted once "
+                            "(hf_paged.demo_model); a tiny random model when it cannot be had")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--dtype", choices=_DTYPES, default="auto", help="model dtype (auto: the checkpoint's)")
@@ -41,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--api-key", default=os.environ.get("HF_PAGED_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1 (default: $HF_PAGED_API_KEY)")
+    serve.add_argument("--max-n", type=_positive_int, default=64,
+                       help="largest n (samples per prompt) a request may ask for (400 above it)")
     serve.add_argument("--max-waiting", type=_non_negative_int, default=None,
                        help="requests allowed to wait for their first token before 429 (default: unbounded)")
     serve.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
@@ -56,19 +62,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     return 2  # pragma: no cover (argparse requires a command)
-
-
-def load_model(path: str, dtype: str = "auto", device: str | None = None):
-    """``(model, tokenizer)`` from a ``save_pretrained`` directory, the model with ``attn_implementation="paged"``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import hf_paged  # noqa: F401  registers "paged"
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="paged", dtype=torch_dtype)
-    return model.to(_device(device)).eval(), tokenizer
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -92,16 +85,35 @@ def _serve(args: argparse.Namespace) -> int:
     from .demo import DEMO_MODEL_NAME, build_demo
 
     if args.demo:
-        model, tokenizer = build_demo()
-        if args.dtype not in ("auto", "float32"):
-            model = model.to(getattr(torch, args.dtype))
-        model = model.to(_device(args.device))
-        name = args.served_model_name or DEMO_MODEL_NAME
-        source = "demo (random weights)"
+        from ..demo_model import DEMO_MODEL_HUB_ID, DemoModelUnavailable, demo_model_dir
+
+        try:
+            demo_dir = demo_model_dir()
+        except DemoModelUnavailable as e:
+            demo_dir = None
+            logger.warning("real demo model unavailable (%s): serving a tiny random model instead", e)
+        if demo_dir is not None:
+            try:
+                # "auto" is the checkpoint's bfloat16: right on GPUs; most CPUs run float32 faster.
+                cpu = resolve_device(args.device).type == "cpu"
+                dtype = "float32" if args.dtype == "auto" and cpu else args.dtype
+                model, tokenizer = load_model(str(demo_dir), dtype=dtype, device=args.device)
+            except (OSError, ValueError) as e:
+                parser.error(f"cannot load the demo model: {e}")
+            name = args.served_model_name or DEMO_MODEL_HUB_ID.split("/")[-1]
+            source = f"demo {demo_dir}"
+        else:
+            model, tokenizer = build_demo()
+            if args.dtype not in ("auto", "float32"):
+                model = model.to(getattr(torch, args.dtype))
+            model = model.to(resolve_device(args.device))
+            name = args.served_model_name or DEMO_MODEL_NAME
+            source = "demo (random weights)"
     else:
-        if not os.path.isdir(args.model):
-            parser.error(f"MODEL must be a local directory saved with save_pretrained, got {args.model!r}")
-        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        try:
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        except (OSError, ValueError) as e:
+            parser.error(f"cannot load MODEL {args.model!r}: {e}")
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         source = args.model
     engine = Engine(
@@ -109,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, tokenizer=tokenizer,
     )
     config = ServerConfig(model_name=name, max_model_len=args.max_model_len, api_key=args.api_key,
-                          max_waiting=args.max_waiting, chat_template=chat_template)
+                          max_waiting=args.max_waiting, chat_template=chat_template, max_n=args.max_n)
     app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
     param = next(model.parameters())
     pool_tokens = engine.kv_pool.num_blocks * engine.block_size
@@ -124,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = _DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                        timeout_graceful_shutdown=args.shutdown_timeout + 5),
-        on_exit=lambda: app.state.engine_loop.request_stop(args.shutdown_timeout),
+        on_exit=lambda: app.state.engine_client.request_shutdown(args.shutdown_timeout),
     )
     try:
         server.run()
@@ -134,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 class _DrainingServer(uvicorn.Server):
-    """A uvicorn server that, on SIGINT/SIGTERM, also tells the engine loop to wind down.
+    """A uvicorn server that, on SIGINT/SIGTERM, also tells the engine client to wind down.
 
     Uvicorn waits for open connections before the lifespan shutdown runs; without this, a long
     stream would hold it until its graceful timeout and then be cancelled mid-response. Finishing
@@ -148,14 +160,6 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
-
-
-def _device(device: str | None):
-    import torch
-
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _positive_int(text: str) -> int:

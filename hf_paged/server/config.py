@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ServerConfig", "model_max_len"]
+__all__ = ["ServerConfig"]
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ServerConfig:
             (``None``: unbounded).
         chat_template: a Jinja chat template overriding the tokenizer's.
         max_logprobs: largest ``logprobs`` / ``top_logprobs`` accepted.
+        max_n: largest ``n`` (samples per prompt) accepted.
     """
 
     model_name: str
@@ -28,11 +29,5 @@ class ServerConfig:
     max_waiting: int | None = None
     chat_template: str | None = None
     max_logprobs: int = 20
+    max_n: int = 64
 
-
-def model_max_len(model) -> int | None:
-    """The model's ``max_position_embeddings`` (of its text config), if it has one."""
-    config = model.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config(decoder=True)
-    return getattr(config, "max_position_embeddings", None)

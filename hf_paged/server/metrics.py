@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
+from ..engine import Engine, RequestUpdate
+
+__all__ = ["CONTENT_TYPE_LATEST", "MetricsSink", "ServerMetrics"]
 
 _PREFIX = "hf_paged_"
 _LATENCY_BUCKETS = (
@@ -16,7 +21,7 @@ _ITL_BUCKETS = (
 
 
 class ServerMetrics:
-    """Gauges, counters and histograms the engine loop updates and ``GET /metrics`` renders.
+    """Gauges, counters and histograms a `MetricsSink` updates and ``GET /metrics`` renders.
 
     Args:
         model_name: value of the ``model_name`` label on every metric.
@@ -62,3 +67,57 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class MetricsSink:
+    """Keeps `ServerMetrics` up to date from the engine's steps (an `AsyncEngine` sink).
+
+    Args:
+        metrics: what to update.
+        num_waiting: the client's count of requests without a first token.
+    """
+
+    def __init__(self, metrics: ServerMetrics, num_waiting: Callable[[], int]) -> None:
+        self._metrics = metrics
+        self._num_waiting = num_waiting
+        self._last_token: dict[str, float] = {}  # running request -> time of its last token
+        self._last_preemptions = 0
+
+    def __call__(self, engine: Engine, updates: list[RequestUpdate]) -> None:
+        m = self._metrics
+        now = time.perf_counter()
+        stepped: set[str] = set()
+        for update in updates:
+            rid = update.request_id
+            if update.new_token_ids:
+                m.generation_tokens.inc(len(update.new_token_ids))
+                last = self._last_token.get(rid)
+                if last is not None and rid not in stepped:  # one observation per request and step
+                    m.itl.observe(now - last)
+                stepped.add(rid)
+                self._last_token[rid] = now
+            if update.output is not None:
+                out = update.output
+                self._last_token.pop(rid, None)
+                m.prompt_tokens.inc(len(out.prompt_token_ids))
+                if out.time_to_first_token is not None:
+                    m.ttft.observe(out.time_to_first_token)
+                m.e2e.observe(out.total_time)
+                m.request_finished(out.finish_reason)
+        self.publish(engine)
+
+    def publish(self, engine: Engine) -> None:
+        """Copy the engine's state (KV blocks, prefix hits, preemptions, queue sizes) into the gauges."""
+        m = self._metrics
+        blocks = engine.kv_pool.blocks
+        m.requests_running.set(len(self._last_token))
+        m.requests_waiting.set(self._num_waiting())
+        m.kv_blocks_total.set(blocks.num_blocks)
+        m.kv_blocks_used.set(blocks.num_used)
+        m.kv_blocks_free.set(blocks.num_free)
+        m.kv_usage.set(blocks.num_used / blocks.num_blocks)
+        stats = engine.stats()
+        m.prefix_hit_rate.set(stats.prefix_hit_rate)
+        if stats.preemptions > self._last_preemptions:
+            m.preemptions.inc(stats.preemptions - self._last_preemptions)
+        self._last_preemptions = stats.preemptions

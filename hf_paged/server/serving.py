@@ -14,10 +14,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from ..engine import GenerationOutput, SamplingParams
+from ..engine import AsyncEngine, EngineDeadError, GenerationOutput, QueueFullError, RequestUpdate, SamplingParams
+from ..engine.async_engine import SHUTTING_DOWN
+from ..engine.input_processor import render_chat
 from ..engine.outputs import SampleOutput
 from .config import ServerConfig
-from .engine_loop import SHUTTING_DOWN, EngineLoop, QueueFullError, RequestDone, SampleDelta, Submission
 from .errors import APIError, error_body
 from .protocol import (
     ChatChoice,
@@ -65,14 +66,14 @@ class OpenAIServing:
     """Handlers of ``/v1/completions`` and ``/v1/chat/completions``.
 
     Args:
-        engine_loop: where requests go.
+        client: the engine's client, where requests go.
         tokenizer: tokenizes prompts, renders chat templates, decodes logprob tokens.
         config: server settings (model name, max length, chat template...).
         vocab_size: prompt token ids must lie in ``[0, vocab_size)``.
     """
 
-    def __init__(self, engine_loop: EngineLoop, tokenizer, config: ServerConfig, vocab_size: int) -> None:
-        self._loop = engine_loop
+    def __init__(self, client: AsyncEngine, tokenizer, config: ServerConfig, vocab_size: int) -> None:
+        self._client = client
         self._tokenizer = tokenizer
         self._config = config
         self._vocab_size = vocab_size
@@ -146,19 +147,15 @@ class OpenAIServing:
             return CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[choice])
 
         outputs: list[GenerationOutput] = []
-        async with aclosing(self._events(job)) as events:  # closing it aborts what still runs
-            async for i, event in events:
-                if isinstance(event, SampleDelta):
-                    yield chunk(CompletionStreamChoice(index=i * job.n + event.index, text=event.text))
+        async with aclosing(self._choice_events(job, outputs)) as events:  # closing it aborts what still runs
+            async for index, text, sample in events:
+                if sample is None:
+                    yield chunk(CompletionStreamChoice(index=index, text=text))
                     continue
-                outputs.append(event.output)
-                with_logprobs = event.output.samples and self._wants_logprobs(job)
-                for s in event.output.samples:
-                    yield chunk(CompletionStreamChoice(
-                        index=i * job.n + s.index, text=event.tails.get(s.index, ""),
-                        logprobs=self._completion_logprobs(s) if with_logprobs else None,
-                        finish_reason=s.finish_reason,
-                    ))
+                yield chunk(CompletionStreamChoice(
+                    index=index, text="", finish_reason=sample.finish_reason,
+                    logprobs=self._completion_logprobs(sample) if self._wants_logprobs(job) else None,
+                ))
         if include_usage:
             yield CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[],
                                            usage=_usage(outputs))
@@ -228,16 +225,10 @@ class OpenAIServing:
                 message["name"] = m.name
             messages.append(message)
         try:
-            text = self._tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=req.add_generation_prompt
-            )
-        except Exception as e:  # a template may raise on messages it does not accept (roles, order)
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from e
-        # The template writes the special tokens (BOS) it wants itself.
-        ids = self._encode(text, add_special_tokens=False)
-        if not ids:
-            raise APIError(400, "the messages render to an empty prompt", param="messages")
-        return ids
+            return render_chat(self._tokenizer, messages, chat_template=template,
+                               add_generation_prompt=req.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
 
     async def _chat_chunks(self, job: _Job, created: int, include_usage: bool) -> AsyncIterator[BaseModel]:
         name = self._config.model_name
@@ -248,19 +239,15 @@ class OpenAIServing:
         for index in range(job.n):
             yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         outputs: list[GenerationOutput] = []
-        async with aclosing(self._events(job)) as events:  # closing it aborts what still runs
-            async for _, event in events:
-                if isinstance(event, SampleDelta):
-                    yield chunk(ChatStreamChoice(index=event.index, delta=DeltaMessage(content=event.text)))
+        async with aclosing(self._choice_events(job, outputs)) as events:  # closing it aborts what still runs
+            async for index, text, sample in events:
+                if sample is None:
+                    yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(content=text)))
                     continue
-                outputs.append(event.output)
-                with_logprobs = event.output.samples and self._wants_logprobs(job)
-                for s in event.output.samples:
-                    tail = event.tails.get(s.index, "")
-                    yield chunk(ChatStreamChoice(
-                        index=s.index, delta=DeltaMessage(content=tail or None),
-                        logprobs=self._chat_logprobs(s) if with_logprobs else None, finish_reason=s.finish_reason,
-                    ))
+                yield chunk(ChatStreamChoice(
+                    index=index, delta=DeltaMessage(content=None), finish_reason=sample.finish_reason,
+                    logprobs=self._chat_logprobs(sample) if self._wants_logprobs(job) else None,
+                ))
         if include_usage:
             yield ChatCompletionChunk(id=job.base_id, created=created, model=name, choices=[], usage=_usage(outputs))
 
@@ -298,6 +285,9 @@ class OpenAIServing:
 
     def _sampling_params(self, req, max_tokens: int, max_field: str, logprobs: int | None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        n = _or(req.n, 1)
+        if n > self._config.max_n:
+            raise APIError(400, f"n must be at most {self._config.max_n} on this server, got {n}", param="n")
         top_k = req.top_k if req.top_k is not None else 0
         try:
             return SamplingParams(
@@ -312,7 +302,7 @@ class OpenAIServing:
                 seed=req.seed,
                 stop=stop or None,
                 ignore_eos=bool(req.ignore_eos),
-                n=_or(req.n, 1),
+                n=n,
                 logprobs=logprobs,
             )
         except ValueError as e:
@@ -332,20 +322,21 @@ class OpenAIServing:
         return job, created, outputs if outputs is not None else Response(status_code=499)
 
     def _submit(self, prefix: str, prompts: list[list[int]], params: SamplingParams, stream: bool) -> _Job:
+        """Submit one engine request per prompt (all or none: a refusal aborts those already in)."""
         base_id = f"{prefix}-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        holdback = max(len(s) for s in params.stop) - 1 if params.stop else 0
         request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
-        submissions = [
-            Submission(rid, ids, params, _sink(loop, queue, i), stream=stream, holdback=holdback)
-            for i, (rid, ids) in enumerate(zip(request_ids, prompts))
-        ]
+        submitted: list[str] = []
         try:
-            self._loop.submit(submissions)
-        except QueueFullError as e:
-            raise APIError(429, str(e), code="rate_limit_exceeded") from e
-        except RuntimeError as e:
+            for i, (rid, ids) in enumerate(zip(request_ids, prompts)):
+                submitted.append(self._client.submit(ids, params, _sink(loop, queue, i), request_id=rid,
+                                                     stream_text=stream))
+        except (QueueFullError, EngineDeadError) as e:
+            for rid in submitted:
+                self._client.abort(rid)
+            if isinstance(e, QueueFullError):
+                raise APIError(429, str(e), code="rate_limit_exceeded") from e
             raise APIError(503, f"the engine is not running: {e}") from e
         return _Job(base_id, request_ids, params.n, params.logprobs, queue)
 
@@ -353,23 +344,36 @@ class OpenAIServing:
     def _wants_logprobs(job: _Job) -> bool:
         return job.logprobs is not None
 
-    async def _events(self, job: _Job) -> AsyncIterator[tuple[int, SampleDelta | RequestDone]]:
-        """Events of ``job`` until all its requests are done; raises `APIError` for a failed one.
+    async def _events(self, job: _Job) -> AsyncIterator[tuple[int, RequestUpdate]]:
+        """Updates of ``job`` until all its requests are done; raises `APIError` for a failed one.
 
         Leaving early (client gone, error) aborts the requests still running.
         """
         done: set[int] = set()
         try:
             while len(done) < len(job.request_ids):
-                index, event = await job.queue.get()
-                if isinstance(event, RequestDone):
+                index, update = await job.queue.get()
+                if update.output is not None:
                     done.add(index)
-                    _raise_for_output(event.output)
-                yield index, event
+                    _raise_for_output(update.output)
+                yield index, update
         finally:
             for i, rid in enumerate(job.request_ids):
                 if i not in done:
-                    self._loop.abort(rid)
+                    self._client.abort(rid)
+
+    async def _choice_events(self, job: _Job, outputs: list[GenerationOutput]
+                             ) -> AsyncIterator[tuple[int, str | None, SampleOutput | None]]:
+        """A stream's events as ``(choice index, text delta, None)`` or, when a request ends,
+        ``(choice index, None, finished sample)`` per sample; finished outputs go to ``outputs``."""
+        async with aclosing(self._events(job)) as events:
+            async for i, update in events:
+                if update.text_delta:
+                    yield i * job.n + update.sample_index, update.text_delta, None
+                if update.output is not None:
+                    outputs.append(update.output)
+                    for sample in update.output.samples:
+                        yield i * job.n + sample.index, None, sample
 
     async def _collect(self, raw: Request, job: _Job) -> list[GenerationOutput] | None:
         """Final outputs of ``job`` in prompt order, or ``None`` when the client went away (then aborted)."""
@@ -378,18 +382,18 @@ class OpenAIServing:
             while len(outputs) < len(job.request_ids):
                 try:
                     # Waiting on the queue itself: cancelling a Queue.get on timeout loses no item.
-                    index, event = await asyncio.wait_for(job.queue.get(), _DISCONNECT_POLL_S)
+                    index, update = await asyncio.wait_for(job.queue.get(), _DISCONNECT_POLL_S)
                 except TimeoutError:
                     if await raw.is_disconnected():
                         return None
                     continue
-                if isinstance(event, RequestDone):
-                    outputs[index] = event.output
-                    _raise_for_output(event.output)
+                if update.output is not None:
+                    outputs[index] = update.output
+                    _raise_for_output(update.output)
         finally:
             for i, rid in enumerate(job.request_ids):
                 if i not in outputs:
-                    self._loop.abort(rid)
+                    self._client.abort(rid)
         return [outputs[i] for i in range(len(job.request_ids))]
 
     def _sse(self, raw: Request, job: _Job, chunks: AsyncIterator[BaseModel]) -> StreamingResponse:

@@ -1,0 +1,282 @@
+"""`AsyncEngine`: the one client of an `Engine` for every front end (server, integrations, Ray).
+
+The engine is not thread-safe and batches best when every concurrent request is in it at once, so
+one background thread owns it: callers from any thread or event loop `submit` and `abort` through a
+command list that only that thread executes, and get each request's `RequestUpdate`s through a
+callback (`stream` / `astream` / `generate` wrap that). Sinks (the server's metrics) see every
+step's updates on the engine thread.
+
+Error policy: a failing forward fails the requests of that step (the engine reports them with
+``finish_reason="error"``) and the engine keeps serving the others. An exception escaping
+`Engine.step` leaves the engine's state unknown: every request in flight then ends with an error
+naming it, the engine stops, `error` says why, and new requests raise `EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence as SequenceABC
+
+from .engine import Engine, per_prompt
+from .input_processor import Prompt
+from .outputs import GenerationOutput, RequestUpdate
+from .sampling_params import SamplingParams
+
+__all__ = ["SHUTTING_DOWN", "AsyncEngine", "EngineDeadError", "QueueFullError"]
+
+logger = logging.getLogger(__name__)
+
+# The error of a request that arrived after shutdown began.
+SHUTTING_DOWN = "the engine is shutting down"
+
+Callback = Callable[[RequestUpdate], None]
+Sink = Callable[[Engine, list[RequestUpdate]], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine does not take requests: it was shut down, or it failed (the message says why)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests wait for their first token than ``max_waiting`` allows."""
+
+
+class AsyncEngine:
+    """Drives ``engine`` from a thread of its own; any thread or event loop submits and streams.
+
+    Args:
+        engine: the engine, used only by this client's thread from now on; `shutdown` closes it.
+        max_waiting: requests allowed to wait for their first token; `submit` raises
+            `QueueFullError` beyond it (``None``: unbounded).
+        name: the thread's name, also the prefix of generated request ids.
+
+    Example:
+        >>> with AsyncEngine(Engine(model, tokenizer=tok)) as client:  # doctest: +SKIP
+        ...     for update in client.stream("Hello", SamplingParams(max_new_tokens=8), stream_text=True):
+        ...         print(update.text_delta, end="")
+        ...     out = client.generate(["a", "b"], SamplingParams(max_new_tokens=8))
+    """
+
+    def __init__(self, engine: Engine, *, max_waiting: int | None = None, name: str = "hf-paged-engine") -> None:
+        self.engine = engine
+        self._max_waiting = max_waiting
+        self._name = name
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._commands: list[tuple] = []  # guarded by _cond
+        self._num_waiting = 0  # submitted, no first token yet (guarded by _cond)
+        self._accepting = True  # guarded by _cond
+        self._stop_deadline: float | None = None  # guarded by _cond
+        self._callbacks: dict[str, Callback] = {}  # engine thread only
+        self._waiting: set[str] = set()  # engine thread only
+        self._sinks: list[Sink] = []
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- any thread -------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """Whether new requests are taken (the thread runs and no shutdown began)."""
+        return self._accepting and self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted that have no token yet."""
+        return self._num_waiting
+
+    def add_sink(self, sink: Sink) -> None:
+        """Call ``sink(engine, updates)`` on the engine thread after every step (metrics)."""
+        self._sinks.append(sink)
+
+    def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
+               request_id: str | None = None, stream_text: bool | None = None) -> str:
+        """Queue a request; ``callback`` gets its updates on the engine thread. Returns its id.
+
+        Raises `EngineDeadError` when the engine is not running and `QueueFullError` when
+        ``max_waiting`` requests already wait. A bad prompt or parameter is not raised: its one
+        update has ``finish_reason="error"``.
+        """
+        with self._cond:
+            if not self._accepting:
+                raise EngineDeadError(self.error or SHUTTING_DOWN)
+            if self._max_waiting is not None and self._num_waiting >= self._max_waiting:
+                raise QueueFullError(
+                    f"too many waiting requests ({self._num_waiting} waiting, at most {self._max_waiting})"
+                )
+            request_id = request_id or f"{self._name}-{next(self._ids)}"
+            self._num_waiting += 1
+            self._commands.append(("add", request_id, prompt, params, stream_text, callback))
+            self._cond.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
+        with self._cond:
+            self._commands.append(("abort", request_id))
+            self._cond.notify()
+
+    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+               stream_text: bool | None = None) -> Iterator[RequestUpdate]:
+        """Updates of one request, ending with the finished one; closing the iterator aborts it."""
+        updates: queue.SimpleQueue[RequestUpdate] = queue.SimpleQueue()
+        request_id = self.submit(prompt, params, updates.put, stream_text=stream_text)
+        done = False
+        try:
+            while not done:
+                update = updates.get()
+                done = update.finished
+                yield update
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+                      request_id: str | None = None, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
+        """`stream` for asyncio: awaits updates without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        request_id = self.submit(prompt, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
+                                 request_id=request_id, stream_text=stream_text)
+        done = False
+        try:
+            while not done:
+                update = await updates.get()
+                done = update.finished
+                yield update
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> GenerationOutput:
+        """The finished `GenerationOutput` of one request, awaited."""
+        async for update in self.astream(prompt, params):
+            if update.finished:
+                return update.output
+        raise EngineDeadError("the request ended without an output")  # pragma: no cover
+
+    def generate(self, prompts: SequenceABC[Prompt],
+                 sampling_params: SamplingParams | dict | SequenceABC[SamplingParams | dict] | None = None
+                 ) -> list[GenerationOutput]:
+        """Run ``prompts`` (batched with whatever else is in flight); outputs in input order."""
+        outputs: queue.SimpleQueue[GenerationOutput] = queue.SimpleQueue()
+
+        def collect(update: RequestUpdate) -> None:
+            if update.finished:
+                outputs.put(update.output)
+
+        ids = [self.submit(p, sp, collect) for p, sp in zip(prompts, per_prompt(sampling_params, len(prompts)))]
+        results = {}
+        while len(results) < len(ids):
+            out = outputs.get()
+            results[out.request_id] = out
+        return [results[i] for i in ids]
+
+    def request_shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Begin shutting down without waiting: refuse new requests, let those in flight run up to
+        ``drain_timeout`` seconds, then abort the rest (they end with ``finish_reason="abort"``)."""
+        with self._cond:
+            self._accepting = False
+            deadline = time.monotonic() + max(0.0, drain_timeout)
+            self._stop_deadline = deadline if self._stop_deadline is None else min(deadline, self._stop_deadline)
+            self._cond.notify()
+
+    def shutdown(self, drain_timeout: float = 0.0, join_timeout: float = 30.0) -> None:
+        """`request_shutdown`, wait for the thread to end, and close the engine (frees its KV pool)."""
+        self.request_shutdown(drain_timeout)
+        self._thread.join(join_timeout)
+        if self._thread.is_alive():
+            logger.warning("engine thread %s did not stop within %.1f s", self._name, join_timeout)
+        else:
+            self.engine.close()
+
+    def __enter__(self) -> AsyncEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- engine thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cond:
+                    while not self._commands and not engine.has_unfinished() and self._stop_deadline is None:
+                        self._cond.wait()
+                    commands, self._commands = self._commands, []
+                    deadline = self._stop_deadline
+                for command in commands:
+                    self._execute(command)
+                if deadline is not None and (not engine.has_unfinished() or time.monotonic() >= deadline):
+                    self._abort_all()
+                    return
+                if engine.has_unfinished():
+                    self._deliver(engine.step())
+        except BaseException as e:  # noqa: BLE001  the engine's state is unknown: stop and say why
+            logger.exception("engine thread %s failed", self._name)
+            self._stop(f"the engine stopped after an internal error: {type(e).__name__}: {e}")
+
+    def _execute(self, command: tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort(command[1])
+            return
+        _, request_id, prompt, params, stream_text, callback = command
+        self._callbacks[request_id] = callback
+        self._waiting.add(request_id)
+        try:
+            self.engine.add_request(prompt, params, request_id, stream_text=stream_text)
+        except ValueError as e:  # a request id already in flight
+            self._deliver([_error_update(request_id, str(e))])
+
+    def _deliver(self, updates: list[RequestUpdate]) -> None:
+        for update in updates:
+            if update.request_id in self._waiting and (update.new_token_ids or update.finished):
+                self._waiting.discard(update.request_id)
+                with self._cond:
+                    self._num_waiting -= 1
+            callback = self._callbacks.pop(update.request_id) if update.finished else \
+                self._callbacks.get(update.request_id)
+            if callback is not None:
+                try:
+                    callback(update)
+                except Exception:  # a consumer gone (closed event loop) must not stop the engine
+                    logger.debug("dropped an update of %s: its consumer failed", update.request_id, exc_info=True)
+        for sink in self._sinks:
+            try:
+                sink(self.engine, updates)
+            except Exception:
+                logger.exception("engine sink failed")
+
+    def _abort_all(self) -> None:
+        """Abort what is in flight and deliver the outcome; requests queued after the stop are refused."""
+        for request_id in list(self._callbacks):
+            self.engine.abort(request_id)
+        while self.engine.has_unfinished():  # aborts are reported by the next step, without a forward
+            self._deliver(self.engine.step())
+        self._stop(SHUTTING_DOWN)
+
+    def _stop(self, message: str) -> None:
+        """Refuse new requests and end every request still known with ``message`` as its error."""
+        with self._cond:
+            self._accepting = False
+            if message != SHUTTING_DOWN:
+                self.error = message
+            commands, self._commands = self._commands, []
+        for command in commands:
+            if command[0] == "add":
+                self._callbacks[command[1]] = command[5]
+                self._waiting.add(command[1])
+        self._deliver([_error_update(request_id, message) for request_id in list(self._callbacks)])
+
+
+def _error_update(request_id: str, message: str) -> RequestUpdate:
+    output = GenerationOutput(request_id, None, [], error=message)
+    return RequestUpdate(request_id, 0, [], finish_reason="error", output=output)
