@@ -33,7 +33,7 @@ QUESTIONS = [
 ]
 NEW_TOKENS = 48
 RESERVED_LEN = 2048  # tokens per sequence a contiguous cache sized for a server's max length reserves
-CACHE_ARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"  # generate's name for it on Transformers >= 5.24
+CACHE_ARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"  # generate's argument; "cache" from 5.24
 
 
 def model_dir(tmp: str) -> str:

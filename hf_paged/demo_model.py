@@ -213,7 +213,7 @@ def _hub_snapshot(download: bool) -> Path | None:
             return path
     except Exception:  # noqa: BLE001  not cached (or a broken cache): try the next source
         pass
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "TRUE")
     if not download or offline or not _hub_answers(constants.ENDPOINT):
         return None
     try:
