@@ -63,20 +63,20 @@ class BlockPool:
 
     def fork(self, blocks: Iterable[int]) -> None:
         """Add one owner to each of ``blocks`` (they must be in use)."""
+        for b in self._owned(blocks, "cannot fork free block"):
+            self._refcount[b] += 1
+
+    def _owned(self, blocks: Iterable[int], error: str) -> list[int]:
+        """``blocks`` as a list, checked to be in use before anything changes (else ``ValueError``)."""
         blocks = list(blocks)
         for b in blocks:
             if self._refcount[b] <= 0:
-                raise ValueError(f"cannot fork free block {b}")
-        for b in blocks:
-            self._refcount[b] += 1
+                raise ValueError(f"{error} {b}")
+        return blocks
 
     def free(self, blocks: Iterable[int]) -> None:
         """Drop one owner from each of ``blocks``; blocks left with none go back to the free list."""
-        blocks = list(blocks)
-        for b in blocks:
-            if self._refcount[b] <= 0:
-                raise ValueError(f"double free of block {b}")
-        for b in blocks:
+        for b in self._owned(blocks, "double free of block"):
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
                 self._free[b] = None

@@ -56,8 +56,11 @@ class KVPool:
         return self._storage.numel() * self._storage.element_size()
 
     def release(self) -> None:
-        """Free the K/V storage now (the pool is unusable afterwards)."""
+        """Free the K/V storage now, back to the device (the pool is unusable afterwards)."""
+        device = self._storage.device
         self._storage = self._storage.new_empty(0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(k_cache, v_cache)`` views of one layer."""

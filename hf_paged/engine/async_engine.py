@@ -22,8 +22,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence as SequenceABC
 
-from .engine import Engine, per_prompt
-from .input_processor import Prompt
+from .engine import Engine
+from .input_processor import Prompt, per_prompt
 from .outputs import GenerationOutput, RequestUpdate
 from .sampling_params import SamplingParams
 

@@ -11,7 +11,7 @@ import torch
 from ..cache.geometry import default_num_blocks, kv_geometry, tensor_parallel_size
 from ..cache.kv_pool import KVPool
 from .block_manager import BlockManager
-from .input_processor import InputProcessor, Prompt
+from .input_processor import InputProcessor, Prompt, eos_token_ids, per_prompt
 from .model_runner import ModelRunner, prepare_model
 from .output_processor import OutputProcessor
 from .outputs import EngineStats, GenerationOutput, RequestUpdate
@@ -61,20 +61,10 @@ class Engine:
         ...             print(update.request_id, update.new_token_ids, update.text_delta)
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        num_blocks: int | None = None,
-        block_size: int = 16,
-        memory_fraction: float | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
-        enable_prefix_caching: bool = True,
-        tokenizer=None,
-        stream_text: bool = False,
-        cuda_graphs: bool = True,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
+                 memory_fraction: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 enable_prefix_caching: bool = True, tokenizer=None, stream_text: bool = False,
+                 cuda_graphs: bool = True) -> None:
         _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         if num_blocks is not None:
             _check_positive(num_blocks=num_blocks)
@@ -99,7 +89,7 @@ class Engine:
                                   cuda_graphs=cuda_graphs and self.tp is None)
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.inputs = InputProcessor(tokenizer, vocab_size=self.vocab_size, eos_token_ids=_eos_token_ids(model),
+        self.inputs = InputProcessor(tokenizer, vocab_size=self.vocab_size, eos_token_ids=eos_token_ids(model),
                                      capacity_tokens=self.block_manager.capacity_tokens)
         self.outputs = OutputProcessor(tokenizer)
         self._stats = StatsRecorder(self.kv_pool, self.scheduler)
@@ -107,8 +97,6 @@ class Engine:
         self._pending: list[RequestUpdate] = []  # outputs decided outside a step (errors, aborts)
         self._request_ids = itertools.count()
         self._closed = False
-
-    # -- requests ---------------------------------------------------------------------------------
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | dict | None = None,
                     request_id: str | None = None, *, stream_text: bool | None = None) -> str:
@@ -152,8 +140,6 @@ class Engine:
     def has_unfinished(self) -> bool:
         """Whether any request is queued, running, or finished but not yet reported by `step`."""
         return bool(self._requests) or bool(self._pending)
-
-    # -- stepping ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestUpdate]:
         """Schedule, run one forward, sample, update the sequences, report: the updates of this step."""
@@ -199,8 +185,6 @@ class Engine:
         self._requests.pop(request.request_id, None)
         self._stats.request_finished(request)
 
-    # -- driving loops ----------------------------------------------------------------------------
-
     def iter_updates(self) -> Iterator[RequestUpdate]:
         """Step until every request is done, yielding each update (requests may be added meanwhile)."""
         while self.has_unfinished():
@@ -216,13 +200,9 @@ class Engine:
                     if update.finished:
                         return
 
-    def generate(
-        self,
-        prompts: SequenceABC[Prompt],
-        sampling_params: SamplingParams | dict | SequenceABC[SamplingParams | dict] | None = None,
-        *,
-        progress: bool = False,
-    ) -> list[GenerationOutput]:
+    def generate(self, prompts: SequenceABC[Prompt],
+                 sampling_params: SamplingParams | dict | SequenceABC[SamplingParams | dict] | None = None,
+                 *, progress: bool = False) -> list[GenerationOutput]:
         """Run ``prompts`` to completion; outputs in input order (see `hf_paged.generate_batch`)."""
         from tqdm.auto import tqdm
 
@@ -240,8 +220,6 @@ class Engine:
                     rate = (self._stats.output_tokens - start) / max(bar.format_dict["elapsed"], 1e-9)
                     bar.set_postfix_str(f"{rate:,.0f} out tok/s", refresh=False)
         return [results[i] for i in ids]
-
-    # -- stats and lifetime -----------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
         """Throughput, KV usage (peak blocks, waste), prefix-cache hit rate and preemptions."""
@@ -261,8 +239,6 @@ class Engine:
         self._closed = True
         self.runner.close()
         self.kv_pool.release()
-        if torch.cuda.is_available() and self.kv_pool.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def __enter__(self) -> Engine:
         return self
@@ -271,24 +247,7 @@ class Engine:
         self.close()
 
 
-def per_prompt(sampling_params, num_prompts: int) -> list:
-    """One sampling-parameters entry per prompt from a single value or a list of ``num_prompts``."""
-    if isinstance(sampling_params, (list, tuple)):
-        if len(sampling_params) != num_prompts:
-            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts")
-        return list(sampling_params)
-    return [sampling_params] * num_prompts
-
-
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _eos_token_ids(model) -> list[int]:
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
-    return []

@@ -7,8 +7,8 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 from ..cache.geometry import cdiv, default_num_blocks
-from .engine import Engine, per_prompt
-from .input_processor import Prompt
+from .engine import Engine
+from .input_processor import Prompt, per_prompt
 from .outputs import GenerationOutput
 from .sampling_params import SamplingParams
 

@@ -10,7 +10,7 @@ from .policy import request_priority
 from .sampling_params import SamplingParams
 from .sequence import Request
 
-__all__ = ["InputProcessor", "Prompt", "render_chat"]
+__all__ = ["InputProcessor", "Prompt", "eos_token_ids", "per_prompt", "render_chat"]
 
 Prompt = str | list[int]
 
@@ -107,3 +107,21 @@ class InputProcessor:
                 f"{needed} KV slots, more than the whole pool holds ({self.capacity_tokens}); raise num_blocks "
                 "or lower max_new_tokens"
             )
+
+
+def per_prompt(sampling_params, num_prompts: int) -> list:
+    """One sampling-parameters entry per prompt from a single value or a list of ``num_prompts``."""
+    if isinstance(sampling_params, (list, tuple)):
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts")
+        return list(sampling_params)
+    return [sampling_params] * num_prompts
+
+
+def eos_token_ids(model) -> list[int]:
+    """The model's EOS ids (generation config, else config): the default stop tokens."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return []

@@ -8,7 +8,7 @@ import torch
 
 from .outputs import SamplerOutput
 from .scheduler import SchedulerOutput
-from .sequence import Request, Sequence
+from .sequence import Sequence
 
 __all__ = ["PromptLogprobRows", "Sampler", "SamplerOutput", "prompt_logprob_rows", "sample_step"]
 
