@@ -65,15 +65,14 @@ class Engine:
                  memory_fraction: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, tokenizer=None, stream_text: bool = False,
                  cuda_graphs: bool = True) -> None:
-        _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        if num_blocks is not None:
-            _check_positive(num_blocks=num_blocks)
+        _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        **({} if num_blocks is None else {"num_blocks": num_blocks}))
         prepare_model(model)
         self.model = model
         self.tokenizer = tokenizer
         self.stream_text = stream_text and tokenizer is not None
         # Tensor-parallel ranks hold only their KV heads and run this engine in lockstep (hf_paged.distributed).
-        self.tp = TensorParallelState(model) if tensor_parallel_size(model) > 1 else None
+        self.tp = tp = TensorParallelState(model) if tensor_parallel_size(model) > 1 else None
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, memory_fraction, max_num_seqs)
         if self.tp is not None:
@@ -85,8 +84,7 @@ class Engine:
         self.block_size = block_size
         self.block_manager = BlockManager(self.kv_pool.blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs,
-                                  cuda_graphs=cuda_graphs and self.tp is None)
+        self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs and not tp)
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.inputs = InputProcessor(tokenizer, vocab_size=self.vocab_size, eos_token_ids=eos_token_ids(model),
@@ -112,9 +110,9 @@ class Engine:
             request_id = next(i for i in (f"req-{n}" for n in self._request_ids) if i not in self._requests)
         elif request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = self.stream_text if stream_text is None else stream_text
         try:
-            request = self.inputs.process(request_id, prompt, sampling_params, stream_text=stream)
+            request = self.inputs.process(request_id, prompt, sampling_params,
+                                          stream_text=self.stream_text if stream_text is None else stream_text)
         except ValueError as e:
             request = Request(request_id, [], SamplingParams(), frozenset(),
                               prompt=prompt if isinstance(prompt, str) else None, error=str(e))
@@ -149,9 +147,8 @@ class Engine:
         out = self.scheduler.schedule()
         self._stats.step_started()
         if out.empty:
-            # Nothing fits although nothing runs: only a request no pool could hold, which input
-            # processing rejects; fail the head request rather than spin.
-            return updates + [self._fail(self.scheduler.waiting[0].request, "the request does not fit into the KV pool")]
+            # Nothing fits although nothing runs (input processing rejects what no pool holds): fail, never spin.
+            return updates + [self._fail(self.scheduler.waiting[0].request, "the request does not fit the KV pool")]
         rows = prompt_logprob_rows(out)
         try:
             copies = self.block_manager.take_pending_copies()
