@@ -344,19 +344,21 @@ class OpenAIServing:
     def _wants_logprobs(job: _Job) -> bool:
         return job.logprobs is not None
 
-    async def _events(self, job: _Job) -> AsyncIterator[tuple[int, RequestUpdate]]:
-        """Updates of ``job`` until all its requests are done; raises `APIError` for a failed one.
-
-        Leaving early (client gone, error) aborts the requests still running.
-        """
+    async def _events(self, job: _Job) -> AsyncIterator[list[tuple[int, RequestUpdate]]]:
+        """Updates of ``job``, in batches of all that arrived meanwhile, until all its requests are
+        done; raises `APIError` for a failed one. Leaving early (client gone, error) aborts the
+        requests still running."""
         done: set[int] = set()
         try:
             while len(done) < len(job.request_ids):
-                index, update = await job.queue.get()
-                if update.output is not None:
-                    done.add(index)
-                    _raise_for_output(update.output)
-                yield index, update
+                batch = [await job.queue.get()]
+                while not job.queue.empty():  # a stream that lags takes what queued up at once
+                    batch.append(job.queue.get_nowait())
+                for index, update in batch:
+                    if update.output is not None:
+                        done.add(index)
+                        _raise_for_output(update.output)
+                yield batch
         finally:
             for i, rid in enumerate(job.request_ids):
                 if i not in done:
@@ -364,16 +366,26 @@ class OpenAIServing:
 
     async def _choice_events(self, job: _Job, outputs: list[GenerationOutput]
                              ) -> AsyncIterator[tuple[int, str | None, SampleOutput | None]]:
-        """A stream's events as ``(choice index, text delta, None)`` or, when a request ends,
-        ``(choice index, None, finished sample)`` per sample; finished outputs go to ``outputs``."""
+        """A stream's events as ``(choice index, text, None)`` or, when a request ends,
+        ``(choice index, None, finished sample)`` per sample; finished outputs go to ``outputs``.
+
+        The text of updates that queued up while the client was slow comes as one event per choice.
+        """
         async with aclosing(self._events(job)) as events:
-            async for i, update in events:
-                if update.text_delta:
-                    yield i * job.n + update.sample_index, update.text_delta, None
-                if update.output is not None:
-                    outputs.append(update.output)
-                    for sample in update.output.samples:
-                        yield i * job.n + sample.index, None, sample
+            async for batch in events:
+                texts: dict[int, str] = {}
+                ended: list[tuple[int, SampleOutput]] = []
+                for i, update in batch:
+                    if update.text_delta:
+                        choice = i * job.n + update.sample_index
+                        texts[choice] = texts.get(choice, "") + update.text_delta
+                    if update.output is not None:
+                        outputs.append(update.output)
+                        ended.extend((i * job.n + sample.index, sample) for sample in update.output.samples)
+                for choice, text in texts.items():
+                    yield choice, text, None
+                for choice, sample in ended:
+                    yield choice, None, sample
 
     async def _collect(self, raw: Request, job: _Job) -> list[GenerationOutput] | None:
         """Final outputs of ``job`` in prompt order, or ``None`` when the client went away (then aborted)."""
