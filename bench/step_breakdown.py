@@ -1,0 +1,113 @@
+"""Where the wall time of an engine step goes, phase by phase, split by step kind (decode-only / mixed).
+
+    python bench/step_breakdown.py [--num-requests 1024] [--max-num-seqs 512] [--tiny]
+
+Runs the uniform workload of `bench/throughput.py` (same model shape) through `Engine.step` with
+every phase timed on the host: schedule, runner (pack, upload, launch), sample (waits for the
+device: the one device->host copy of a step), `update_from_output`, output processing and the rest
+(stats, bookkeeping). Host phases other than "sample" are time the GPU may sit idle; "sample" is
+mostly the wait for the forward. Warm-up runs first so no Triton compile is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+from throughput import _params, build_models, make_workload, sync
+
+from hf_paged import Engine
+
+PHASES = {"schedule": ("scheduler", "schedule"), "runner": ("runner", "execute"),
+          "sample": ("sampler", "__call__"), "update_from_output": ("scheduler", "update_from_output"),
+          "output_processing": ("outputs", "updates")}
+
+
+def instrument(engine: Engine, totals: dict[str, float]) -> None:
+    """Wrap each phase's method on ``engine`` to add its wall time to ``totals``."""
+    for phase, (attr, method) in PHASES.items():
+        owner = getattr(engine, attr)
+        fn = owner if method == "__call__" else getattr(owner, method)
+
+        def timed(*args, _fn=fn, _phase=phase, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                totals[_phase] += time.perf_counter() - t0
+
+        if method == "__call__":
+            setattr(engine, attr, timed)
+        else:
+            setattr(owner, method, timed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--memory-fraction", type=float, default=0.6)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/step-breakdown-<gpu>-<date>.json)")
+    args = p.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    _, model, _ = build_models(args)
+    engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    memory_fraction=args.memory_fraction if args.device == "cuda" else None,
+                    num_blocks=None if args.device == "cuda" else 4096)
+    scale = 0.05 if args.tiny else 1.0
+    warm = make_workload("uniform", 16, engine.vocab_size, args.seed + 1000, scale)
+    engine.generate([q for q, _ in warm], [_params(n) for _, n in warm])
+    engine.block_manager.reset_prefix_cache()
+
+    per_kind: dict[str, collections.Counter] = {"decode": collections.Counter(), "mixed": collections.Counter()}
+    steps = collections.Counter()
+    for prompt, n in make_workload("uniform", args.num_requests, engine.vocab_size, args.seed, scale):
+        engine.add_request(prompt, _params(n))
+    schedule = engine.scheduler.schedule
+    kind = {"now": "mixed"}
+
+    def schedule_and_classify():
+        out = schedule()
+        kind["now"] = "decode" if out.is_decode_only else "mixed"
+        return out
+
+    engine.scheduler.schedule = schedule_and_classify
+    totals: dict[str, float] = collections.Counter()
+    instrument(engine, totals)
+    sync(args.device)
+    while engine.has_unfinished():
+        totals.clear()
+        t0 = time.perf_counter()
+        engine.step()
+        wall = time.perf_counter() - t0
+        per_kind[kind["now"]].update({**totals, "other": wall - sum(totals.values()), "wall": wall})
+        steps[kind["now"]] += 1
+    sync(args.device)
+
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, args=vars(args),
+                  ms_per_step={k: {ph: c[ph] / steps[k] * 1e3 for ph in [*PHASES, "other", "wall"]} | {"steps": steps[k]}
+                               for k, c in per_kind.items() if steps[k]})
+    out = Path(args.out or Path(__file__).parent / "results" / f"step-breakdown-{gpu.replace(' ', '_')}-{result['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"device: {gpu}, torch {torch.__version__}; wrote {out}")
+    print("| step kind | steps | wall ms/step | " + " | ".join(list(PHASES) + ["other"]) + " |")
+    print("|---|---|---|" + "---|" * (len(PHASES) + 1))
+    for k, c in per_kind.items():
+        if steps[k]:
+            cells = [f"{c[ph] / steps[k] * 1e3:.2f}" for ph in [*PHASES, "other"]]
+            print(f"| {k} | {steps[k]} | {c['wall'] / steps[k] * 1e3:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
