@@ -375,3 +375,25 @@ def test_many_concurrent_streaming_clients(server):
         assert texts[i] == texts[i % 12]
     m = wait_pool_whole(server.base_url)
     assert m["hf_paged_num_requests_running"] == 0
+
+
+def test_text_is_the_prompt_continuation_streamed_and_not(client, demo):
+    """Text = decode(prompt + output) minus decode(prompt): the leading space is kept, as OpenAI returns it."""
+    from tiny_models import continuation_text
+
+    _, tok = demo
+    prompt_ids = tok(PROMPTS[0])["input_ids"]
+    resp = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                     logprobs=0)
+    ids = [tok.convert_tokens_to_ids(t) for t in resp.choices[0].logprobs.tokens]
+    text = continuation_text(tok, prompt_ids, ids)
+    assert resp.choices[0].text == text and text.startswith(" ")
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == text
+
+
+def test_n_above_the_server_bound_is_a_400(server):
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "hello", "max_tokens": 4, "n": 100000},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "n" and "at most 64" in r.json()["error"]["message"]
