@@ -32,6 +32,9 @@ def register() -> None:
     original = GenerationMixin._prepare_cache_for_generation
     if not getattr(original, "_hf_paged", False):
         GenerationMixin._prepare_cache_for_generation = _with_paged_cache(original)
+    prefill = GenerationMixin._prefill
+    if not getattr(prefill, "_hf_paged", False):
+        GenerationMixin._prefill = _with_fresh_start(prefill)
 
 
 def _cache_kwarg(model_kwargs: dict) -> str:
@@ -66,3 +69,36 @@ def _with_paged_cache(original):
 
     prepare._hf_paged = True
     return prepare
+
+
+def _with_fresh_start(original):
+    """Make a `PagedCache` reused for a new prompt start fresh, as a new ``generate`` call expects.
+
+    A cache that already holds tokens is kept only when the incoming ``input_ids`` continue what it
+    holds (longer than the cache and beginning with the prompt it was filled from, same batch);
+    otherwise it is reset before the prefill. Assistant models (``is_first_iteration=False``)
+    continue their cache by design and are left alone.
+    """
+
+    @functools.wraps(original)
+    def prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kw):
+        cache = model_kwargs.get(_cache_kwarg(model_kwargs))
+        if isinstance(cache, PagedCache) and is_first_iteration and input_ids is not None:
+            if cache.get_seq_length() > 0 and not cache._continues(input_ids):
+                cache.reset()
+                position_ids = model_kwargs.get("position_ids")
+                if (
+                    position_ids is not None
+                    and model_kwargs.get("attention_mask") is None
+                    and position_ids.shape[-1] != input_ids.shape[1]
+                ):
+                    # generate derived them from the stale cache length
+                    model_kwargs["position_ids"] = position_ids[..., -input_ids.shape[1]:] - (
+                        position_ids.shape[-1] - input_ids.shape[1]
+                    )
+            if cache.get_seq_length() == 0:
+                cache._prompt_ids = input_ids.detach().clone()
+        return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kw)
+
+    prefill._hf_paged = True
+    return prefill

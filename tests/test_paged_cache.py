@@ -64,3 +64,36 @@ def test_speculative_decoding_crops_correctly(mode):
     want = ref.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **kwargs_ref)
     got = paged.generate(input_ids=ids, max_new_tokens=12, do_sample=False, **kwargs_paged)
     assert torch.equal(got, want)
+
+
+def _gen(model, ids, cache=None):
+    from hf_paged.registration import _cache_kwarg
+
+    kw = {} if cache is None else {_cache_kwarg({}): cache}
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("second_len", [5, 8, 14])  # shorter, equal, longer than the first prompt
+def test_reusing_a_cache_for_a_new_prompt_starts_fresh(second_len):
+    paged, _ = make_pair("llama-gqa")
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(4, VOCAB, (2, 8), generator=g)
+    second = torch.randint(4, VOCAB, (2, second_len), generator=g)
+    cache = PagedCache(paged.config, num_blocks=64, block_size=4)
+    got1, got2 = _gen(paged, first, cache), _gen(paged, second, cache)
+    assert torch.equal(got1, _gen(paged, first, PagedCache(paged.config)))
+    assert torch.equal(got2, _gen(paged, second, PagedCache(paged.config)))
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.stats().blocks_used == 0
+
+
+def test_reusing_a_cache_to_continue_keeps_it():
+    paged, ref = make_pair("llama-gqa")
+    ids = torch.randint(4, VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    cache = PagedCache(paged.config, num_blocks=64, block_size=4)
+    out = _gen(paged, ids, cache)
+    held = cache.get_seq_length()
+    more = torch.cat([out, torch.tensor([[5, 6]])], dim=1)
+    got = _gen(paged, more, cache)
+    assert torch.equal(got, _gen(ref, more))
+    assert cache.get_seq_length() > held

@@ -126,3 +126,76 @@ def test_serve_process_end_to_end(saved_model):
     assert proc.returncode == 0, out
     assert "KV pool: 64 blocks of 16 tokens" in out and "dtype torch.float32 on cpu" in out
     assert "engine stopped" in out and "Traceback" not in out
+
+
+def _exit_message(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_missing_path_fails_at_once_without_the_hub(capsys):
+    start = time.monotonic()
+    for path in ("/no/such/dir", "./nope", "~/no-such-model-dir", os.path.join("a", "b", "c")):
+        assert "does not exist" in _exit_message(["serve", path], capsys)
+    assert time.monotonic() - start < 2.0
+
+
+def test_model_directory_without_tokenizer(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    msg = _exit_message(["serve", str(tmp_path)], capsys)
+    assert "has no tokenizer" in msg and "tokenizer.json" in msg
+
+
+def test_loader_tokenizer_failure_is_one_line(saved_model, monkeypatch, capsys):
+    import hf_paged.server.cli as cli
+
+    def broken(*a, **k):
+        raise ValueError("Couldn't instantiate the backend tokenizer\nmore lines\nof traceback text")
+
+    monkeypatch.setattr(cli, "load_model", broken)
+    msg = _exit_message(["serve", str(saved_model), "--port", str(_free_port())], capsys)
+    assert msg.endswith("Couldn't instantiate the backend tokenizer")
+
+
+def test_port_in_use(saved_model, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        msg = _exit_message(["serve", str(saved_model), "--port", str(port)], capsys)
+    assert f"127.0.0.1:{port}" in msg and "already in use" in msg
+
+
+def test_unavailable_device(saved_model, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    msg = _exit_message(["serve", str(saved_model), "--device", "cuda", "--port", str(_free_port())], capsys)
+    assert "--device" in msg and "cuda" in msg
+
+
+def test_max_model_len_above_the_model_needs_the_override(saved_model, monkeypatch, capsys):
+    import hf_paged.server.cli as cli
+
+    seen = {}
+
+    class NoServer:
+        def __init__(self, config, on_exit):
+            seen["app"] = config.app
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(cli, "_DrainingServer", NoServer)
+    base = ["serve", str(saved_model), "--num-blocks", "64", "--dtype", "float32", "--port", str(_free_port())]
+    msg = _exit_message(base + ["--max-model-len", "300"], capsys)  # the tiny model has 256 positions
+    assert "max_position_embeddings (256)" in msg and "--allow-long-max-model-len" in msg
+    assert main(base + ["--max-model-len", "300", "--allow-long-max-model-len"]) == 0
+    assert seen["app"].state.config.max_model_len == 300
+    assert main(base + ["--max-model-len", "200"]) == 0
+    assert seen["app"].state.config.max_model_len == 200

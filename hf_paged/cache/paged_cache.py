@@ -63,10 +63,14 @@ class PagedCache(Cache):
             ``None``, a torch.distributed world of size ``W > 1`` makes ``num_key_value_heads // W``
             heads acceptable too.
 
+    Reusing a cache: a later ``generate`` whose ``input_ids`` continue what the cache holds (longer,
+    starting with the prompt it was filled from) continues it; any other prompt starts it afresh (the
+    blocks return to the pool first), as a new call with a new cache would. ``reset()`` empties it by hand.
+
     Example:
         >>> import hf_paged
         >>> cache = hf_paged.PagedCache(model.config, num_blocks=256)  # doctest: +SKIP
-        >>> model.generate(**inputs, past_key_values=cache)  # doctest: +SKIP
+        >>> model.generate(**inputs, cache=cache)  # doctest: +SKIP  (past_key_values= before Transformers 5.24)
         >>> cache.stats().waste_fraction  # doctest: +SKIP
     """
 
@@ -102,6 +106,7 @@ class PagedCache(Cache):
         self._tables: list[list[int]] = []
         self._seq_len = 0
         self._step: PagedAttentionMetadata | None = None
+        self._prompt_ids: torch.Tensor | None = None  # what the last fresh prefill started from
 
     # -- what generate() and the masks ask ---------------------------------------------------------
 
@@ -337,6 +342,17 @@ class PagedCache(Cache):
         self._tables = []
         self._seq_len = 0
         self._step = None
+        self._prompt_ids = None
+
+    def _continues(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids`` extend what this cache holds (else a new ``generate`` starts fresh)."""
+        prompt = self._prompt_ids
+        if prompt is None or input_ids.dim() != 2 or input_ids.shape[0] != len(self._tables):
+            return False
+        if input_ids.shape[1] <= self._seq_len or prompt.shape[0] != input_ids.shape[0]:
+            return False
+        n = min(prompt.shape[1], self._seq_len)
+        return bool(torch.equal(input_ids[:, :n].to(prompt.device), prompt[:, :n]))
 
     def stats(self) -> PagedCacheStats:
         """Blocks used/free, tokens stored and slots reserved (shared blocks counted once)."""

@@ -110,7 +110,19 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
 
 def _resolve_max_model_len(engine: Engine, config: ServerConfig) -> None:
     capacity = engine.kv_pool.num_blocks * engine.block_size
-    wanted = config.max_model_len or max_model_len(engine.model) or capacity
+    model_limit = max_model_len(engine.model)
+    if config.max_model_len and model_limit and config.max_model_len > model_limit:
+        if not config.allow_long_max_model_len:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is more than the model's max_position_embeddings "
+                f"({model_limit}); pass --allow-long-max-model-len (ServerConfig.allow_long_max_model_len=True) "
+                f"to use it anyway"
+            )
+        logger.warning(
+            "max_model_len %d is more than the model's max_position_embeddings (%d): outputs past it may be garbage",
+            config.max_model_len, model_limit,
+        )
+    wanted = config.max_model_len or model_limit or capacity
     if wanted > capacity:
         logger.warning(
             "max_model_len %d is more than the KV pool holds (%d tokens); capping it to %d", wanted, capacity, capacity
@@ -135,9 +147,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
             param = None
+        elif first.get("type") == "extra_forbidden":
+            message = f"unknown field {'.'.join(loc)!r}: this server does not support it"
         else:
             where = ".".join(loc) if loc else "body"
-            message = f"invalid request: {where}: {first.get('msg', 'invalid value')}"
+            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            message = f"invalid request: {where}: {msg}"
             if len(errors) > 1:
                 message += f" (and {len(errors) - 1} more error(s))"
         return error_response(400, message, param, "invalid_value" if param else "invalid_json")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=_positive_int, default=256, help="sequences running at once")
     serve.add_argument("--max-model-len", type=_positive_int, default=None,
                        help="prompt + output tokens per request (default: the model's max_position_embeddings)")
+    serve.add_argument("--allow-long-max-model-len", action="store_true",
+                       help="accept a --max-model-len above the model's max_position_embeddings (outputs past it "
+                            "may be garbage)")
     pool = serve.add_mutually_exclusive_group()
     pool.add_argument("--num-blocks", type=_positive_int, default=None, help="KV pool size in blocks")
     pool.add_argument("--kv-memory-fraction", type=_fraction, default=None,
@@ -76,6 +81,13 @@ def _serve(args: argparse.Namespace) -> int:
                 chat_template = f.read()
         except OSError as e:
             parser.error(f"cannot read --chat-template: {e}")
+    if args.model:
+        _check_model_argument(parser, args.model)
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+    _check_port_free(parser, args.host, args.port)
 
     import torch
 
@@ -112,8 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         try:
             model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        except (OSError, ValueError) as e:
-            parser.error(f"cannot load MODEL {args.model!r}: {e}")
+        except (OSError, ValueError, ImportError) as e:
+            parser.error(f"cannot load MODEL {args.model!r}: {_first_line(e)}")
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         source = args.model
     engine = Engine(
@@ -121,8 +133,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs, tokenizer=tokenizer,
     )
     config = ServerConfig(model_name=name, max_model_len=args.max_model_len, api_key=args.api_key,
-                          max_waiting=args.max_waiting, chat_template=chat_template, max_n=args.max_n)
-    app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
+                          max_waiting=args.max_waiting, chat_template=chat_template, max_n=args.max_n,
+                          allow_long_max_model_len=args.allow_long_max_model_len)
+    try:
+        app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
+    except ValueError as e:
+        parser.error(str(e))
     param = next(model.parameters())
     pool_tokens = engine.kv_pool.num_blocks * engine.block_size
     logger.info("model %s (%s) as %r: dtype %s on %s", source, type(model).__name__, name, param.dtype, param.device)
@@ -160,6 +176,50 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _looks_like_path(model: str) -> bool:
+    """A local path rather than a hub id (``org/name`` has one separator at most)."""
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count(os.sep) > 1
+
+
+def _check_model_argument(parser: argparse.ArgumentParser, model: str) -> None:
+    """Fail at once, in one line, for a missing path or a model directory without a tokenizer."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+            parser.error(
+                f"MODEL directory {model!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+                f"save one there with tokenizer.save_pretrained(DIR)"
+            )
+    elif os.path.exists(path):
+        parser.error(f"MODEL {model!r} is a file, not a model directory")
+    elif _looks_like_path(model):
+        parser.error(f"MODEL directory {model!r} does not exist")
+
+
+def _check_port_free(parser: argparse.ArgumentParser, host: str, port: int) -> None:
+    """Bind-test ``host:port`` before the model loads, so a taken port fails in a second, not minutes."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        parser.error(f"--host {host!r}: cannot resolve it ({e.strerror})")
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(address)
+        except OSError as e:
+            reason = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            parser.error(f"cannot listen on {host}:{port}: {reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
 
 
 def _positive_int(text: str) -> int:

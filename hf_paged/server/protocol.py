@@ -1,8 +1,12 @@
 """Pydantic models of the OpenAI-compatible API: requests, responses, stream chunks and errors.
 
-Requests validate strictly (a string where a number belongs is a 400, not a coercion) and ignore
-fields they do not know, as OpenAI clients send some this server has no use for. ``None`` for an
-optional field means its default, since some clients send explicit nulls.
+Requests validate strictly (a string where a number belongs is a 400, not a coercion). The request
+bodies refuse fields they do not know (a 400 naming the field, as vLLM does), and OpenAI fields this
+server does not implement are refused when set to anything but their no-op value (``best_of`` other
+than ``n``, ``logit_bias``, ``tools``, ``response_format`` other than text...); pure hints such as
+``user`` are accepted and ignored. ``None`` for an optional field means its default, since some
+clients send explicit nulls. Nested objects (messages, ``stream_options``) ignore unknown fields, as
+clients replay assistant messages with extra keys (``refusal``, ``tool_calls``: null...).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 __all__ = [
     "ChatCompletionChunk",
@@ -70,6 +74,43 @@ class _SamplingFields(_Request):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    # OpenAI fields accepted and ignored: hints with no effect on the output.
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    prompt_cache_key: Any = None
+    safety_identifier: Any = None
+    parallel_tool_calls: Any = None
+    # OpenAI fields refused unless null or their no-op value (checked below).
+    best_of: Any = None
+    logit_bias: Any = None
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value != (info.data.get("n") or 1):
+            raise ValueError("best_of is not supported (only best_of == n)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+
+def _unsupported(name: str, allowed: tuple = ()):
+    """A validator refusing ``name`` unless it is null, empty or one of ``allowed``."""
+
+    def check(cls, value: Any) -> Any:
+        if value is None or value == [] or value == {} or value in allowed:
+            return value
+        raise ValueError(f"{name} is not supported")
+
+    return field_validator(name)(classmethod(check))
 
 
 class CompletionRequest(_SamplingFields):
@@ -79,6 +120,9 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool | None = False
+    suffix: Any = None
+
+    _check_suffix = _unsupported("suffix", ("",))
 
 
 class TextContentPart(_Request):
@@ -110,6 +154,28 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True
+    # OpenAI chat fields refused unless null or their no-op value.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    _check_tools = _unsupported("tools")
+    _check_tool_choice = _unsupported("tool_choice", ("none", "auto"))
+    _check_functions = _unsupported("functions")
+    _check_function_call = _unsupported("function_call", ("none", "auto"))
+    _check_response_format = _unsupported("response_format", ({"type": "text"},))
+    _check_modalities = _unsupported("modalities", (["text"],))
+    _check_audio = _unsupported("audio")
+    _check_prediction = _unsupported("prediction")
+    _check_reasoning_effort = _unsupported("reasoning_effort")
+    _check_web_search_options = _unsupported("web_search_options")
 
 
 # -- responses ------------------------------------------------------------------------------------

@@ -20,23 +20,20 @@ from ..engine.input_processor import render_chat
 from ..engine.outputs import SampleOutput
 from .config import ServerConfig
 from .errors import APIError, error_body
+from .logprobs import LogprobFormatter
 from .protocol import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprobs,
     ChatResponseMessage,
     ChatStreamChoice,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamChoice,
     CompletionStreamResponse,
     DeltaMessage,
-    TopLogprob,
     Usage,
 )
 
@@ -77,6 +74,7 @@ class OpenAIServing:
         self._tokenizer = tokenizer
         self._config = config
         self._vocab_size = vocab_size
+        self._logprobs = LogprobFormatter(tokenizer)
 
     # -- completions ------------------------------------------------------------------------------
 
@@ -100,7 +98,7 @@ class OpenAIServing:
             CompletionChoice(
                 index=i * job.n + s.index,
                 text=s.text or "",
-                logprobs=self._completion_logprobs(s) if logprobs is not None else None,
+                logprobs=self._logprobs.completion(s) if logprobs is not None else None,
                 finish_reason=s.finish_reason,
             )
             for i, out in enumerate(outputs)
@@ -154,23 +152,11 @@ class OpenAIServing:
                     continue
                 yield chunk(CompletionStreamChoice(
                     index=index, text="", finish_reason=sample.finish_reason,
-                    logprobs=self._completion_logprobs(sample) if self._wants_logprobs(job) else None,
+                    logprobs=self._logprobs.completion(sample) if self._wants_logprobs(job) else None,
                 ))
         if include_usage:
             yield CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[],
                                            usage=_usage(outputs))
-
-    def _completion_logprobs(self, sample: SampleOutput) -> CompletionLogprobs:
-        result = CompletionLogprobs()
-        offset = 0
-        for token_id, (logprob, top) in zip(sample.token_ids, sample.logprobs or []):
-            token = self._token_text(token_id)
-            result.tokens.append(token)
-            result.token_logprobs.append(logprob)
-            result.top_logprobs.append({self._token_text(t): lp for t, lp in _by_logprob(top)} if top else None)
-            result.text_offset.append(offset)
-            offset += len(token)
-        return result
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -203,7 +189,7 @@ class OpenAIServing:
             ChatChoice(
                 index=s.index,
                 message=ChatResponseMessage(content=s.text or ""),
-                logprobs=self._chat_logprobs(s) if logprobs is not None else None,
+                logprobs=self._logprobs.chat(s) if logprobs is not None else None,
                 finish_reason=s.finish_reason,
             )
             for s in outputs[0].samples
@@ -246,23 +232,10 @@ class OpenAIServing:
                     continue
                 yield chunk(ChatStreamChoice(
                     index=index, delta=DeltaMessage(content=None), finish_reason=sample.finish_reason,
-                    logprobs=self._chat_logprobs(sample) if self._wants_logprobs(job) else None,
+                    logprobs=self._logprobs.chat(sample) if self._wants_logprobs(job) else None,
                 ))
         if include_usage:
             yield ChatCompletionChunk(id=job.base_id, created=created, model=name, choices=[], usage=_usage(outputs))
-
-    def _chat_logprobs(self, sample: SampleOutput) -> ChatLogprobs:
-        content = []
-        for token_id, (logprob, top) in zip(sample.token_ids, sample.logprobs or []):
-            token = self._token_text(token_id)
-            content.append(ChatTokenLogprob(
-                token=token, logprob=logprob, bytes=list(token.encode("utf-8")),
-                top_logprobs=[
-                    TopLogprob(token=(t := self._token_text(i)), logprob=lp, bytes=list(t.encode("utf-8")))
-                    for i, lp in _by_logprob(top or {})
-                ],
-            ))
-        return ChatLogprobs(content=content)
 
     # -- shared -----------------------------------------------------------------------------------
 
@@ -422,10 +395,6 @@ class OpenAIServing:
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def _token_text(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id])
-
-
 def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable[[object], None]:
     def put(event: object) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (index, event))
@@ -446,10 +415,6 @@ def _usage(outputs: list[GenerationOutput]) -> Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(s.token_ids) for o in outputs for s in o.samples)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _by_logprob(top: dict[int, float]) -> list[tuple[int, float]]:
-    return sorted(top.items(), key=lambda kv: -kv[1])
 
 
 def _or(value, default):
