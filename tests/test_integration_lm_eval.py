@@ -124,3 +124,8 @@ def test_simple_evaluate_four_choice_task_reuses_context(ours, tmp_path):
     rate = ours.last_stats.prefix_hit_rate
     print(f"prefix-cache hit rate on the 4-choice task: {rate:.1%}")
     assert rate > 0
+
+
+def test_model_args_device_wins_over_the_cli_device(model_dir):
+    lm = HfPagedLM.create_from_arg_string(f"pretrained={model_dir},device=cpu,num_blocks=64", {"device": "cuda:0", "batch_size": 4})
+    assert lm.engine.kv_pool.device.type == "cpu"

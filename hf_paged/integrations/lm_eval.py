@@ -34,7 +34,7 @@ require("lm_eval", "lm-eval")
 
 import torch  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string  # noqa: E402
 
 from ..engine import AsyncEngine, Engine, GenerationOutput, RequestUpdate, SamplingParams  # noqa: E402
 from ..cache.geometry import max_model_len  # noqa: E402
@@ -66,6 +66,12 @@ class HfPagedLM(TemplateLM):
         batch_size, max_batch_size: accepted for lm-eval's CLI and ignored: the engine batches
             continuously under ``max_num_seqs`` / ``max_num_batched_tokens``.
     """
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HfPagedLM:
+        """From lm-eval's CLI: ``--model_args`` win over the CLI's own settings (``--device``, ``--batch_size``)."""
+        args = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**args, **simple_parse_args_string(arg_string)})
 
     def __init__(
         self,

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `bench/serve.py` against `hf-paged serve` and then `transformers serve --continuous-batching`, same model, same
+# prompts, same machine; each server warmed up with a short pass first (Triton compiles, model load on first use).
+#
+#   bash bench/serve_compare.sh MODEL_DIR OUT_DIR [more bench/serve.py arguments]
+#
+# Writes OUT_DIR/serve-hf-paged.json, OUT_DIR/serve-transformers.json and each server's log.
+set -uo pipefail
+model=$1; out=$2; shift 2
+extra=("$@")
+mkdir -p "$out"
+port=18765
+name=$(basename "$model")
+
+bench() {  # label, server command...
+  local label=$1; shift
+  "$@" > "$out/$label-server.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$port/v1/models" > /dev/null && break
+    kill -0 $pid 2> /dev/null || { echo "$label server exited:"; tail -20 "$out/$label-server.log"; return 1; }
+    sleep 1
+  done
+  local common=(--base-url "http://127.0.0.1:$port" --model "$model_name" --server-label "$label" --max-tokens 128)
+  python bench/serve.py "${common[@]}" --num-prompts 64 --max-concurrency 64 --seed 1 --out "$out/warmup-$label.json" > /dev/null
+  python bench/serve.py "${common[@]}" --num-prompts 1000 --max-concurrency 256 --out "$out/serve-$label.json" "${extra[@]}" \
+    | tail -14
+  kill -TERM $pid; wait $pid
+}
+
+model_name=$name
+bench hf-paged python -m hf_paged serve "$model" --port $port --served-model-name "$name" --log-level warning
+model_name=$model
+bench transformers transformers serve --continuous-batching --port $port
