@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `bench/serve.py` against `hf-paged serve` and then `transformers serve --continuous-batching`, same model, same
+# `bench/serve.py` against `hf-paged serve` (engine thread, engine process) and `transformers serve
+# --continuous-batching`, same model, same
 # prompts, same machine; each server warmed up with a short pass first (Triton compiles, model load on first use).
 #
 #   bash bench/serve_compare.sh MODEL_DIR OUT_DIR [more bench/serve.py arguments]
 #
-# Writes OUT_DIR/serve-hf-paged.json, OUT_DIR/serve-transformers.json and each server's log.
+# Writes OUT_DIR/serve-<server>.json (hf-paged with the engine in a thread, then in its own process, then
+# transformers) and each server's log.
 set -uo pipefail
 model=$1; out=$2; shift 2
 extra=("$@")
@@ -30,5 +32,8 @@ bench() {  # label, server command...
 
 model_name=$name
 bench hf-paged python -m hf_paged serve "$model" --port $port --served-model-name "$name" --log-level warning
+bench hf-paged-engine-process python -m hf_paged serve "$model" --port $port --served-model-name "$name" \
+  --log-level warning --engine-process
 model_name=$model
+mkdir -p "${HF_HUB_CACHE:-$HOME/.cache/huggingface/hub}"  # transformers serve lists that cache on /v1/models
 bench transformers transformers serve --continuous-batching --port $port

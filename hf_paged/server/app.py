@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..engine import AsyncEngine, Engine
 from ..cache.geometry import max_model_len
+from ..engine import AsyncEngine, Engine
+from ..engine.process_client import EngineProcessClient
 from .config import ServerConfig
 from .errors import APIError, error_response
 from .metrics import CONTENT_TYPE_LATEST, MetricsSink, ServerMetrics
@@ -37,11 +38,13 @@ logger = logging.getLogger(__name__)
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
 
 
-def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
+def build_app(engine: Engine | EngineProcessClient, tokenizer, config: ServerConfig) -> FastAPI:
     """The OpenAI-compatible app serving ``engine``.
 
-    The engine gets its `AsyncEngine` client at once; the app's lifespan shuts it down at exit
-    (aborting what is still in flight and freeing the KV pool). ``config.max_model_len`` is
+    An `Engine` gets its `AsyncEngine` client at once; an `EngineProcessClient` (the engine in a
+    process of its own, ``hf-paged serve --engine-process``) is used as the client itself. The
+    app's lifespan shuts the client down at exit (aborting what is still in flight and freeing
+    the KV pool). ``config.max_model_len`` is
     resolved (model default, capped to the KV pool) in place. ``app.state`` holds ``engine_client``,
     ``metrics`` and ``config``.
 
@@ -49,11 +52,18 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
         >>> app = build_app(engine, tok, ServerConfig(model_name="tiny"))  # doctest: +SKIP
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
-    _resolve_max_model_len(engine, config)
+    if isinstance(engine, Engine):
+        _resolve_max_model_len(engine.kv_pool.num_blocks * engine.block_size, max_model_len(engine.model), config)
+        client = AsyncEngine(engine, max_waiting=config.max_waiting)
+        state = engine
+    else:  # an EngineProcessClient: its sinks get the engine state the process reports
+        _resolve_max_model_len(engine.capacity_tokens, engine.max_model_len, config)
+        client = engine
+        client.max_waiting = config.max_waiting
+        state = engine.state
     metrics = ServerMetrics(config.model_name)
-    client = AsyncEngine(engine, max_waiting=config.max_waiting)
     sink = MetricsSink(metrics, lambda: client.num_waiting)
-    sink.publish(engine)
+    sink.publish(state)
     client.add_sink(sink)
     serving = OpenAIServing(client, tokenizer, config, vocab_size=engine.vocab_size)
 
@@ -108,9 +118,8 @@ def build_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _resolve_max_model_len(engine: Engine, config: ServerConfig) -> None:
-    capacity = engine.kv_pool.num_blocks * engine.block_size
-    model_limit = max_model_len(engine.model)
+def _resolve_max_model_len(capacity: int, model_limit: int | None, config: ServerConfig) -> None:
+    """Set ``config.max_model_len``: the model's limit by default, checked against it, capped to the KV pool."""
     if config.max_model_len and model_limit and config.max_model_len > model_limit:
         if not config.allow_long_max_model_len:
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import os
 import socket
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=3.0, metavar="S",
                        help="on SIGINT/SIGTERM, seconds in-flight requests may finish before being aborted")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                       help="run the engine loop in a process of its own (its own GIL, fed over ZMQ IPC) rather "
+                            "than in a thread of the server process (default: off)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -89,13 +93,16 @@ def _serve(args: argparse.Namespace) -> int:
         parser.error(f"--device: {e}")
     _check_port_free(parser, args.host, args.port)
 
-    import torch
 
     from ..engine import Engine
     from .app import build_app
     from .config import ServerConfig
-    from .demo import DEMO_MODEL_NAME, build_demo
+    from .demo import DEMO_MODEL_NAME, build_demo_tokenizer
 
+    engine_kwargs = {"num_blocks": args.num_blocks, "memory_fraction": args.kv_memory_fraction,
+                     "block_size": args.block_size, "max_num_seqs": args.max_num_seqs}
+    model_path = None  # None: the tiny random demo model
+    dtype = args.dtype
     if args.demo:
         from ..demo_model import DEMO_MODEL_HUB_ID, DemoModelUnavailable, demo_model_dir
 
@@ -105,47 +112,69 @@ def _serve(args: argparse.Namespace) -> int:
             demo_dir = None
             logger.warning("real demo model unavailable (%s): serving a tiny random model instead", e)
         if demo_dir is not None:
-            try:
-                # "auto" is the checkpoint's bfloat16: right on GPUs; most CPUs run float32 faster.
-                cpu = resolve_device(args.device).type == "cpu"
-                dtype = "float32" if args.dtype == "auto" and cpu else args.dtype
-                model, tokenizer = load_model(str(demo_dir), dtype=dtype, device=args.device)
-            except (OSError, ValueError) as e:
-                parser.error(f"cannot load the demo model: {e}")
+            # "auto" is the checkpoint's bfloat16: right on GPUs; most CPUs run float32 faster.
+            cpu = resolve_device(args.device).type == "cpu"
+            dtype = "float32" if args.dtype == "auto" and cpu else args.dtype
+            model_path, load_error = str(demo_dir), "cannot load the demo model"
             name = args.served_model_name or DEMO_MODEL_HUB_ID.split("/")[-1]
             source = f"demo {demo_dir}"
         else:
-            model, tokenizer = build_demo()
-            if args.dtype not in ("auto", "float32"):
-                model = model.to(getattr(torch, args.dtype))
-            model = model.to(resolve_device(args.device))
             name = args.served_model_name or DEMO_MODEL_NAME
             source = "demo (random weights)"
     else:
-        try:
-            model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        except (OSError, ValueError, ImportError) as e:
-            parser.error(f"cannot load MODEL {args.model!r}: {_first_line(e)}")
+        model_path, load_error = args.model, f"cannot load MODEL {args.model!r}"
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
         source = args.model
-    engine = Engine(
-        model, num_blocks=args.num_blocks, memory_fraction=args.kv_memory_fraction, block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs, tokenizer=tokenizer,
-    )
     config = ServerConfig(model_name=name, max_model_len=args.max_model_len, api_key=args.api_key,
                           max_waiting=args.max_waiting, chat_template=chat_template, max_n=args.max_n,
                           allow_long_max_model_len=args.allow_long_max_model_len)
+    if args.engine_process:
+        from ..engine.core_process import engine_factory
+        from ..engine.process_client import EngineProcessClient, EngineStartError
+        from ..loader import load_tokenizer
+
+        if model_path is None:
+            factory = functools.partial(_demo_engine, args.dtype, args.device, engine_kwargs)
+            tokenizer = build_demo_tokenizer()
+        else:
+            factory = engine_factory(model_path, {"dtype": dtype, "device": args.device}, engine_kwargs)
+            try:
+                tokenizer = load_tokenizer(True, model_path)
+            except (OSError, ValueError, ImportError) as e:
+                parser.error(f"{load_error}: {_first_line(e)}")
+        try:
+            engine = EngineProcessClient(factory, max_waiting=args.max_waiting)
+        except EngineStartError as e:
+            parser.error(f"{load_error if model_path else 'cannot build the demo model'}: {_first_line(e)}")
+        info = engine.info
+        model_class, param_dtype, param_device = info.model_class, info.dtype, info.device
+        num_blocks, block_size, pool_bytes = info.num_blocks, info.block_size, info.kv_pool_bytes
+        where = f" (engine process {info.pid})"
+    else:
+        if model_path is None:
+            model, tokenizer = _demo_model(args.dtype, args.device)
+        else:
+            try:
+                model, tokenizer = load_model(model_path, dtype=dtype, device=args.device)
+            except (OSError, ValueError, ImportError) as e:
+                parser.error(f"{load_error}: {_first_line(e)}")
+        engine = Engine(model, tokenizer=tokenizer, **engine_kwargs)
+        param = next(model.parameters())
+        model_class, param_dtype, param_device = type(model).__name__, param.dtype, param.device
+        num_blocks, block_size, pool_bytes = engine.kv_pool.num_blocks, engine.block_size, engine.kv_pool.nbytes
+        where = ""
     try:
         app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
     except ValueError as e:
+        if args.engine_process:
+            engine.shutdown()
         parser.error(str(e))
-    param = next(model.parameters())
-    pool_tokens = engine.kv_pool.num_blocks * engine.block_size
-    logger.info("model %s (%s) as %r: dtype %s on %s", source, type(model).__name__, name, param.dtype, param.device)
+    pool_tokens = num_blocks * block_size
+    logger.info("model %s (%s) as %r: dtype %s on %s%s", source, model_class, name, param_dtype, param_device, where)
     logger.info(
         "KV pool: %d blocks of %d tokens (%.1f MiB) = %d tokens, room for %d sequences of max_model_len %d",
-        engine.kv_pool.num_blocks, engine.block_size, engine.kv_pool.nbytes / 2**20, pool_tokens,
-        pool_tokens // config.max_model_len, config.max_model_len,
+        num_blocks, block_size, pool_bytes / 2**20, pool_tokens, pool_tokens // config.max_model_len,
+        config.max_model_len,
     )
     if args.api_key:
         logger.info("API key required on /v1")
@@ -159,6 +188,26 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
         pass
     return 0
+
+
+def _demo_model(dtype: str, device: str | None):
+    """The tiny random demo model (and tokenizer) in ``dtype`` on ``device``."""
+    import torch
+
+    from .demo import build_demo
+
+    model, tokenizer = build_demo()
+    if dtype not in ("auto", "float32"):
+        model = model.to(getattr(torch, dtype))
+    return model.to(resolve_device(device)), tokenizer
+
+
+def _demo_engine(dtype: str, device: str | None, engine_kwargs: dict):
+    """An `Engine` over the tiny random demo model (the ``--engine-process`` factory; picklable by reference)."""
+    from ..engine import Engine
+
+    model, tokenizer = _demo_model(dtype, device)
+    return Engine(model, tokenizer=tokenizer, **engine_kwargs)
 
 
 class _DrainingServer(uvicorn.Server):

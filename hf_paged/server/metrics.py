@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from ..engine import Engine, RequestUpdate
 
-__all__ = ["CONTENT_TYPE_LATEST", "MetricsSink", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "EngineStateLike", "MetricsSink", "ServerMetrics"]
 
 _PREFIX = "hf_paged_"
 _LATENCY_BUCKETS = (
@@ -69,8 +77,18 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+class EngineStateLike(Protocol):
+    """What `MetricsSink.publish` reads when the engine runs in another process (`hf_paged.engine.wire.EngineState`)."""
+
+    num_blocks: int
+    num_blocks_used: int
+    num_blocks_free: int
+    prefix_hit_rate: float
+    preemptions: int
+
+
 class MetricsSink:
-    """Keeps `ServerMetrics` up to date from the engine's steps (an `AsyncEngine` sink).
+    """Keeps `ServerMetrics` up to date from the engine's steps (an `AsyncEngine` or `EngineProcessClient` sink).
 
     Args:
         metrics: what to update.
@@ -83,7 +101,7 @@ class MetricsSink:
         self._last_token: dict[str, float] = {}  # running request -> time of its last token
         self._last_preemptions = 0
 
-    def __call__(self, engine: Engine, updates: list[RequestUpdate]) -> None:
+    def __call__(self, engine: Engine | EngineStateLike, updates: list[RequestUpdate]) -> None:
         m = self._metrics
         now = time.perf_counter()
         stepped: set[str] = set()
@@ -106,18 +124,28 @@ class MetricsSink:
                 m.request_finished(out.finish_reason)
         self.publish(engine)
 
-    def publish(self, engine: Engine) -> None:
-        """Copy the engine's state (KV blocks, prefix hits, preemptions, queue sizes) into the gauges."""
+    def publish(self, engine: Engine | EngineStateLike) -> None:
+        """Copy the engine's state (KV blocks, prefix hits, preemptions, queue sizes) into the gauges.
+
+        ``engine`` is an `Engine` (in-process `AsyncEngine` sink) or the state an engine process
+        reports (`hf_paged.engine.wire.EngineState`, from an `EngineProcessClient` sink).
+        """
         m = self._metrics
-        blocks = engine.kv_pool.blocks
+        if hasattr(engine, "kv_pool"):
+            blocks = engine.kv_pool.blocks
+            stats = engine.stats()
+            total, used, free = blocks.num_blocks, blocks.num_used, blocks.num_free
+            hit_rate, preemptions = stats.prefix_hit_rate, stats.preemptions
+        else:
+            total, used, free = engine.num_blocks, engine.num_blocks_used, engine.num_blocks_free
+            hit_rate, preemptions = engine.prefix_hit_rate, engine.preemptions
         m.requests_running.set(len(self._last_token))
         m.requests_waiting.set(self._num_waiting())
-        m.kv_blocks_total.set(blocks.num_blocks)
-        m.kv_blocks_used.set(blocks.num_used)
-        m.kv_blocks_free.set(blocks.num_free)
-        m.kv_usage.set(blocks.num_used / blocks.num_blocks)
-        stats = engine.stats()
-        m.prefix_hit_rate.set(stats.prefix_hit_rate)
-        if stats.preemptions > self._last_preemptions:
-            m.preemptions.inc(stats.preemptions - self._last_preemptions)
-        self._last_preemptions = stats.preemptions
+        m.kv_blocks_total.set(total)
+        m.kv_blocks_used.set(used)
+        m.kv_blocks_free.set(free)
+        m.kv_usage.set(used / total if total else 0.0)
+        m.prefix_hit_rate.set(hit_rate)
+        if preemptions > self._last_preemptions:
+            m.preemptions.inc(preemptions - self._last_preemptions)
+        self._last_preemptions = preemptions

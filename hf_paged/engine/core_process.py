@@ -1,0 +1,220 @@
+"""The engine side of `EngineProcessClient`: an `Engine` driven in a process of its own.
+
+HTTP handling, SSE formatting and the engine loop in one interpreter share one GIL; running the
+engine loop in its own process (as vLLM's engine core does) gives it a GIL of its own. The front
+end sends commands over a pyzmq PUSH socket; this process pulls them, steps the engine while it
+has work and pushes each step's updates back as one `StepBatch` (see `hf_paged.engine.wire`).
+
+The engine is built here by ``engine_factory``, a picklable callable (a model is never pickled):
+`engine_factory` below makes one from a model path, `load_model` arguments and `Engine` arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from ..cache.geometry import max_model_len
+from .async_engine import SHUTTING_DOWN
+from .outputs import GenerationOutput, RequestUpdate
+
+__all__ = ["CoreAddresses", "engine_factory", "load_engine", "run_engine_core"]
+
+logger = logging.getLogger(__name__)
+
+STATE_INTERVAL_S = 0.1  # engine state for the metrics at most this often while busy (and once when idle)
+_PARENT_CHECK_S = 1.0  # an idle core looks this often whether its parent still lives
+_LINGER_MS = 5000  # what is sent before exiting still reaches the front end
+
+
+@dataclass(frozen=True)
+class CoreAddresses:
+    """ZMQ endpoints: ``commands`` (front end → core), ``outputs`` (core → front end); the front end binds both."""
+
+    commands: str
+    outputs: str
+
+
+def load_engine(model: str, load_kwargs: dict | None = None, engine_kwargs: dict | None = None):
+    """An `Engine` over ``load_model(model, **load_kwargs)`` (tokenizer included) with ``engine_kwargs``."""
+    from ..loader import load_model
+    from .engine import Engine
+
+    lm, tokenizer = load_model(model, **(load_kwargs or {}))
+    return Engine(lm, tokenizer=tokenizer, **(engine_kwargs or {}))
+
+
+def engine_factory(model: str, load_kwargs: dict | None = None, engine_kwargs: dict | None = None) -> Callable:
+    """A picklable factory for `run_engine_core`: ``load_engine(model, load_kwargs, engine_kwargs)``.
+
+    Example:
+        >>> factory = engine_factory("path/to/model", {"dtype": "float32", "device": "cpu"}, {"num_blocks": 64})
+    """
+    return functools.partial(load_engine, model, dict(load_kwargs or {}), dict(engine_kwargs or {}))
+
+
+def run_engine_core(engine_factory: Callable, addresses: CoreAddresses, log_level: int | None = None) -> None:
+    """Process entry point: build the engine, then serve commands until shutdown, failure or orphaning.
+
+    Sends `Ready` once built (`Dead` if the factory raises), a `StepBatch` per step with updates,
+    `Dead` if an exception escapes `Engine.step` (failing forwards are already error outputs), and
+    `Stopped` after a `Shutdown` drained or aborted what was in flight.
+    """
+    import msgspec
+    import zmq
+
+    from . import wire
+
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
+    # Ctrl-C reaches the whole process group: the front end decides when this process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    ctx = zmq.Context(1)
+    commands = ctx.socket(zmq.PULL)
+    outputs = ctx.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.LINGER, _LINGER_MS)
+    for sock in (commands, outputs):  # never block on a full queue (set before connecting to apply)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    commands.connect(addresses.commands)
+    outputs.connect(addresses.outputs)
+    encoder = msgspec.msgpack.Encoder()
+    decoder = msgspec.msgpack.Decoder(wire.Command)
+
+    def send(message) -> None:
+        data = encoder.encode(message)
+        while True:
+            try:
+                outputs.send(data, zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:  # the front end is not connected (yet, or any more)
+                if os.getppid() != parent:
+                    raise _Orphaned from None
+                outputs.poll(100, zmq.POLLOUT)
+
+    engine = None
+    try:
+        try:
+            engine = engine_factory()
+        except BaseException as e:
+            logger.exception("building the engine failed")
+            send(wire.Dead(f"building the engine failed: {type(e).__name__}: {e}"))  # the traceback is logged here
+            return
+        param = next(engine.model.parameters())
+        send(wire.Ready(
+            pid=os.getpid(), vocab_size=engine.vocab_size, capacity_tokens=engine.block_manager.capacity_tokens,
+            num_blocks=engine.kv_pool.num_blocks, block_size=engine.block_size, kv_pool_bytes=engine.kv_pool.nbytes,
+            model_max_len=max_model_len(engine.model), model_class=type(engine.model).__name__,
+            dtype=str(param.dtype), device=str(param.device), state=wire.engine_state(engine),
+        ))
+        try:
+            _serve(engine, commands, decoder, send, parent)
+        except _Orphaned:
+            raise
+        except BaseException as e:
+            logger.exception("the engine core failed")
+            send(wire.Dead(f"the engine stopped after an internal error: {type(e).__name__}: {e}"))
+    except _Orphaned:
+        logger.warning("the front end process is gone: stopping the engine core")
+    finally:
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception:  # pragma: no cover
+                logger.exception("closing the engine failed")
+        commands.close(linger=0)
+        outputs.close()  # lingers until what was sent is delivered (at most _LINGER_MS)
+        ctx.term()
+
+
+class _Orphaned(Exception):
+    """The front end process is gone: nobody reads what this process would say."""
+
+
+def _serve(engine, commands, decoder, send, parent: int) -> None:
+    import zmq
+
+    from . import wire
+
+    poller = zmq.Poller()
+    poller.register(commands, zmq.POLLIN)
+    deadline: float | None = None
+    state_sent = time.monotonic()
+    state_dirty = False
+    known: set[str] = set()  # requests added and not yet reported finished
+
+    def deliver(updates: list[RequestUpdate], force_state: bool = False) -> None:
+        nonlocal state_sent, state_dirty
+        now = time.monotonic()
+        state = None
+        if force_state or now - state_sent >= STATE_INTERVAL_S:
+            state, state_sent, state_dirty = wire.engine_state(engine), now, False
+        else:
+            state_dirty = True
+        for update in updates:
+            if update.output is not None:
+                known.discard(update.request_id)
+        if updates or state is not None:
+            send(wire.StepBatch([wire.to_wire(u) for u in updates], state))
+
+    while True:
+        busy = engine.has_unfinished() or deadline is not None
+        if not busy:
+            if state_dirty:
+                deliver([], force_state=True)
+            if not poller.poll(_PARENT_CHECK_S * 1000):
+                if os.getppid() != parent:
+                    raise _Orphaned
+                continue
+        immediate: list[RequestUpdate] = []
+        while True:
+            try:
+                raw = commands.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            command = decoder.decode(raw.buffer)
+            if isinstance(command, wire.AddRequest):
+                if deadline is not None:
+                    immediate.append(_error_update(command.request_id, SHUTTING_DOWN))
+                    continue
+                try:
+                    engine.add_request(command.prompt, command.params, command.request_id,
+                                       stream_text=command.stream_text)
+                    known.add(command.request_id)
+                except ValueError as e:  # a request id already in flight
+                    immediate.append(_error_update(command.request_id, str(e)))
+            elif isinstance(command, wire.AbortRequest):
+                engine.abort(command.request_id)
+            else:  # Shutdown
+                new = time.monotonic() + max(0.0, command.drain_timeout)
+                deadline = new if deadline is None else min(deadline, new)
+        if immediate:
+            deliver(immediate)
+        if deadline is not None and (not engine.has_unfinished() or time.monotonic() >= deadline):
+            for request_id in list(known):
+                engine.abort(request_id)
+            while engine.has_unfinished():  # aborts are reported by the next step, without a forward
+                deliver(engine.step())
+            deliver([], force_state=True)
+            send(wire.Stopped())
+            return
+        if engine.has_unfinished():
+            deliver(engine.step())
+
+
+def _error_update(request_id: str, message: str) -> RequestUpdate:
+    output = GenerationOutput(request_id, None, [], error=message)
+    return RequestUpdate(request_id, 0, [], finish_reason="error", output=output)
+
+
+def params_to_wire(params) -> dict | None:
+    """`SamplingParams` (or its dict, or ``None``) as a plain dict for `AddRequest`."""
+    if params is None or isinstance(params, dict):
+        return params
+    return asdict(params)
