@@ -98,7 +98,8 @@ class Result:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, payload: dict, timeout: float) -> Result:
-    """One streaming request; reads SSE ``data:`` lines until ``[DONE]``."""
+    """One streaming request; reads SSE ``data:`` lines until ``[DONE]`` (or, for servers that send none,
+    until the stream closes after a choice reported its ``finish_reason``)."""
     r = Result()
     start = time.perf_counter()
     last = None
@@ -108,7 +109,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict, timeou
                 body = (await resp.aread()).decode(errors="replace")
                 r.error = f"HTTP {resp.status_code}: {body[:300]}"
                 return r
-            done = False
+            done = finished = False
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -124,6 +125,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict, timeou
                     r.prompt_tokens = chunk["usage"].get("prompt_tokens")
                     r.output_tokens = chunk["usage"].get("completion_tokens") or 0
                 for choice in chunk.get("choices") or []:
+                    finished = finished or bool(choice.get("finish_reason"))
                     text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                     if text:
                         now = time.perf_counter()
@@ -133,8 +135,8 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict, timeou
                             r.itl.append(now - last)
                         last = now
                         r.chunks += 1
-            if not done:
-                r.error = "stream ended without [DONE]"
+            if not done and not finished:
+                r.error = "stream ended without [DONE] or a finish_reason"
                 return r
     except Exception as e:  # noqa: BLE001  any failure is recorded, never raised
         r.error = f"{type(e).__name__}: {e}"

@@ -30,10 +30,12 @@ bench() {  # label, server command...
   kill -TERM $pid; wait $pid
 }
 
+servers=" ${SERVERS:-hf-paged hf-paged-engine-process transformers} "  # SERVERS="transformers" runs only that one
+want() { [[ $servers == *" $1 "* ]]; }
 model_name=$name
-bench hf-paged python -m hf_paged serve "$model" --port $port --served-model-name "$name" --log-level warning
-bench hf-paged-engine-process python -m hf_paged serve "$model" --port $port --served-model-name "$name" \
+want hf-paged && bench hf-paged python -m hf_paged serve "$model" --port $port --served-model-name "$name" --log-level warning
+want hf-paged-engine-process && bench hf-paged-engine-process python -m hf_paged serve "$model" --port $port --served-model-name "$name" \
   --log-level warning --engine-process
 model_name=$model
 mkdir -p "${HF_HUB_CACHE:-$HOME/.cache/huggingface/hub}"  # transformers serve lists that cache on /v1/models
-bench transformers transformers serve --continuous-batching --port $port
+want transformers && bench transformers transformers serve --continuous-batching --port $port
