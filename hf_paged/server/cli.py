@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=3.0, metavar="S",
                        help="on SIGINT/SIGTERM, seconds in-flight requests may finish before being aborted")
-    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine loop in a process of its own (its own GIL, fed over ZMQ IPC) rather "
-                            "than in a thread of the server process (default: off)")
+                            "than in a thread of the server process (default: on for CUDA devices, off on CPU)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -88,9 +88,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model:
         _check_model_argument(parser, args.model)
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as e:
         parser.error(f"--device: {e}")
+    if args.engine_process is None:  # measured on an H100: more requests/s and a steadier ITL in a process of its own
+        args.engine_process = device.type == "cuda"
     _check_port_free(parser, args.host, args.port)
 
 
