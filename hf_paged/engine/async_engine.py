@@ -14,16 +14,15 @@ naming it, the engine stops, `error` says why, and new requests raise `EngineDea
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence as SequenceABC
+from collections.abc import Callable
 
+from .client import SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError
 from .engine import Engine
-from .input_processor import Prompt, per_prompt
+from .input_processor import Prompt
 from .outputs import GenerationOutput, RequestUpdate
 from .sampling_params import SamplingParams
 
@@ -31,22 +30,10 @@ __all__ = ["SHUTTING_DOWN", "AsyncEngine", "EngineDeadError", "QueueFullError"]
 
 logger = logging.getLogger(__name__)
 
-# The error of a request that arrived after shutdown began.
-SHUTTING_DOWN = "the engine is shutting down"
-
-Callback = Callable[[RequestUpdate], None]
 Sink = Callable[[Engine, list[RequestUpdate]], None]
 
 
-class EngineDeadError(RuntimeError):
-    """The engine does not take requests: it was shut down, or it failed (the message says why)."""
-
-
-class QueueFullError(RuntimeError):
-    """More requests wait for their first token than ``max_waiting`` allows."""
-
-
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     """Drives ``engine`` from a thread of its own; any thread or event loop submits and streams.
 
     Args:
@@ -122,62 +109,6 @@ class AsyncEngine:
             self._commands.append(("abort", request_id))
             self._cond.notify()
 
-    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-               stream_text: bool | None = None) -> Iterator[RequestUpdate]:
-        """Updates of one request, ending with the finished one; closing the iterator aborts it."""
-        updates: queue.SimpleQueue[RequestUpdate] = queue.SimpleQueue()
-        request_id = self.submit(prompt, params, updates.put, stream_text=stream_text)
-        done = False
-        try:
-            while not done:
-                update = updates.get()
-                done = update.finished
-                yield update
-        finally:
-            if not done:
-                self.abort(request_id)
-
-    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-                      request_id: str | None = None, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
-        """`stream` for asyncio: awaits updates without blocking the event loop."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[RequestUpdate] = asyncio.Queue()
-        request_id = self.submit(prompt, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
-                                 request_id=request_id, stream_text=stream_text)
-        done = False
-        try:
-            while not done:
-                update = await updates.get()
-                done = update.finished
-                yield update
-        finally:
-            if not done:
-                self.abort(request_id)
-
-    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> GenerationOutput:
-        """The finished `GenerationOutput` of one request, awaited."""
-        async for update in self.astream(prompt, params):
-            if update.finished:
-                return update.output
-        raise EngineDeadError("the request ended without an output")  # pragma: no cover
-
-    def generate(self, prompts: SequenceABC[Prompt],
-                 sampling_params: SamplingParams | dict | SequenceABC[SamplingParams | dict] | None = None
-                 ) -> list[GenerationOutput]:
-        """Run ``prompts`` (batched with whatever else is in flight); outputs in input order."""
-        outputs: queue.SimpleQueue[GenerationOutput] = queue.SimpleQueue()
-
-        def collect(update: RequestUpdate) -> None:
-            if update.finished:
-                outputs.put(update.output)
-
-        ids = [self.submit(p, sp, collect) for p, sp in zip(prompts, per_prompt(sampling_params, len(prompts)))]
-        results = {}
-        while len(results) < len(ids):
-            out = outputs.get()
-            results[out.request_id] = out
-        return [results[i] for i in ids]
-
     def request_shutdown(self, drain_timeout: float = 0.0) -> None:
         """Begin shutting down without waiting: refuse new requests, let those in flight run up to
         ``drain_timeout`` seconds, then abort the rest (they end with ``finish_reason="abort"``)."""
@@ -195,12 +126,6 @@ class AsyncEngine:
             logger.warning("engine thread %s did not stop within %.1f s", self._name, join_timeout)
         else:
             self.engine.close()
-
-    def __enter__(self) -> AsyncEngine:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     # -- engine thread ----------------------------------------------------------------------------
 

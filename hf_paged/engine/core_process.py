@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ..cache.geometry import max_model_len
-from .async_engine import SHUTTING_DOWN
+from .client import SHUTTING_DOWN
 from .outputs import GenerationOutput, RequestUpdate
 
 __all__ = ["CoreAddresses", "engine_factory", "load_engine", "run_engine_core"]

@@ -18,21 +18,18 @@ Callbacks and sinks run on the receiver thread, as `AsyncEngine`'s run on its en
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import multiprocessing
-import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Callable
 
-from .async_engine import SHUTTING_DOWN, EngineDeadError, QueueFullError
+from .client import SHUTTING_DOWN, EngineClient, EngineDeadError, QueueFullError
 from .core_process import CoreAddresses, params_to_wire, run_engine_core
-from .input_processor import Prompt, per_prompt
+from .input_processor import Prompt
 from .outputs import GenerationOutput, RequestUpdate
 from .sampling_params import SamplingParams
 
@@ -47,7 +44,7 @@ class EngineStartError(RuntimeError):
     """The engine process exited (or did not answer in time) before its engine was built."""
 
 
-class EngineProcessClient:
+class EngineProcessClient(EngineClient):
     """Runs ``engine_factory()`` in a spawned process; submit and stream as with `AsyncEngine`.
 
     Args:
@@ -191,62 +188,6 @@ class EngineProcessClient:
                 except EngineDeadError:  # its request ends with the death's error
                     pass
 
-    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-               stream_text: bool | None = None) -> Iterator[RequestUpdate]:
-        """Updates of one request, ending with the finished one; closing the iterator aborts it."""
-        updates: queue.SimpleQueue[RequestUpdate] = queue.SimpleQueue()
-        request_id = self.submit(prompt, params, updates.put, stream_text=stream_text)
-        done = False
-        try:
-            while not done:
-                update = updates.get()
-                done = update.finished
-                yield update
-        finally:
-            if not done:
-                self.abort(request_id)
-
-    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-                      request_id: str | None = None, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
-        """`stream` for asyncio: awaits updates without blocking the event loop."""
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[RequestUpdate] = asyncio.Queue()
-        request_id = self.submit(prompt, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
-                                 request_id=request_id, stream_text=stream_text)
-        done = False
-        try:
-            while not done:
-                update = await updates.get()
-                done = update.finished
-                yield update
-        finally:
-            if not done:
-                self.abort(request_id)
-
-    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> GenerationOutput:
-        """The finished `GenerationOutput` of one request, awaited."""
-        async for update in self.astream(prompt, params):
-            if update.finished:
-                return update.output
-        raise EngineDeadError("the request ended without an output")  # pragma: no cover
-
-    def generate(self, prompts: SequenceABC[Prompt],
-                 sampling_params: SamplingParams | dict | SequenceABC[SamplingParams | dict] | None = None
-                 ) -> list[GenerationOutput]:
-        """Run ``prompts`` (batched with whatever else is in flight); outputs in input order."""
-        outputs: queue.SimpleQueue[GenerationOutput] = queue.SimpleQueue()
-
-        def collect(update: RequestUpdate) -> None:
-            if update.finished:
-                outputs.put(update.output)
-
-        ids = [self.submit(p, sp, collect) for p, sp in zip(prompts, per_prompt(sampling_params, len(prompts)))]
-        results = {}
-        while len(results) < len(ids):
-            out = outputs.get()
-            results[out.request_id] = out
-        return [results[i] for i in ids]
-
     def request_shutdown(self, drain_timeout: float = 0.0) -> None:
         """Begin shutting down without waiting: refuse new requests, let those in flight run up to
         ``drain_timeout`` seconds, then abort the rest (they end with ``finish_reason="abort"``)."""
@@ -274,12 +215,6 @@ class EngineProcessClient:
         self._thread.join(5.0)
         self._fail_all(SHUTTING_DOWN if self.error is None else self.error)
         self._close_sockets()
-
-    def __enter__(self) -> EngineProcessClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
 
     # -- internals ----------------------------------------------------------------------------------
 

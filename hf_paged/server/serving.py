@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from ..engine import AsyncEngine, EngineDeadError, GenerationOutput, QueueFullError, RequestUpdate, SamplingParams
-from ..engine.async_engine import SHUTTING_DOWN
+from ..engine.client import SHUTTING_DOWN
 from ..engine.input_processor import render_chat
 from ..engine.outputs import SampleOutput
 from .config import ServerConfig

@@ -1,0 +1,110 @@
+"""`EngineClient`: what every client of an engine offers on top of `submit` and `abort`.
+
+`AsyncEngine` (the engine in a thread of this process) and `EngineProcessClient` (the engine in a
+process of its own) implement `submit` / `abort`; streaming, awaiting and batch generation are
+written once, here, on top of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence as SequenceABC
+
+from .input_processor import Prompt, per_prompt
+from .outputs import GenerationOutput, RequestUpdate
+from .sampling_params import SamplingParams
+
+__all__ = ["SHUTTING_DOWN", "Callback", "EngineClient", "EngineDeadError", "QueueFullError"]
+
+# The error of a request that arrived after shutdown began.
+SHUTTING_DOWN = "the engine is shutting down"
+
+Callback = Callable[[RequestUpdate], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine does not take requests: it was shut down, or it failed (the message says why)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests wait for their first token than ``max_waiting`` allows."""
+
+
+class EngineClient:
+    """Streaming and batch helpers over a client's ``submit`` and ``abort``."""
+
+    def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
+               request_id: str | None = None, stream_text: bool | None = None) -> str:
+        """Queue a request; ``callback`` gets its updates (on the client's thread). Returns its id."""
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
+        raise NotImplementedError
+
+    def shutdown(self, drain_timeout: float = 0.0, join_timeout: float = 30.0) -> None:
+        """Stop taking requests, let those in flight run up to ``drain_timeout`` s, free the engine."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+               stream_text: bool | None = None) -> Iterator[RequestUpdate]:
+        """Updates of one request, ending with the finished one; closing the iterator aborts it."""
+        updates: queue.SimpleQueue[RequestUpdate] = queue.SimpleQueue()
+        request_id = self.submit(prompt, params, updates.put, stream_text=stream_text)
+        done = False
+        try:
+            while not done:
+                update = updates.get()
+                done = update.finished
+                yield update
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+                      request_id: str | None = None, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
+        """`stream` for asyncio: awaits updates without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        request_id = self.submit(prompt, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
+                                 request_id=request_id, stream_text=stream_text)
+        done = False
+        try:
+            while not done:
+                update = await updates.get()
+                done = update.finished
+                yield update
+        finally:
+            if not done:
+                self.abort(request_id)
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> GenerationOutput:
+        """The finished `GenerationOutput` of one request, awaited."""
+        async for update in self.astream(prompt, params):
+            if update.finished:
+                return update.output
+        raise EngineDeadError("the request ended without an output")  # pragma: no cover
+
+    def generate(self, prompts: SequenceABC[Prompt],
+                 sampling_params: SamplingParams | dict | SequenceABC[SamplingParams | dict] | None = None
+                 ) -> list[GenerationOutput]:
+        """Run ``prompts`` (batched with whatever else is in flight); outputs in input order."""
+        outputs: queue.SimpleQueue[GenerationOutput] = queue.SimpleQueue()
+
+        def collect(update: RequestUpdate) -> None:
+            if update.finished:
+                outputs.put(update.output)
+
+        ids = [self.submit(p, sp, collect) for p, sp in zip(prompts, per_prompt(sampling_params, len(prompts)))]
+        results = {}
+        while len(results) < len(ids):
+            out = outputs.get()
+            results[out.request_id] = out
+        return [results[i] for i in ids]
