@@ -97,7 +97,8 @@ def main() -> None:
     result = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, args=vars(args),
                   ms_per_step={k: {ph: c[ph] / steps[k] * 1e3 for ph in [*PHASES, "other", "wall"]} | {"steps": steps[k]}
                                for k, c in per_kind.items() if steps[k]})
-    out = Path(args.out or Path(__file__).parent / "results" / f"step-breakdown-{gpu.replace(' ', '_')}-{result['date']}.json")
+    name = f"step-breakdown-{gpu.replace(' ', '_')}-{result['date']}.json"
+    out = Path(args.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"device: {gpu}, torch {torch.__version__}; wrote {out}")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -84,3 +88,36 @@ def wait_pool_whole(base_url: str, timeout: float = 20.0) -> dict[str, float]:
         if time.monotonic() > deadline:
             raise AssertionError(f"the KV pool is not whole again: {m}")
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(*args: str, timeout: float = 90.0):
+    """``python -m hf_paged serve *args`` on a free port: yields ``(process, base URL)`` once ``/health``
+    answers; the process is killed if it still runs at the end."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "hf_paged", "serve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

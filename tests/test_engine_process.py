@@ -239,39 +239,16 @@ def test_engine_that_cannot_be_built_says_why(tmp_path):
 def test_serve_with_engine_process_end_to_end(model_dir):
     """``hf-paged serve DIR --engine-process``: one completion, then SIGINT: exit 0, no engine process left."""
     pytest.importorskip("fastapi")
-    import socket
-    import subprocess
-    import sys
-
     import httpx
+    from server_harness import serve_process
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "hf_paged", "serve", model_dir, "--engine-process", "--port", str(port),
-           "--num-blocks", "64", "--dtype", "float32", "--shutdown-timeout", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    args = (model_dir, "--engine-process", "--num-blocks", "64", "--dtype", "float32", "--shutdown-timeout", "0")
+    with serve_process(*args) as (proc, base):
         body = {"prompt": "w4 w5", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5, r.text
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, out
     assert "(engine process " in out and "KV pool: 64 blocks of 16 tokens" in out
     assert "engine stopped" in out and "Traceback" not in out

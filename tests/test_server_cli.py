@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from server_harness import tiny_demo  # noqa: E402
+from server_harness import free_port, serve_process, tiny_demo  # noqa: E402
 
 from hf_paged.server import _deps  # noqa: E402
 from hf_paged.loader import load_model  # noqa: E402
@@ -76,31 +76,11 @@ def test_load_model(saved_model):
     assert tok.chat_template and next(model.parameters()).dtype.is_floating_point
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_process_end_to_end(saved_model):
     """``python -m hf_paged serve DIR``: startup log, a chat request, SIGINT during a stream, clean exit."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "hf_paged", "serve", str(saved_model), "--port", str(port), "--num-blocks", "64",
-           "--dtype", "float32", "--log-level", "info", "--shutdown-timeout", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    args = (str(saved_model), "--num-blocks", "64", "--dtype", "float32", "--log-level", "info",
+            "--shutdown-timeout", "0")
+    with serve_process(*args) as (proc, base):
         models = httpx.get(f"{base}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["tiny-saved"]
         chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
@@ -119,10 +99,6 @@ def test_serve_process_end_to_end(saved_model):
         events = [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("abort", "length")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, out
     assert "KV pool: 64 blocks of 16 tokens" in out and "dtype torch.float32 on cpu" in out
     assert "engine stopped" in out and "Traceback" not in out
@@ -157,7 +133,7 @@ def test_loader_tokenizer_failure_is_one_line(saved_model, monkeypatch, capsys):
         raise ValueError("Couldn't instantiate the backend tokenizer\nmore lines\nof traceback text")
 
     monkeypatch.setattr(cli, "load_model", broken)
-    msg = _exit_message(["serve", str(saved_model), "--port", str(_free_port())], capsys)
+    msg = _exit_message(["serve", str(saved_model), "--port", str(free_port())], capsys)
     assert msg.endswith("Couldn't instantiate the backend tokenizer")
 
 
@@ -175,7 +151,7 @@ def test_unavailable_device(saved_model, monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    msg = _exit_message(["serve", str(saved_model), "--device", "cuda", "--port", str(_free_port())], capsys)
+    msg = _exit_message(["serve", str(saved_model), "--device", "cuda", "--port", str(free_port())], capsys)
     assert "--device" in msg and "cuda" in msg
 
 
@@ -192,7 +168,7 @@ def test_max_model_len_above_the_model_needs_the_override(saved_model, monkeypat
             pass
 
     monkeypatch.setattr(cli, "_DrainingServer", NoServer)
-    base = ["serve", str(saved_model), "--num-blocks", "64", "--dtype", "float32", "--port", str(_free_port())]
+    base = ["serve", str(saved_model), "--num-blocks", "64", "--dtype", "float32", "--port", str(free_port())]
     msg = _exit_message(base + ["--max-model-len", "300"], capsys)  # the tiny model has 256 positions
     assert "max_position_embeddings (256)" in msg and "--allow-long-max-model-len" in msg
     assert main(base + ["--max-model-len", "300", "--allow-long-max-model-len"]) == 0
