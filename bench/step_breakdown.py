@@ -94,9 +94,10 @@ def main() -> None:
     sync(args.device)
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    ms_per_step = {k: {ph: c[ph] / steps[k] * 1e3 for ph in [*PHASES, "other", "wall"]} | {"steps": steps[k]}
+                   for k, c in per_kind.items() if steps[k]}
     result = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, args=vars(args),
-                  ms_per_step={k: {ph: c[ph] / steps[k] * 1e3 for ph in [*PHASES, "other", "wall"]} | {"steps": steps[k]}
-                               for k, c in per_kind.items() if steps[k]})
+                  ms_per_step=ms_per_step)
     name = f"step-breakdown-{gpu.replace(' ', '_')}-{result['date']}.json"
     out = Path(args.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
