@@ -109,8 +109,9 @@ def test_waiting_queue_limit_is_a_429(limited):
         while metrics(srv.base_url)["hf_paged_num_requests_waiting"] < 1:
             assert time.monotonic() < deadline, "the first request never counted as waiting"
             time.sleep(0.02)
-        err = _error(httpx.post(url, json={"prompt": "hello", "max_tokens": 2}, headers=AUTH), 429)
-        assert err["type"] == "rate_limit_error"
+        refused = httpx.post(url, json={"prompt": "hello", "max_tokens": 2}, headers=AUTH)
+        err = _error(refused, 429)
+        assert err["type"] == "rate_limit_error" and refused.headers["retry-after"] == "1"
     finally:
         gate.set()
         t.join(60)
@@ -166,3 +167,23 @@ def test_engine_client_shutdown_aborts_in_flight_requests():
     assert engine.kv_pool.blocks.num_free == engine.kv_pool.num_blocks
     with pytest.raises(EngineDeadError):
         client.submit([5], params, sink)
+
+
+def test_request_body_over_the_limit_is_a_413():
+    model, tok = tiny_demo(seed=4)
+    app = build_app(Engine(model, num_blocks=32, tokenizer=tok), tok,
+                    ServerConfig(model_name="tiny", max_request_bytes=1000))
+    with TestClient(app) as http:
+        big = {"prompt": "hello " * 400, "max_tokens": 2}
+        r = http.post("/v1/completions", json=big)
+        assert r.status_code == 413 and "larger than 1000 bytes" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(50):
+                yield b"hello " * 10
+            yield b'", "max_tokens": 2}'
+
+        r = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 200

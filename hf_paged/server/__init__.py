@@ -5,8 +5,10 @@ imports it. Layout:
 
 - `protocol`: pydantic models of every request and response (OpenAI shapes).
 - `serving`: the completion/chat handlers (validation, prompts, responses, SSE).
-- `app`: the FastAPI application (routes, auth, errors, lifespan).
-- `metrics`: Prometheus metrics (a sink of the engine's `AsyncEngine` client); `cli`: ``hf-paged serve``; `demo`: an offline random model.
+- `app`: the FastAPI application (routes, auth, body limit, errors, lifespan).
+- `logprobs`: token logprobs in OpenAI's shapes.
+- `metrics`: Prometheus metrics (a sink of the engine's client); `cli`: ``hf-paged serve``; `demo`: an offline
+  random model.
 """
 
 from ._deps import require_serve_deps

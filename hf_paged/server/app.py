@@ -84,7 +84,8 @@ def build_app(engine: Engine | EngineProcessClient, tokenizer, config: ServerCon
     app.state.metrics = metrics
     app.state.config = config
     _install_error_handlers(app)
-    if config.api_key:
+    app.add_middleware(_BodyLimit, max_bytes=config.max_request_bytes)
+    if config.api_key:  # added last, so it runs first: nothing is read for an unauthenticated client
         app.add_middleware(_BearerAuth, api_key=config.api_key)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
@@ -143,7 +144,7 @@ def _resolve_max_model_len(capacity: int, model_limit: int | None, config: Serve
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -198,3 +199,46 @@ class _BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is a 413, by its ``Content-Length`` (which the
+    HTTP server holds the body to) or, for a chunked body, read here up to the limit before the app
+    sees it, so one client cannot make the server buffer an unbounded body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self._max = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self._max:
+                await self._too_large(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            if len(body) > self._max:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replayed() -> dict:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"the request body is larger than {self._max} bytes", code="request_too_large")
+        await response(scope, receive, send)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
     serve.add_argument("--api-key", default=os.environ.get("HF_PAGED_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1 (default: $HF_PAGED_API_KEY)")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=16 * 2**20,
+                       help="largest request body accepted (413 above it; default 16 MiB)")
     serve.add_argument("--max-n", type=_positive_int, default=64,
                        help="largest n (samples per prompt) a request may ask for (400 above it)")
     serve.add_argument("--max-waiting", type=_non_negative_int, default=None,
@@ -129,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         source = args.model
     config = ServerConfig(model_name=name, max_model_len=args.max_model_len, api_key=args.api_key,
                           max_waiting=args.max_waiting, chat_template=chat_template, max_n=args.max_n,
+                          max_request_bytes=args.max_request_bytes,
                           allow_long_max_model_len=args.allow_long_max_model_len)
     if args.engine_process:
         from ..engine.core_process import engine_factory

@@ -21,6 +21,7 @@ class ServerConfig:
         chat_template: a Jinja chat template overriding the tokenizer's.
         max_logprobs: largest ``logprobs`` / ``top_logprobs`` accepted.
         max_n: largest ``n`` (samples per prompt) accepted.
+        max_request_bytes: largest request body accepted (413 above it).
         allow_long_max_model_len: accept a ``max_model_len`` above the model's
             ``max_position_embeddings`` (refused otherwise, as positions past it are untrained).
     """
@@ -32,5 +33,6 @@ class ServerConfig:
     chat_template: str | None = None
     max_logprobs: int = 20
     max_n: int = 64
+    max_request_bytes: int = 16 * 2**20
     allow_long_max_model_len: bool = False
 

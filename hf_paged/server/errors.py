@@ -29,14 +29,17 @@ class APIError(Exception):
         message: human-readable explanation.
         param: the request field at fault, if any.
         code: a machine-readable code (``"model_not_found"``, ``"invalid_api_key"``...).
+        headers: extra response headers (``Retry-After`` on a 429).
     """
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> ErrorResponse:

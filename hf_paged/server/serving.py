@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 # How often a non-streaming request waiting for its result checks that its client is still there.
 _DISCONNECT_POLL_S = 1.0
 
+# What a 429 asks the client to wait, in seconds: about the time a waiting request needs to start.
+_RETRY_AFTER_S = "1"
+
 # SamplingParams field names as the API calls them (for the ``param`` of a 400).
 _API_PARAM = {"max_new_tokens": "max_tokens", "stop": "stop", "logprobs": "logprobs"}
 
@@ -309,7 +312,7 @@ class OpenAIServing:
             for rid in submitted:
                 self._client.abort(rid)
             if isinstance(e, QueueFullError):
-                raise APIError(429, str(e), code="rate_limit_exceeded") from e
+                raise APIError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": _RETRY_AFTER_S}) from e
             raise APIError(503, f"the engine is not running: {e}") from e
         return _Job(base_id, request_ids, params.n, params.logprobs, queue)
 
