@@ -366,14 +366,19 @@ class OpenAIServing:
     async def _collect(self, raw: Request, job: _Job) -> list[GenerationOutput] | None:
         """Final outputs of ``job`` in prompt order, or ``None`` when the client went away (then aborted)."""
         outputs: dict[int, GenerationOutput] = {}
+        next_check = time.monotonic() + _DISCONNECT_POLL_S
         try:
             while len(outputs) < len(job.request_ids):
-                try:
-                    # Waiting on the queue itself: cancelling a Queue.get on timeout loses no item.
-                    index, update = await asyncio.wait_for(job.queue.get(), _DISCONNECT_POLL_S)
-                except TimeoutError:
+                # The client is checked on a clock, not only when updates pause: a request that decodes
+                # sends one per token, and one whose client left must not run to the end.
+                if time.monotonic() >= next_check:
                     if await raw.is_disconnected():
                         return None
+                    next_check = time.monotonic() + _DISCONNECT_POLL_S
+                try:
+                    # Waiting on the queue itself: cancelling a Queue.get on timeout loses no item.
+                    index, update = await asyncio.wait_for(job.queue.get(), next_check - time.monotonic())
+                except TimeoutError:
                     continue
                 if update.output is not None:
                     outputs[index] = update.output
