@@ -78,10 +78,6 @@ class AsyncEngine(EngineClient):
         """Requests submitted that have no token yet."""
         return self._num_waiting
 
-    def add_sink(self, sink: Sink) -> None:
-        """Call ``sink(engine, updates)`` on the engine thread after every step (metrics)."""
-        self._sinks.append(sink)
-
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:
         """Queue a request; ``callback`` gets its updates on the engine thread. Returns its id.

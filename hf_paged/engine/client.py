@@ -32,7 +32,9 @@ class QueueFullError(RuntimeError):
 
 
 class EngineClient:
-    """Streaming and batch helpers over a client's ``submit`` and ``abort``."""
+    """Streaming and batch helpers over a client's ``submit`` and ``abort``; subclasses keep ``_sinks``."""
+
+    _sinks: list
 
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:
@@ -42,6 +44,14 @@ class EngineClient:
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         raise NotImplementedError
+
+    def add_sink(self, sink: Callable[[object, list[RequestUpdate]], None]) -> None:
+        """Call ``sink(state, updates)`` after every step, on the client's thread (the server's metrics).
+
+        ``state`` is the `Engine` itself (`AsyncEngine`) or its latest `EngineState` (`EngineProcessClient`);
+        `MetricsSink.publish` reads either.
+        """
+        self._sinks.append(sink)
 
     def shutdown(self, drain_timeout: float = 0.0, join_timeout: float = 30.0) -> None:
         """Stop taking requests, let those in flight run up to ``drain_timeout`` s, free the engine."""

@@ -134,13 +134,6 @@ class EngineProcessClient(EngineClient):
         """Requests submitted that have no token yet."""
         return len(self._waiting)
 
-    def add_sink(self, sink: Callable) -> None:
-        """Call ``sink(state, updates)`` on the receiver thread after every step batch (metrics).
-
-        ``state`` is the latest `EngineState` (`MetricsSink.publish` reads it as it reads an `Engine`).
-        """
-        self._sinks.append(sink)
-
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:
         """Queue a request; ``callback`` gets its updates on the receiver thread. Returns its id.
