@@ -20,10 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from .client import SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError
+from .client import SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError, error_update
 from .engine import Engine
 from .input_processor import Prompt
-from .outputs import GenerationOutput, RequestUpdate
+from .outputs import RequestUpdate
 from .sampling_params import SamplingParams
 
 __all__ = ["SHUTTING_DOWN", "AsyncEngine", "EngineDeadError", "QueueFullError"]
@@ -155,7 +155,7 @@ class AsyncEngine(EngineClient):
         try:
             self.engine.add_request(prompt, params, request_id, stream_text=stream_text)
         except ValueError as e:  # a request id already in flight
-            self._deliver([_error_update(request_id, str(e))])
+            self._deliver([error_update(request_id, str(e))])
 
     def _deliver(self, updates: list[RequestUpdate]) -> None:
         for update in updates:
@@ -195,9 +195,4 @@ class AsyncEngine(EngineClient):
             if command[0] == "add":
                 self._callbacks[command[1]] = command[5]
                 self._waiting.add(command[1])
-        self._deliver([_error_update(request_id, message) for request_id in list(self._callbacks)])
-
-
-def _error_update(request_id: str, message: str) -> RequestUpdate:
-    output = GenerationOutput(request_id, None, [], error=message)
-    return RequestUpdate(request_id, 0, [], finish_reason="error", output=output)
+        self._deliver([error_update(request_id, message) for request_id in list(self._callbacks)])

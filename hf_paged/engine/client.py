@@ -15,7 +15,7 @@ from .input_processor import Prompt, per_prompt
 from .outputs import GenerationOutput, RequestUpdate
 from .sampling_params import SamplingParams
 
-__all__ = ["SHUTTING_DOWN", "Callback", "EngineClient", "EngineDeadError", "QueueFullError"]
+__all__ = ["SHUTTING_DOWN", "Callback", "EngineClient", "EngineDeadError", "QueueFullError", "error_update"]
 
 # The error of a request that arrived after shutdown began.
 SHUTTING_DOWN = "the engine is shutting down"
@@ -29,6 +29,12 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """More requests wait for their first token than ``max_waiting`` allows."""
+
+
+def error_update(request_id: str, message: str) -> RequestUpdate:
+    """The one update of a request that ends with ``message`` before (or instead of) any step."""
+    return RequestUpdate(request_id, 0, [], finish_reason="error",
+                         output=GenerationOutput(request_id, None, [], error=message))
 
 
 class EngineClient:

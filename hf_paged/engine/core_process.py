@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ..cache.geometry import max_model_len
-from .client import SHUTTING_DOWN
-from .outputs import GenerationOutput, RequestUpdate
+from .client import SHUTTING_DOWN, error_update
+from .outputs import RequestUpdate
 
 __all__ = ["CoreAddresses", "engine_factory", "load_engine", "run_engine_core"]
 
@@ -181,14 +181,14 @@ def _serve(engine, commands, decoder, send, parent: int) -> None:
             command = decoder.decode(raw.buffer)
             if isinstance(command, wire.AddRequest):
                 if deadline is not None:
-                    immediate.append(_error_update(command.request_id, SHUTTING_DOWN))
+                    immediate.append(error_update(command.request_id, SHUTTING_DOWN))
                     continue
                 try:
                     engine.add_request(command.prompt, command.params, command.request_id,
                                        stream_text=command.stream_text)
                     known.add(command.request_id)
                 except ValueError as e:  # a request id already in flight
-                    immediate.append(_error_update(command.request_id, str(e)))
+                    immediate.append(error_update(command.request_id, str(e)))
             elif isinstance(command, wire.AbortRequest):
                 engine.abort(command.request_id)
             else:  # Shutdown
@@ -207,10 +207,6 @@ def _serve(engine, commands, decoder, send, parent: int) -> None:
         if engine.has_unfinished():
             deliver(engine.step())
 
-
-def _error_update(request_id: str, message: str) -> RequestUpdate:
-    output = GenerationOutput(request_id, None, [], error=message)
-    return RequestUpdate(request_id, 0, [], finish_reason="error", output=output)
 
 
 def params_to_wire(params) -> dict | None:

@@ -27,10 +27,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from .client import SHUTTING_DOWN, EngineClient, EngineDeadError, QueueFullError
+from .client import SHUTTING_DOWN, EngineClient, EngineDeadError, QueueFullError, error_update
 from .core_process import CoreAddresses, params_to_wire, run_engine_core
 from .input_processor import Prompt
-from .outputs import GenerationOutput, RequestUpdate
+from .outputs import RequestUpdate
 from .sampling_params import SamplingParams
 
 __all__ = ["EngineProcessClient", "EngineStartError"]
@@ -167,9 +167,9 @@ class EngineProcessClient(EngineClient):
                 if bad is None:
                     self._send(self._wire.AddRequest(request_id, prompt, wire_params, stream_text))
         if duplicate:
-            _call(callback, _error_update(request_id, f"request_id {request_id!r} is already in use"))
+            _call(callback, error_update(request_id, f"request_id {request_id!r} is already in use"))
         elif bad is not None:  # pragma: no cover
-            self._deliver([_error_update(request_id, f"invalid sampling parameters: {bad}")])
+            self._deliver([error_update(request_id, f"invalid sampling parameters: {bad}")])
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -322,7 +322,7 @@ class EngineProcessClient(EngineClient):
         with self._lock:
             pending = list(self._callbacks)
         if pending:
-            self._deliver([_error_update(rid, message) for rid in pending])
+            self._deliver([error_update(rid, message) for rid in pending])
 
     def _kill_process(self) -> None:
         if self._process.is_alive():
@@ -341,8 +341,3 @@ def _call(callback: Callback, update: RequestUpdate) -> None:
         callback(update)
     except Exception:  # a consumer gone (closed event loop) must not stop the receiver
         logger.debug("dropped an update of %s: its consumer failed", update.request_id, exc_info=True)
-
-
-def _error_update(request_id: str, message: str) -> RequestUpdate:
-    output = GenerationOutput(request_id, None, [], error=message)
-    return RequestUpdate(request_id, 0, [], finish_reason="error", output=output)
