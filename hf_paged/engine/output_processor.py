@@ -38,6 +38,7 @@ class OutputProcessor:
     def updates(self, seqs: list[Sequence]) -> list[RequestUpdate]:
         """One update per advanced sample; the last one of a request that ended carries its output."""
         updates = []
+        last_of_finished: dict[str, tuple[RequestUpdate, Request]] = {}
         for seq in seqs:
             request = seq.request
             update = RequestUpdate(request.request_id, seq.sample_index, seq.token_ids[-1:])
@@ -45,12 +46,11 @@ class OutputProcessor:
                 update.text_delta = seq.detokenizer.take_delta(final=seq.is_finished)
             if seq.is_finished:
                 update.finish_reason = seq.finish_reason.value
+                if request.finished:
+                    last_of_finished[request.request_id] = (update, request)
             updates.append(update)
-        reported: set[str] = set()
-        for update, seq in zip(reversed(updates), reversed(seqs)):
-            if seq.request.finished and update.request_id not in reported:
-                reported.add(update.request_id)
-                update.output = self.output(seq.request)
+        for update, request in last_of_finished.values():
+            update.output = self.output(request)
         return updates
 
     def output(self, request: Request) -> GenerationOutput:
