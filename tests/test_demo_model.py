@@ -129,13 +129,6 @@ def test_the_hub_probe_gives_up_quickly():
 # -- the real model ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def smol_dir() -> Path:
-    """The wheel conversion in the user cache (converted on first use; skipped when it cannot be had)."""
-    try:
-        return demo_model_dir(hub=False)
-    except DemoModelUnavailable as e:
-        pytest.skip(f"real demo model unavailable: {e}")
 
 
 def test_the_wheel_converts_to_a_loadable_chat_model(smol_dir):

@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from hf_paged.demo_model import DemoModelUnavailable, demo_model_dir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 LM_EVAL_TASK = "hf_paged_mini_qa"
 
 
-@pytest.fixture(scope="module")
-def smol_dir() -> Path:
-    try:
-        return demo_model_dir(hub=False)
-    except DemoModelUnavailable as e:
-        pytest.skip(f"real demo model unavailable: {e}")
 
 
 def _lm_eval(pretrained: str, limit: int | None) -> dict:

@@ -13,7 +13,6 @@ import torch
 from tiny_models import continuation_text
 
 from hf_paged import Engine, SamplingParams, generate_batch
-from hf_paged.demo_model import DemoModelUnavailable, demo_model_dir
 from hf_paged.engine.generate import release_engine
 
 QUESTIONS = [
@@ -26,14 +25,11 @@ NEW_TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smol_dir):
     """(paged model, sdpa model, left-padding tokenizer), float32, from separate from_pretrained calls."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        path = demo_model_dir(hub=False)
-    except DemoModelUnavailable as e:
-        pytest.skip(f"real demo model unavailable: {e}")
+    path = smol_dir
     load = lambda impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl,
                                                              dtype=torch.float32).eval()
     paged, sdpa = load("paged"), load("sdpa")
