@@ -90,14 +90,16 @@ def test_two_replicas_match_one_engine(ray_local, model_dir, expected):
         assert outs[1].prompt == prompts[1] and outs[1].samples[0].text is not None
         served = [s["served"] for s in router.table.snapshot()]
         assert min(served) >= 10, served  # both replicas took a share
-        # A prompt whose first block a replica holds in its prefix cache goes back to that replica
-        # (in the burst above, room came first: the pools were full of reservations).
+        # A prompt whose first block a replica holds in its prefix cache goes back to that replica.
+        # Fresh prefixes, so that no request of the burst above can have evicted the block in between.
         for k in range(3):
-            last = max(i for i in range(0, 50, 2) if i % 3 == k and isinstance(prompts[i], list))
-            again = asyncio.run(router.generate(prompts[last][:21] + [7, 8], SamplingParams(max_new_tokens=2),
+            prefix = [1] + [90 + k] * 20
+            first = asyncio.run(router.generate(prefix + [5], SamplingParams(max_new_tokens=2),
+                                                request_id=f"first-{k}"))
+            again = asyncio.run(router.generate(prefix + [7, 8], SamplingParams(max_new_tokens=2),
                                                 request_id=f"again-{k}"))
-            assert router.assignments[f"again-{k}"] == router.assignments[f"dp-{last}"]
-            assert again.num_cached_tokens == 16
+            assert router.assignments[f"again-{k}"] == router.assignments[f"first-{k}"]
+            assert first.num_cached_tokens == 0 and again.num_cached_tokens == 16
         assert all(s["free_blocks"] == s["num_blocks"] for s in router.pool_stats())
 
 
