@@ -260,10 +260,12 @@ def run_hf_paged(engine: Engine, requests, args) -> dict:
     params = [_params(n) for _, n in requests]
     # Warm-up: Triton compiles/tunes for prefill and decode shapes; distinct random prompts so the
     # timed run gets no prefix-cache help from it.
+    t_warm = time.perf_counter()
     warm = make_workload("uniform", 8, engine.vocab_size, args.seed + 1000, 0.05 if args.tiny else 0.25)
     engine.generate([p for p, _ in warm], [_params(n) for _, n in warm])
     engine.block_manager.reset_prefix_cache()
     sync(args.device)
+    first_requests_s = time.perf_counter() - t_warm  # anything the engine's own warm-up missed compiles here
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     engine.reset_stats()
@@ -288,6 +290,7 @@ def run_hf_paged(engine: Engine, requests, args) -> dict:
         kv_peak_blocks_used=st.peak_blocks_used, kv_peak_used_gib=st.peak_blocks_used * per_block / 2**30,
         kv_waste=st.kv_waste, preemptions=st.preemptions, prefix_hit_rate=st.prefix_hit_rate, steps=st.steps,
         median_ttft_s=ttft[len(ttft) // 2] if ttft else None,
+        engine_warmup_s=engine.warmup_s, first_requests_s=first_requests_s,
     )
 
 
@@ -320,78 +323,80 @@ def profile_engine(engine: Engine, requests, args) -> dict:
 
 
 def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) -> dict:
+    """Device-busy share per step kind (each step profiled on its own, device activity only, so the
+    profiler adds little host time), the syncs of one step of each kind, and one op table."""
     engine.block_manager.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
     for p, n in requests:
         engine.add_request(p, _params(n))
-    # Reach a steady mix: run until every request has been admitted at least once or 50 steps.
-    for _ in range(50):
-        engine.step()
-        if not engine.scheduler.waiting:
-            break
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
-    sync(args.device)
-    t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(args.profile_steps):
-            engine.step()
-        sync(args.device)
-    wall = time.perf_counter() - t0
+    cuda = torch.device(args.device).type == "cuda"
+    schedule = engine.scheduler.schedule
+    kind = {"now": "mixed"}
 
-    # Device syncs inside one step (expected: the sampler's token copy only).
-    sync_warnings = []
-    if torch.device(args.device).type == "cuda":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
+    def schedule_and_classify():
+        out = schedule()
+        kind["now"] = "decode" if out.is_decode_only else "mixed"
+        return out
+
+    engine.scheduler.schedule = schedule_and_classify
+    per_kind: dict[str, dict] = {}
+    syncs: dict[str, list[str]] = {}
+    table = None
+    try:
+        while engine.has_unfinished() and not all(
+            per_kind.get(k, {}).get("steps", 0) >= args.profile_steps for k in ("decode", "mixed")
+        ):
+            sync(args.device)
+            with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
                 engine.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        sync_warnings = [str(w.message).splitlines()[0] for w in caught]
+                sync(args.device)
+                wall = time.perf_counter() - t0
+            entry = per_kind.setdefault(kind["now"], dict(steps=0, wall_ms=0.0, device_ms=0.0))
+            if entry["steps"] >= args.profile_steps:
+                continue
+            events = prof.key_averages()
+            attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            entry["steps"] += 1
+            entry["wall_ms"] += wall * 1e3
+            entry["device_ms"] += sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3 if cuda else 0.0
+            if cuda and kind["now"] not in syncs and engine.has_unfinished():
+                syncs[kind["now"]] = _syncs_of_one_step(engine)
+            if cuda and table is None and kind["now"] == "mixed":
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    engine.step()
+                    sync(args.device)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                  max_name_column_width=50)
+    finally:
+        engine.scheduler.schedule = schedule
     for rid in list(engine._requests):
         engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
+    print(f"\n== profile: device busy per step kind (each step on its own) ==")
+    for k, e in per_kind.items():
+        e["device_busy_pct"] = 100 * e["device_ms"] / e["wall_ms"] if e["wall_ms"] else None
+        e["wall_ms_per_step"] = e["wall_ms"] / max(e["steps"], 1)
+        e["syncs"] = syncs.get(k, [])
+        print(f"  {k:7s} {e['steps']} steps, {e['wall_ms_per_step']:.2f} ms/step, device busy "
+              f"{e['device_busy_pct'] or 0:.0f}%, device->host syncs in a step: {len(e['syncs'])}")
+        for w in e["syncs"][:5]:
+            print("     ", w)
+    if table:
+        print("host ops of one mixed step (CPU time):")
+        print(table)
+    return per_kind
 
-    events = prof.key_averages()
-    device_attr = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
-    cats = {"attention": 0.0, "gemm": 0.0, "sampler": 0.0, "kv_store": 0.0, "other_kernels": 0.0}
-    for e in events:
-        t = getattr(e, f"self_{device_attr}", 0.0) or 0.0
-        if not t or e.key.startswith("engine/"):
-            continue
-        k = e.key.lower()
-        if "attn" in k or "attention" in k or "paged" in k:
-            cats["attention"] += t
-        elif "store" in k or "index_copy" in k or "index_put" in k:
-            cats["kv_store"] += t
-        elif any(s in k for s in ("gemm", "matmul", "mm", "cutlass", "nvjet", "xmma", "sm90", "linear")):
-            cats["gemm"] += t
-        elif any(s in k for s in ("argmax", "exponential", "softmax", "sort", "topk")):
-            cats["sampler"] += t
-        else:
-            cats["other_kernels"] += t
-    regions = {e.key: e.cpu_time_total / 1e3 for e in events if e.key.startswith("engine/")}
-    print(f"\n== profile: {args.profile_steps} engine steps, {wall * 1e3:.1f} ms wall "
-          f"({wall * 1e3 / args.profile_steps:.2f} ms/step) ==")
-    print("host time per region (ms, all steps):")
-    for k, v in sorted(regions.items(), key=lambda kv: -kv[1]):
-        print(f"  {k:28s} {v:9.2f}")
-    total_dev = sum(cats.values())
-    if total_dev:
-        print("device kernel time by category (ms, all steps):")
-        for k, v in sorted(cats.items(), key=lambda kv: -kv[1]):
-            print(f"  {k:28s} {v / 1e3:9.2f}  ({100 * v / total_dev:4.1f}%)")
-        print(f"  device busy {total_dev / 1e3:.2f} ms of {wall * 1e3:.2f} ms wall "
-              f"({100 * total_dev / 1e3 / (wall * 1e3):.0f}%): the rest is host overhead (Python, launches)")
-    sort_key = f"self_{device_attr}" if total_dev else "self_cpu_time_total"
-    print(events.table(sort_by=sort_key, row_limit=20, max_name_column_width=60))
-    if sync_warnings:
-        print(f"device->host syncs in one step: {len(sync_warnings)}")
-        for w in sync_warnings[:10]:
-            print("  ", w)
-    return dict(steps=args.profile_steps, wall_ms=wall * 1e3, host_regions_ms=regions,
-                device_ms={k: v / 1e3 for k, v in cats.items()}, syncs_per_step=len(sync_warnings))
+
+def _syncs_of_one_step(engine: Engine) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0] for w in caught]
 
 
 def _labelled(record_function, label, fn, *a, **k):
@@ -492,7 +497,8 @@ def _print_result(label: str, r: dict) -> None:
     extra = ""
     if "kv_waste" in r:
         extra = (f" | KV pool {r['kv_pool_gib']:.1f} GiB, peak used {r['kv_peak_used_gib']:.2f} GiB, "
-                 f"waste {100 * r['kv_waste']:.1f}%, preemptions {r['preemptions']}, prefix hits {100 * r['prefix_hit_rate']:.1f}%")
+                 f"waste {100 * r['kv_waste']:.1f}%, preemptions {r['preemptions']}, prefix hits {100 * r['prefix_hit_rate']:.1f}%"
+                 f" | engine warm-up {r['engine_warmup_s']:.1f} s, then 8 warm-up requests {r['first_requests_s']:.1f} s")
     print(f"  {label:34s} {r['output_tok_per_s']:10.1f} out tok/s  ({r['requests']} req, {r['output_tokens']} tok, "
           f"{r['elapsed_s']:.1f} s) | {mem}{extra}")
 

@@ -341,3 +341,15 @@ def test_sampling_params_validation(field, value):
         SamplingParams(**{field: value})
     with pytest.raises(ValueError, match="unknown sampling parameter"):
         SamplingParams.coerce({"temprature": 1.0})
+
+
+def test_warm_up_gives_back_every_block_and_caches_nothing(llama):
+    """The construction-time warm-up (run on CUDA) takes blocks and gives them all back, caching nothing."""
+    ref, paged = llama
+    prompts = _prompts(4, 20, 40)
+    expected = [o.token_ids for o in _run(paged, prompts, num_blocks=64, block_size=4)[0]]
+    engine = Engine(paged, num_blocks=64, block_size=4)
+    engine.runner.warm_up(engine.block_manager, max_num_batched_tokens=64)
+    _assert_pool_whole(engine)
+    assert engine.block_manager.num_cached_blocks == 0
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected

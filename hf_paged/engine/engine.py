@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Sequence as SequenceABC
 
 import torch
@@ -84,7 +85,12 @@ class Engine:
         self.block_size = block_size
         self.block_manager = BlockManager(self.kv_pool.blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        started = time.perf_counter()
         self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs and not tp)
+        if self.kv_pool.device.type == "cuda":
+            self.runner.warm_up(self.block_manager, max_num_batched_tokens)
+        #: Seconds spent at construction capturing decode graphs and compiling kernels (CUDA).
+        self.warmup_s = time.perf_counter() - started
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.inputs = InputProcessor(tokenizer, vocab_size=self.vocab_size, eos_token_ids=eos_token_ids(model),

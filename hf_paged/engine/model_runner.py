@@ -14,8 +14,11 @@ from ..cache.geometry import max_model_len
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
+from .block_manager import BlockManager
 from .cuda_graphs import DecodeGraphs
-from .scheduler import SchedulerOutput
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledChunk, SchedulerOutput
+from .sequence import Request, Sequence
 
 __all__ = ["ModelRunner", "StepInputs", "prepare_model"]
 
@@ -193,6 +196,29 @@ class ModelRunner:
         if self._pin:
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)
+
+    def warm_up(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
+        """Compile every kernel specialisation a step may launch, before any request is served.
+
+        Runs one sequence's forward at each power-of-two query length up to 128 (the kernels pick
+        their tiles by query length) over a short and a long context (the long one splits the keys),
+        in blocks taken from ``block_manager`` and given back. Decode graphs were captured already.
+        """
+        request = Request("warm-up", [0], SamplingParams(), frozenset())
+        longest = min(block_manager.capacity_tokens // 2, max_model_len(self.model) or 4096, 8192)
+        lengths = [q for q in (1, 2, 4, 8, 16, 32, 64, 128) if q <= max_num_batched_tokens]
+        for context in sorted({min(128, longest), longest}):
+            for q in (q for q in lengths if q <= context):
+                seq = Sequence(-1, request, 0, [0] * context)
+                if not block_manager.can_append(seq, context):
+                    return
+                block_manager.append(seq, context)
+                try:
+                    self.execute(SchedulerOutput([ScheduledChunk(seq, context - q, q, [seq])], q))
+                finally:
+                    block_manager.free(seq)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         """Drop the captured graphs and their memory pool."""

@@ -103,7 +103,9 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialised on (divisibility by 16, == 1):
+# each combination would compile a kernel of its own, in the middle of serving.
+@triton.jit(do_not_specialize=["stride_bt", "tiles_per_seq", "num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr,
     cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr,
@@ -198,7 +200,7 @@ def _paged_attention_kernel(
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     o_ptr, part_o_ptr, part_lse_ptr, stride_ot, stride_oh, stride_od, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
@@ -272,6 +274,11 @@ def choose_num_splits(programs: int, max_context_len: int, block_n: int, num_sms
     want = math.ceil(target * num_sms / max(programs, 1))
     useful = max(1, max_context_len // (2 * block_n))
     return max(1, min(want, useful, MAX_SPLITS))
+
+
+def _split_pad(num_splits: int) -> int:
+    """Partials the reduce kernel loads at once: three sizes, so that it compiles three times at most."""
+    return next(p for p in (4, 16, MAX_SPLITS) if num_splits <= p)
 
 
 def _interpreting() -> bool:
@@ -352,7 +359,7 @@ def paged_attention(
     if split:
         _reduce_kernel[(total_q, num_heads)](
             out, part_o, part_lse, *out.stride(), num_splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(num_splits)),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_split_pad(num_splits),
             num_warps=4 if d_pad >= 128 else 2,
         )
     return out
