@@ -3,10 +3,10 @@
     python bench/step_breakdown.py [--num-requests 1024] [--max-num-seqs 512] [--tiny]
 
 Runs the uniform workload of `bench/throughput.py` (same model shape) through `Engine.step` with
-every phase timed on the host: schedule, runner (pack, upload, launch), sample (waits for the
-device: the one device->host copy of a step), `update_from_output`, output processing and the rest
-(stats, bookkeeping). Host phases other than "sample" are time the GPU may sit idle; "sample" is
-mostly the wait for the forward. Warm-up runs first so no Triton compile is timed.
+every phase timed on the host: schedule, runner (pack, upload, launch), sample (launch), wait (for
+the step's tokens: the one device->host copy), `update_from_output`, output processing and the rest
+(stats, bookkeeping). Without async scheduling the host phases other than "wait" are time the GPU
+sits idle; with it, they overlap the step in flight. Warm-up runs first so no Triton compile is timed.
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ import torch
 from throughput import _params, build_models, make_workload, sync
 
 from hf_paged import Engine
+from hf_paged.engine import engine as engine_module
 
 PHASES = {"schedule": ("scheduler", "schedule"), "runner": ("runner", "execute"),
-          "sample": ("sampler", "__call__"), "update_from_output": ("scheduler", "update_from_output"),
-          "output_processing": ("outputs", "updates")}
+          "sample": ("sampler", "tokens"), "wait": (None, "result"),
+          "update_from_output": ("scheduler", "update_from_output"), "output_processing": ("outputs", "updates")}
 
 
 def instrument(engine: Engine, totals: dict[str, float]) -> None:
-    """Wrap each phase's method on ``engine`` to add its wall time to ``totals``."""
+    """Wrap each phase's method on ``engine`` (``None``: the class of a launched step) to add its wall time to ``totals``."""
     for phase, (attr, method) in PHASES.items():
-        owner = getattr(engine, attr)
-        fn = owner if method == "__call__" else getattr(owner, method)
+        owner = getattr(engine, attr) if attr else engine_module._LaunchedStep
+        fn = getattr(owner, method)
 
         def timed(*args, _fn=fn, _phase=phase, **kwargs):
             t0 = time.perf_counter()
@@ -41,10 +42,7 @@ def instrument(engine: Engine, totals: dict[str, float]) -> None:
             finally:
                 totals[_phase] += time.perf_counter() - t0
 
-        if method == "__call__":
-            setattr(engine, attr, timed)
-        else:
-            setattr(owner, method, timed)
+        setattr(owner, method, timed)
 
 
 def main() -> None:
@@ -56,13 +54,15 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-async-scheduling", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/step-breakdown-<gpu>-<date>.json)")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     _, model, _ = build_models(args)
     engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     memory_fraction=args.memory_fraction if args.device == "cuda" else None,
-                    num_blocks=None if args.device == "cuda" else 4096)
+                    num_blocks=None if args.device == "cuda" else 4096,
+                    async_scheduling=False if args.no_async_scheduling else None)
     scale = 0.05 if args.tiny else 1.0
     warm = make_workload("uniform", 16, engine.vocab_size, args.seed + 1000, scale)
     engine.generate([q for q, _ in warm], [_params(n) for _, n in warm])

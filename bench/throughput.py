@@ -68,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, default=None, help="KV pool size in blocks (overrides --memory-fraction)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
+    p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step's tokens before the next")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -248,6 +249,7 @@ def make_engine(model, args) -> Engine:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.no_cuda_graphs,
+        async_scheduling=False if args.no_async_scheduling else None,
     )
 
 
@@ -306,25 +308,22 @@ def profile_engine(engine: Engine, requests, args) -> dict:
         setattr(obj, name, lambda *a, **k: _labelled(record_function, label, fn, *a, **k))
 
     # Instance attributes shadow the methods; deleting them afterwards restores the originals.
-    wrapped = [(engine.scheduler, "schedule"), (engine.runner, "prepare"), (engine.scheduler, "update_from_output"),
-               (engine.outputs, "updates"), (engine.runner.model, "forward")]
+    wrapped = [(engine.scheduler, "schedule"), (engine.runner, "_pack"), (engine.scheduler, "update_from_output"),
+               (engine.outputs, "updates"), (engine.runner.model, "forward"), (engine.sampler, "tokens")]
     labels = ["engine/schedule", "engine/prepare_inputs", "engine/update_from_output", "engine/output_processing",
-              "engine/forward"]
+              "engine/forward", "engine/sample"]
     for (obj, name), label in zip(wrapped, labels):
         wrap(obj, name, label)
-    sampler = engine.sampler
-    engine.sampler = lambda logits, seqs: _labelled(record_function, "engine/sample", sampler, logits, seqs)
     try:
         return _profile_steps(engine, requests, args, profile, ProfilerActivity)
     finally:
         for obj, name in wrapped:
             delattr(obj, name)
-        engine.sampler = sampler
 
 
 def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) -> dict:
-    """Device-busy share per step kind (each step profiled on its own, device activity only, so the
-    profiler adds little host time), the syncs of one step of each kind, and one op table."""
+    """Device-busy share per step kind (windows of consecutive steps of one kind, device activity
+    only, so the profiler adds little host time), the syncs of one step of each kind, one op table."""
     engine.block_manager.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
     for p, n in requests:
         engine.add_request(p, _params(n))
@@ -341,27 +340,37 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     per_kind: dict[str, dict] = {}
     syncs: dict[str, list[str]] = {}
     table = None
+    windows = 3  # per step kind
     try:
         while engine.has_unfinished() and not all(
-            per_kind.get(k, {}).get("steps", 0) >= args.profile_steps for k in ("decode", "mixed")
+            per_kind.get(k, {}).get("windows", 0) >= windows for k in ("decode", "mixed")
         ):
+            # A window of consecutive steps (so async scheduling overlaps as it does when serving),
+            # counted for a kind when all its steps were of that kind.
             sync(args.device)
+            kinds = set()
             with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
-                engine.step()
+                for _ in range(args.profile_steps):
+                    engine.step()
+                    kinds.add(kind["now"])
                 sync(args.device)
                 wall = time.perf_counter() - t0
-            entry = per_kind.setdefault(kind["now"], dict(steps=0, wall_ms=0.0, device_ms=0.0))
-            if entry["steps"] >= args.profile_steps:
+            if len(kinds) != 1:
+                continue
+            k = kinds.pop()
+            entry = per_kind.setdefault(k, dict(windows=0, steps=0, wall_ms=0.0, device_ms=0.0))
+            if entry["windows"] >= windows:
                 continue
             events = prof.key_averages()
             attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-            entry["steps"] += 1
+            entry["windows"] += 1
+            entry["steps"] += args.profile_steps
             entry["wall_ms"] += wall * 1e3
             entry["device_ms"] += sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3 if cuda else 0.0
-            if cuda and kind["now"] not in syncs and engine.has_unfinished():
-                syncs[kind["now"]] = _syncs_of_one_step(engine)
-            if cuda and table is None and kind["now"] == "mixed":
+            if cuda and k not in syncs and engine.has_unfinished():
+                syncs[k] = _syncs_of_one_step(engine)
+            if cuda and table is None and k == "mixed":
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     engine.step()
                     sync(args.device)
@@ -373,7 +382,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
         engine.abort(rid)
     while engine.has_unfinished():
         engine.step()
-    print(f"\n== profile: device busy per step kind (each step on its own) ==")
+    print(f"\n== profile: device busy per step kind (windows of {args.profile_steps} consecutive steps) ==")
     for k, e in per_kind.items():
         e["device_busy_pct"] = 100 * e["device_ms"] / e["wall_ms"] if e["wall_ms"] else None
         e["wall_ms_per_step"] = e["wall_ms"] / max(e["steps"], 1)

@@ -69,6 +69,9 @@ ENGINE_SETUPS = {
     "few-seqs": dict(num_blocks=256, max_num_seqs=2),
     # One sequence of 40 + 12 tokens needs 13 blocks of 4: the batch must preempt and recompute.
     "preempting": dict(num_blocks=16, block_size=4, max_num_batched_tokens=24),
+    # One step in flight (the default on CUDA): the same tokens under chunking and preemption.
+    "async-chunked-prefill": dict(num_blocks=256, max_num_batched_tokens=16, async_scheduling=True),
+    "async-preempting": dict(num_blocks=16, block_size=4, max_num_batched_tokens=24, async_scheduling=True),
 }
 
 
@@ -83,7 +86,7 @@ def test_greedy_matches_generate(llama, setup):
     assert stats.output_tokens == sum(len(o.token_ids) for o in outs)
     assert 0 < stats.peak_blocks_used <= engine.kv_pool.num_blocks
     assert 0.0 <= stats.kv_waste < 1.0
-    if setup == "preempting":
+    if "preempting" in setup:
         assert stats.preemptions > 0
     else:
         assert stats.preemptions == 0
@@ -353,3 +356,53 @@ def test_warm_up_gives_back_every_block_and_caches_nothing(llama):
     _assert_pool_whole(engine)
     assert engine.block_manager.num_cached_blocks == 0
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+
+
+def test_async_scheduling_keeps_every_meaning(llama):
+    """One step in flight: stop tokens and stop strings found a step late drop the extra token; an
+    abort while a step runs loses nothing else; penalties and logprobs make their steps synchronous.
+    Everything matches the synchronous engine."""
+    paged, ref = llama
+    tok = make_tokenizer()
+    prompts = _prompts(8, 4, 30, seed=21)
+    free = _run(paged, prompts[:1], SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+                num_blocks=64)[0][0]
+    stop_id = free.token_ids[4]
+    params = [
+        SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=[stop_id]),
+        SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, stop=["w5", "w9"]),
+        SamplingParams(max_new_tokens=7, temperature=0.9, seed=3, n=2),
+        SamplingParams(max_new_tokens=9, temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=9, temperature=0.0, logprobs=2),
+        SamplingParams(max_new_tokens=6, temperature=0.0, prompt_logprobs=1),
+        SamplingParams(max_new_tokens=1, temperature=0.0),
+        GREEDY,
+    ]
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(paged, num_blocks=64, block_size=4, max_num_batched_tokens=32, tokenizer=tok,
+                        async_scheduling=overlap)
+        runs[overlap] = engine.generate(prompts, params)
+        _assert_pool_whole(engine)
+    for want, got in zip(runs[False], runs[True]):
+        assert [(s.token_ids, s.text, s.finish_reason, s.logprobs) for s in got.samples] == \
+               [(s.token_ids, s.text, s.finish_reason, s.logprobs) for s in want.samples]
+        assert got.prompt_logprobs == want.prompt_logprobs
+    assert runs[True][0].token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+
+    # Abort while its step is in flight: reported once, blocks back, the others as in a run without it.
+    engine = Engine(paged, num_blocks=64, block_size=4, async_scheduling=True)
+    ids = [engine.add_request(p, GREEDY) for p in prompts[:4]]
+    results = {}
+    for _ in range(3):
+        for u in engine.step():
+            if u.output:
+                results[u.request_id] = u.output
+    assert engine._in_flight is not None and engine.abort(ids[2])
+    for u in engine.iter_updates():
+        if u.output:
+            assert u.request_id not in results
+            results[u.request_id] = u.output
+    _assert_pool_whole(engine)
+    assert results[ids[2]].finish_reason == "abort" and len(results[ids[2]].token_ids) <= GREEDY.max_new_tokens
+    _assert_matches_reference(ref, [prompts[i] for i in (0, 1, 3)], [results[ids[i]] for i in (0, 1, 3)])

@@ -28,5 +28,8 @@ def test_tiny_benchmark_writes_results(bench, tmp_path):
         assert ours["output_tokens"] > 0 and ours["output_tok_per_s"] > 0
         assert 0.0 <= ours["kv_waste"] < 1.0
         assert results["transformers_generate"]["hf_paged_speedup"] > 0
-        assert "device_ms" in results["profile"]
+        assert results["profile"], "no window of one step kind was profiled"
+        for kind, entry in results["profile"].items():
+            assert kind in ("decode", "mixed") and entry["steps"] > 0 and "device_busy_pct" in entry
+        assert ours["engine_warmup_s"] >= 0
     assert report["versions"]["transformers"]

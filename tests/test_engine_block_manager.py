@@ -19,7 +19,7 @@ def _prefill(bm: BlockManager, seq: Sequence) -> None:
     n = bm.try_admit(seq, 1000, count_query=True)
     assert n > 0
     seq.num_computed_tokens += n
-    bm.commit(seq)
+    bm.commit(seq, seq.num_computed_tokens)
 
 
 def test_prefix_hits_revive_freed_blocks_and_skip_the_last_token_block():

@@ -160,11 +160,13 @@ class BlockManager:
         child.num_committed_blocks = parent.num_committed_blocks
         child.num_computed_tokens = parent.num_computed_tokens
 
-    def commit(self, seq: Sequence) -> None:
-        """Register the blocks ``seq`` has filled since the last call in the prefix cache."""
+    def commit(self, seq: Sequence, num_computed: int) -> None:
+        """Register in the prefix cache the blocks ``seq`` has filled since the last call, up to
+        ``num_computed`` tokens (those whose K/V a finished step wrote)."""
         if not self.enable_prefix_caching:
             return
-        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        full = min(num_computed, len(seq.token_ids)) // self.block_size
+        full = min(full, len(seq.block_table))
         if full <= seq.num_committed_blocks:
             return
         self._extend_hashes(seq, full)

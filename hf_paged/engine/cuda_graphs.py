@@ -40,19 +40,24 @@ class DecodeGraphs:
         bs = kv_pool.block_size
         self.max_context = -(-max_context // bs) * bs
         device, n = kv_pool.device, max_batch
-        # int64 inputs travel in one copy: token ids | positions | slots (-1: padding, store nothing).
-        self._i64 = torch.zeros(3 * n, dtype=torch.int64, device=device)
-        self._ids, self._positions, self._slots = self._i64.view(3, n)
+        # int64 inputs travel in one copy: token ids | positions | slots (-1: padding, store nothing)
+        # | positions and source rows of the tokens still being sampled by the previous step.
+        self._i64 = torch.zeros(5 * n, dtype=torch.int64, device=device)
+        self._ids, self._positions, self._slots, self._fill_at, self._fill_from = self._i64.view(5, n)
         self._context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self._block_tables = torch.zeros(n, self.max_context // bs, dtype=torch.int32, device=device)
         self._cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per row, always
         self._kv_start = torch.zeros(n, dtype=torch.int32, device=device)
         self._rows = torch.arange(n, device=device)
-        # Pinned staging buffers, refilled each step (the previous step's copies are done by then:
-        # the engine waits for its sampled tokens).
-        self._host64 = torch.zeros(3, n, dtype=torch.int64).pin_memory()
-        self._host_ctx = torch.zeros(n, dtype=torch.int32).pin_memory()
-        self._host_tables = torch.zeros(n, self.max_context // bs, dtype=torch.int32).pin_memory()
+        # Two sets of pinned staging buffers, used in turn: with async scheduling the host fills
+        # step N+1's while step N's copies may still be in flight (step N-1's are done: the engine
+        # has waited for its sampled tokens).
+        self._staging = [
+            (torch.zeros(5, n, dtype=torch.int64).pin_memory(), torch.zeros(n, dtype=torch.int32).pin_memory(),
+             torch.zeros(n, self.max_context // bs, dtype=torch.int32).pin_memory())
+            for _ in range(2)
+        ]
+        self._turn = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -66,16 +71,26 @@ class DecodeGraphs:
         slots: torch.Tensor,
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
+        fill: torch.Tensor | None = None,
+        last_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One decode step from host tensors (``[S]`` each, ``block_tables`` ``[S, W]``); ``[S, V]`` logits."""
+        """One decode step from host tensors (``[S]`` each, ``block_tables`` ``[S, W]``); ``[S, V]`` logits.
+
+        ``fill`` (``[2, F]``: rows of ``input_ids`` and rows of ``last_tokens``) names the input
+        tokens the previous step is still sampling; they are taken from ``last_tokens`` on the device.
+        """
         num_seqs, width = block_tables.shape
         bucket = self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
-        host, host_ctx, host_tables = self._host64, self._host_ctx, self._host_tables
+        host, host_ctx, host_tables = self._staging[self._turn]
+        self._turn ^= 1
+        num_fill = 0 if fill is None or last_tokens is None else fill.shape[1]
         host[:, num_seqs:] = 0
         host[2, num_seqs:] = -1
         host[0, :num_seqs] = input_ids
         host[1, :num_seqs] = positions
         host[2, :num_seqs] = slots
+        if num_fill:
+            host[3:, :num_fill] = fill
         host_ctx[num_seqs:] = 0
         host_ctx[:num_seqs] = context_lens
         host_tables[:num_seqs, :width] = block_tables
@@ -83,6 +98,8 @@ class DecodeGraphs:
         self._context_lens.copy_(host_ctx, non_blocking=True)
         # Entries beyond a row's context are never read, so only the used columns travel.
         self._block_tables[:num_seqs, :width].copy_(host_tables[:num_seqs, :width], non_blocking=True)
+        if num_fill:
+            self._ids[self._fill_at[:num_fill]] = last_tokens[self._fill_from[:num_fill]]
         graph, logits = self._graphs[bucket]
         graph.replay()
         return logits[:num_seqs]

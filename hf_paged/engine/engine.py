@@ -15,7 +15,7 @@ from .block_manager import BlockManager
 from .input_processor import InputProcessor, Prompt, eos_token_ids, per_prompt
 from .model_runner import ModelRunner, prepare_model
 from .output_processor import OutputProcessor
-from .outputs import EngineStats, GenerationOutput, RequestUpdate
+from .outputs import EngineStats, GenerationOutput, RequestUpdate, SamplerOutput
 from .sampler import Sampler, prompt_logprob_rows, sample_step
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -53,6 +53,11 @@ class Engine:
             request, `add_request`'s ``stream_text`` overrides it.
         cuda_graphs: on CUDA, replay captured graphs for decode-only steps (off under tensor
             parallelism, where capturing the collectives is untested).
+        async_scheduling: schedule and launch step N+1 while the device still runs step N; the
+            host learns step N's tokens one step later (for stop checks and streaming), and a
+            request that stops at step N may compute one more token, which is dropped. Steps with
+            penalties, logprobs or prompt logprobs run synchronously. Default: on for CUDA (off
+            under tensor parallelism).
 
     Example:
         >>> with Engine(model, num_blocks=1024, tokenizer=tok) as engine:  # doctest: +SKIP
@@ -65,7 +70,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
                  memory_fraction: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, tokenizer=None, stream_text: bool = False,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, async_scheduling: bool | None = None) -> None:
         _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         **({} if num_blocks is None else {"num_blocks": num_blocks}))
         prepare_model(model)
@@ -92,6 +97,10 @@ class Engine:
         #: Seconds spent at construction capturing decode graphs and compiling kernels (CUDA).
         self.warmup_s = time.perf_counter() - started
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
+        if async_scheduling is None:
+            async_scheduling = self.kv_pool.device.type == "cuda"
+        self.async_scheduling = async_scheduling and self.tp is None
+        self._in_flight: _LaunchedStep | None = None  # launched, its tokens not read yet
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.inputs = InputProcessor(tokenizer, vocab_size=self.vocab_size, eos_token_ids=eos_token_ids(model),
                                      capacity_tokens=self.block_manager.capacity_tokens)
@@ -146,27 +155,56 @@ class Engine:
         return bool(self._requests) or bool(self._pending)
 
     def step(self) -> list[RequestUpdate]:
-        """Schedule, run one forward, sample, update the sequences, report: the updates of this step."""
+        """Schedule, run one forward, sample, update the sequences, report: the updates of this step.
+
+        With async scheduling the updates are those of the step launched by the previous call,
+        whose tokens the host reads while the device runs this one.
+        """
         updates, self._pending = self._pending, []
         if not self.scheduler.has_unfinished:
-            return updates
+            return updates + self._finish_in_flight()
         out = self.scheduler.schedule()
-        self._stats.step_started()
         if out.empty:
+            if self._in_flight is not None:  # the running sequences wait for their last tokens
+                return updates + self._finish_in_flight()
             # Nothing fits although nothing runs (input processing rejects what no pool holds): fail, never spin.
             return updates + [self._fail(self.scheduler.waiting[0].request, "the request does not fit the KV pool")]
+        self._stats.step_started()
         rows = prompt_logprob_rows(out)
+        samplers = [s for c in out.chunks for s in c.samplers]
+        # Logprobs are turned into Python values at once; penalties read every token on the host.
+        on_host = bool(rows) or any(s.request.params.logprobs is not None for s in samplers)
+        overlap = self.async_scheduling and not on_host and not any(s.request.params.has_penalties for s in samplers)
+        if not overlap:  # this step reads host state the step in flight has not written yet
+            updates += self._finish_in_flight()
+        previous = self._in_flight.tokens if self._in_flight is not None else None
         try:
             copies = self.block_manager.take_pending_copies()
-            logits = self.runner.execute(out, copies, [(r.chunk_index, r.offset, r.count) for r in rows])
-            sampled = sample_step(self.sampler, out, logits, rows)
+            logits = self.runner.execute(out, copies, [(r.chunk_index, r.offset, r.count) for r in rows], previous)
+            if on_host:
+                launched = _LaunchedStep(out, sampled=sample_step(self.sampler, out, logits, rows))
+            else:
+                launched = _LaunchedStep(out, tokens=self.sampler.tokens(logits, samplers))
         except Exception as e:  # a failing forward fails this step's requests, not the engine
             logger.exception("engine step failed")
             failed = {id(c.seq.request): c.seq.request for c in out.chunks}
-            return updates + [self._fail(r, f"model step failed: {type(e).__name__}: {e}") for r in failed.values()]
-        advanced = self.scheduler.update_from_output(out, sampled)
+            updates += [self._fail(r, f"model step failed: {type(e).__name__}: {e}") for r in failed.values()]
+            return updates + self._finish_in_flight()
+        if overlap:
+            launched, self._in_flight = self._in_flight, launched
+            return updates + (self._process(launched) if launched is not None else [])
+        return updates + self._process(launched)
+
+    def _finish_in_flight(self) -> list[RequestUpdate]:
+        launched, self._in_flight = self._in_flight, None
+        return self._process(launched) if launched is not None else []
+
+    def _process(self, launched: _LaunchedStep) -> list[RequestUpdate]:
+        """Advance the sequences of a launched step by its tokens and turn them into updates."""
+        advanced = self.scheduler.update_from_output(launched.out, launched.result())
         for seq in self.outputs.find_stop_strings(advanced):
             self.scheduler.finish(seq, FinishReason.STOP)
+        updates = []
         for update in self.outputs.updates(advanced):
             if update.output is not None:
                 self._forget(self._requests[update.request_id])
@@ -239,6 +277,7 @@ class Engine:
         for request_id in list(self._requests):
             self.abort(request_id)
         self._pending.clear()
+        self._in_flight = None
         self._closed = True
         self.runner.close()
         self.kv_pool.release()
@@ -248,6 +287,34 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _LaunchedStep:
+    """A step whose forward and sampling are queued on the device.
+
+    Its tokens are either known already (``sampled``, a synchronous step) or still on the device
+    (``tokens``): they are copied to pinned host memory at once, and `result` waits for that copy.
+    """
+
+    __slots__ = ("out", "sampled", "tokens", "_host", "_ready")
+
+    def __init__(self, out, *, sampled: SamplerOutput | None = None, tokens: torch.Tensor | None = None) -> None:
+        self.out, self.sampled, self.tokens = out, sampled, tokens
+        self._host = self._ready = None
+        if tokens is not None and tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def result(self) -> SamplerOutput:
+        if self.sampled is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+                self.sampled = SamplerOutput(self._host.tolist())
+            else:
+                self.sampled = SamplerOutput(self.tokens.tolist())
+        return self.sampled
 
 
 def _check_positive(**values: int) -> None:

@@ -18,7 +18,7 @@ from .block_manager import BlockManager
 from .cuda_graphs import DecodeGraphs
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, SchedulerOutput
-from .sequence import Request, Sequence
+from .sequence import Request, Sequence as SequenceState
 
 __all__ = ["ModelRunner", "StepInputs", "prepare_model"]
 
@@ -73,6 +73,8 @@ class _HostStep(NamedTuple):
     context_lens: torch.Tensor
     block_tables: torch.Tensor
     max_seqlen_q: int
+    # [2, F]: positions in ``input_ids`` whose token the previous step is still sampling, and its rows.
+    fill: torch.Tensor
 
 
 class ModelRunner:
@@ -136,9 +138,16 @@ class ModelRunner:
         lens: list[int] = []
         tables: list[list[int]] = []
         samples: list[int] = []
+        fill_at: list[int] = []
+        fill_from: list[int] = []
         for c in chunks:
             seq = c.seq
-            ids.extend(seq.token_ids[c.start : c.start + c.num_tokens])
+            known = seq.token_ids[c.start : c.start + c.num_tokens]
+            ids.extend(known)
+            if len(known) < c.num_tokens:  # async scheduling: the last token is still being sampled
+                fill_at.append(len(ids))
+                fill_from.append(c.placeholder_row)
+                ids.append(0)
             starts.append(c.start)
             lens.append(c.num_tokens)
             tables.append(seq.block_table)
@@ -166,16 +175,21 @@ class ModelRunner:
             extra = [cu_list[c] + off + i for c, off, count in extra_rows for i in range(count)]
             logits_indices = torch.cat([logits_indices, torch.tensor(extra, dtype=torch.int64)])
         return _HostStep(
-            torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices, cu, ctx, block_tables, max(lens)
+            torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices, cu, ctx, block_tables, max(lens),
+            torch.tensor([fill_at, fill_from], dtype=torch.int64).view(2, -1),
         )
 
-    def _upload(self, host: _HostStep) -> StepInputs:
+    def _upload(self, host: _HostStep, last_tokens: torch.Tensor | None = None) -> StepInputs:
         total, num_rows = host.input_ids.numel(), host.logits_indices.numel()
         num_seqs, width = host.block_tables.shape
-        host64 = torch.cat([host.input_ids, host.positions, host.slots, host.logits_indices])
+        num_fill = host.fill.shape[1]
+        host64 = torch.cat([host.input_ids, host.positions, host.slots, host.logits_indices, host.fill.view(-1)])
         host32 = torch.cat([host.cu_seqlens, host.context_lens, host.block_tables.view(-1)]).to(torch.int32)
         dev64, dev32 = self._to_device(host64), self._to_device(host32)
-        input_ids, position_ids, slot_mapping, logits_idx = dev64.split([total, total, total, num_rows])
+        input_ids, position_ids, slot_mapping, logits_idx, fill_at, fill_from = dev64.split(
+            [total, total, total, num_rows, num_fill, num_fill])
+        if num_fill and last_tokens is not None:
+            input_ids[fill_at] = last_tokens[fill_from]
         cu_d, ctx_d, bt_d = dev32.split([num_seqs + 1, num_seqs, num_seqs * width])
         if self._zeros.numel() < num_seqs:
             self._zeros = torch.zeros(2 * num_seqs, dtype=torch.int32, device=self.device)
@@ -209,7 +223,7 @@ class ModelRunner:
         lengths = [q for q in (1, 2, 4, 8, 16, 32, 64, 128) if q <= max_num_batched_tokens]
         for context in sorted({min(128, longest), longest}):
             for q in (q for q in lengths if q <= context):
-                seq = Sequence(-1, request, 0, [0] * context)
+                seq = SequenceState(-1, request, 0, [0] * context)
                 if not block_manager.can_append(seq, context):
                     return
                 block_manager.append(seq, context)
@@ -230,9 +244,14 @@ class ModelRunner:
         out: SchedulerOutput,
         block_copies: list[tuple[int, int]] | None = None,
         extra_rows: Sequence[tuple[int, int, int]] = (),
+        last_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the step; returns the ``[R, vocab]`` logits of the sampled rows, in chunk order,
-        followed by those of ``extra_rows`` (see `prepare`)."""
+        followed by those of ``extra_rows`` (see `prepare`).
+
+        ``last_tokens`` are the previous step's sampled tokens, still on the device: the input
+        tokens the host does not know yet (async scheduling) are read from them.
+        """
         if block_copies:
             src, dst = zip(*block_copies)
             self.kv_pool.copy_blocks(list(src), list(dst))
@@ -240,8 +259,9 @@ class ModelRunner:
         num_seqs = host.block_tables.shape[0]
         decode_only = host.input_ids.numel() == num_seqs == host.logits_indices.numel()
         if self._graphs is not None and decode_only and self._graphs.fits(num_seqs, int(host.context_lens.max())):
-            return self._graphs.run(host.input_ids, host.positions, host.slots, host.context_lens, host.block_tables)
-        inputs = self._upload(host)
+            return self._graphs.run(host.input_ids, host.positions, host.slots, host.context_lens, host.block_tables,
+                                    host.fill, last_tokens)
+        inputs = self._upload(host, last_tokens)
         result = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.position_ids,

@@ -66,31 +66,34 @@ class Sampler:
     """
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        tokens = self.tokens(logits, seqs)
+        if not any(s.request.params.logprobs is not None for s in seqs):
+            return SamplerOutput(tokens.tolist())  # the step's one device->host copy
         params = [s.request.params for s in seqs]
-        want_logprobs = any(p.logprobs is not None for p in params)
-        if all(p.greedy and not p.has_penalties for p in params) and not want_logprobs:
-            # Fast path: one arg-max and one device->host copy.
-            return SamplerOutput(logits.argmax(dim=-1).tolist())
+        return SamplerOutput(tokens.tolist(), self._logprobs(logits.float(), tokens, params))
+
+    def tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The sampled token of each row, left on the logits' device (no host sync)."""
+        params = [s.request.params for s in seqs]
+        if all(p.greedy and not p.has_penalties for p in params):
+            return logits.argmax(dim=-1)
         raw = logits.float()
         scores = self._apply_penalties(raw, seqs) if any(p.has_penalties for p in params) else raw
-        tokens = self._sample(scores, seqs)
-        if not want_logprobs:
-            return SamplerOutput(tokens.tolist())
-        return SamplerOutput(tokens.tolist(), self._logprobs(raw, tokens, params))
+        return self._sample(scores, seqs)
 
     # -- pieces ------------------------------------------------------------------------------------
 
     @staticmethod
     def _apply_penalties(scores: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device, (rows, vocab) = scores.device, scores.shape
-        longest = max(s.num_tokens for s in seqs)
+        longest = max(len(s.token_ids) for s in seqs)
         # Padded token ids per row (pad = vocab, a scratch column dropped below) and a mask of
         # which positions are generated tokens.
         ids = torch.full((rows, longest), vocab, dtype=torch.int64)
         is_output = torch.zeros((rows, longest), dtype=torch.bool)
         for i, s in enumerate(seqs):
-            ids[i, : s.num_tokens] = torch.tensor(s.token_ids, dtype=torch.int64)
-            is_output[i, s.num_prompt_tokens : s.num_tokens] = True
+            ids[i, : len(s.token_ids)] = torch.tensor(s.token_ids, dtype=torch.int64)
+            is_output[i, s.num_prompt_tokens : len(s.token_ids)] = True
         ids, is_output = ids.to(device), is_output.to(device)
         seen = torch.zeros((rows, vocab + 1), dtype=torch.bool, device=device)
         seen.scatter_(1, ids, True)

@@ -28,13 +28,16 @@ class ScheduledChunk:
 
     ``samplers`` are the sequences that take a token from the chunk's last logits: empty for a
     prompt chunk that does not reach the end of its tokens, ``[seq]`` normally, ``seq`` and its
-    new siblings when the prompt of an ``n > 1`` request completes.
+    new siblings when the prompt of an ``n > 1`` request completes. When the chunk's last token
+    is still being sampled by the step before (async scheduling), ``placeholder_row`` is its row
+    in that step's sampled tokens.
     """
 
     seq: Sequence
     start: int
     num_tokens: int
     samplers: list[Sequence] = field(default_factory=list)
+    placeholder_row: int = -1
 
 
 @dataclass
@@ -100,8 +103,10 @@ class Scheduler:
         preempted = 0
         bm = self.block_manager
 
-        # 1. Running sequences: decodes first, then prompts being prefilled in chunks.
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        # 1. Running sequences: decodes first, then prompts being prefilled in chunks. A sequence
+        # whose token in flight is its last allowed one waits for it instead.
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1
+                   and s.num_output_tokens + s.num_pending < s.request.params.max_new_tokens]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
             if seq.status is not SequenceStatus.RUNNING:
@@ -138,9 +143,21 @@ class Scheduler:
             budget -= num_new
 
         ordered = list(chunks.values())
+        row = 0
         for chunk in ordered:
-            if chunk.start + chunk.num_tokens == chunk.seq.num_tokens:
-                chunk.samplers = [chunk.seq, *self._fork(chunk.seq)]
+            seq, end = chunk.seq, chunk.start + chunk.num_tokens
+            if end > len(seq.token_ids):
+                chunk.placeholder_row = seq.pending_row
+            if end == seq.num_tokens:
+                chunk.samplers = [seq, *self._fork(seq)]
+            # Scheduled tokens count as computed from now on, so that the next step can be
+            # scheduled before this one's tokens are known; each sampler gets a pending token.
+            seq.num_computed_tokens = end
+            for sampler in chunk.samplers:
+                sampler.num_computed_tokens = end
+                sampler.num_pending += 1
+                sampler.pending_row = row
+                row += 1
         return SchedulerOutput(ordered, self.max_num_batched_tokens - budget, preempted)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -170,9 +187,10 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[Sequence]:
         """Advance the sequences of a computed step; returns those that took a token, in row order.
 
-        Computed tokens are committed (their full blocks enter the prefix cache), sampled tokens
-        and their logprobs appended, prompt logprobs stored, and a sample that drew a stop token
-        or reached ``max_new_tokens`` finished.
+        Full blocks the step computed enter the prefix cache, sampled tokens and their logprobs
+        are appended, prompt logprobs stored, and a sample that drew a stop token or reached
+        ``max_new_tokens`` finished. A sample that finished while the step ran (a stop found one
+        step late, an abort) drops its token: it computed one more than it returns.
         """
         advanced: list[Sequence] = []
         tokens, logprobs = sampled.token_ids, sampled.logprobs
@@ -182,17 +200,20 @@ class Scheduler:
         for chunk in out.chunks:
             end = chunk.start + chunk.num_tokens
             if not chunk.samplers:
-                chunk.seq.num_computed_tokens = end
-                bm.commit(chunk.seq)
+                if chunk.seq.status is SequenceStatus.RUNNING:
+                    bm.commit(chunk.seq, end)
                 continue
             for seq in chunk.samplers:
                 token = tokens[row]
-                seq.num_computed_tokens = end
+                row += 1
+                if seq.status is SequenceStatus.FINISHED:
+                    continue
+                seq.num_pending -= 1
                 seq.token_ids.append(token)
                 if seq.logprobs is not None and logprobs is not None:
-                    seq.logprobs.append(logprobs[row])
-                row += 1
-                bm.commit(seq)
+                    seq.logprobs.append(logprobs[row - 1])
+                if seq.status is SequenceStatus.RUNNING:
+                    bm.commit(seq, end)
                 request = seq.request
                 if request.first_token_time is None:
                     request.first_token_time = now

@@ -30,8 +30,8 @@ class Sequence:
     """One sample of a request: its tokens, how many of them have KV stored, and its block table.
 
     ``token_ids`` holds the prompt then the generated tokens. ``num_computed_tokens`` of them have
-    their K/V in the pool; the rest (the whole prompt at first, the last sampled token while
-    decoding) are fed to the next forward.
+    their K/V in the pool or being computed by a scheduled step; the rest (the whole prompt at
+    first, the last sampled token while decoding) are fed to the next forward.
     """
 
     __slots__ = (
@@ -50,6 +50,8 @@ class Sequence:
         "logprobs",
         "finish_reason",
         "detokenizer",
+        "num_pending",
+        "pending_row",
     )
 
     def __init__(self, seq_id: int, request: Request, sample_index: int, token_ids: list[int]) -> None:
@@ -73,10 +75,15 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         # Output processing's state of this sample (an IncrementalDetokenizer), kept here to save a lookup.
         self.detokenizer = None
+        # Tokens scheduled to be sampled whose values the host does not know yet: they follow
+        # ``token_ids``. ``pending_row`` is the row of its step's sampled tokens that holds the newest.
+        self.num_pending = 0
+        self.pending_row = -1
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens of the sequence, those still being sampled included."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
