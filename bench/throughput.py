@@ -9,7 +9,8 @@ the ratio stays fair, and the subset size is reported.
     python bench/throughput.py                      # full run on the GPU (1,000 requests each)
     python bench/throughput.py --quick              # 128 requests, baselines on 64
     python bench/throughput.py --tiny --quick       # tiny model, runs anywhere (CPU smoke test)
-    python bench/throughput.py --profile --quick    # plus a torch.profiler breakdown of engine steps
+    python bench/throughput.py --profile --quick    # plus device busy per step kind and a profile
+    python bench/throughput.py --model DIR --workloads chat --num-requests 1024   # a real model (SmolLM2)
 
 Writes ``bench/results/throughput-<gpu>-<date>.json``.
 """
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="128 requests per workload, baselines on 64")
     p.add_argument("--tiny", action="store_true", help="tiny model and 1/8 lengths (a smoke test, CPU-friendly)")
+    p.add_argument("--model", default=None,
+                   help="a real model directory (e.g. SmolLM2-135M-Instruct from hf_paged.demo_model_dir()) instead "
+                        "of random weights; enables the 'chat' workload (its chat template, 256 tokens, ignore_eos)")
     p.add_argument("--profile", action="store_true", help="profile a few engine steps and print where time goes")
     p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/throughput-<gpu>-<date>.json)")
@@ -95,6 +99,15 @@ def build_models(args):
     """(sdpa model, paged model): separate modules and configs sharing one set of weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    if args.model:
+        from hf_paged.loader import load_causal_lm
+
+        paged = load_causal_lm(args.model, dtype=args.dtype).to(args.device)
+        sdpa = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                    attn_implementation="sdpa").to(args.device).eval()
+        for m in (sdpa, paged):  # every request runs to its max_new_tokens in every system
+            m.generation_config.eos_token_id = None
+        return sdpa, paged, sum(p.numel() for p in sdpa.parameters())
     shape = MODEL_TINY if args.tiny else MODEL_1B
     dtype = getattr(torch, args.dtype)
     # No EOS: every request runs to its max_new_tokens in every system.
@@ -111,10 +124,18 @@ def build_models(args):
     return sdpa, paged, n_params
 
 
-def make_workload(name: str, n: int, vocab: int, seed: int, scale: float) -> list[tuple[list[int], int]]:
+def make_workload(name: str, n: int, vocab: int, seed: int, scale: float, tokenizer=None) -> list[tuple[list[int], int]]:
     """``n`` (prompt ids, max_new_tokens) pairs."""
     rng = random.Random(f"{name}-{seed}")
     s = lambda x: max(1, int(x * scale))  # noqa: E731
+    if name == "chat":  # bench/serve.py's synthetic chat messages through the model's chat template
+        from serve import make_prompts
+
+        from hf_paged.engine.input_processor import render_chat
+
+        if tokenizer is None:
+            raise SystemExit("the chat workload needs --model (a real model with a tokenizer)")
+        return [(render_chat(tokenizer, [{"role": "user", "content": m}]), s(256)) for m in make_prompts(n, seed)]
     out = []
     for _ in range(n):
         if name == "uniform":
@@ -436,6 +457,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     sdpa, paged, n_params = build_models(args)
+    tokenizer = None
+    if args.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
     vocab = paged.config.vocab_size
     scale = 1 / 8 if args.tiny else 1.0
     from hf_paged.kernels import get_backend
@@ -445,14 +471,15 @@ def main(argv=None) -> int:
     print(f"versions: {versions()}")
 
     report = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=gpu, device=str(device),
-                  model=dict(params=n_params, dtype=args.dtype, shape=MODEL_TINY if args.tiny else MODEL_1B),
+                  model=dict(params=n_params, dtype=args.dtype, path=args.model,
+                             shape=None if args.model else MODEL_TINY if args.tiny else MODEL_1B),
                   kernel_backend=backend, versions=versions(), args={k: v for k, v in vars(args).items()},
                   note=(f"baselines run the first {args.baseline_requests} requests of each workload, hf_paged all "
                         f"{args.num_requests}; compare output tok/s (a rate), not times"),
                   workloads={})
     engine = None
     for name in args.workloads:
-        requests = make_workload(name, args.num_requests, vocab, args.seed, scale)
+        requests = make_workload(name, args.num_requests, vocab, args.seed, scale, tokenizer)
         subset = requests[: args.baseline_requests]
         print(f"\n== workload {name}: {len(requests)} requests (baselines on {len(subset)}), "
               f"{sum(len(p) for p, _ in requests)} prompt / {sum(n for _, n in requests)} output tokens ==")
