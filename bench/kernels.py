@@ -172,29 +172,44 @@ def run_sweep(quick: bool) -> list[dict]:
     return rows
 
 
-def run_tune() -> list[dict]:
-    """Decode configs for head_dim 64 (and 128 at batch 1), each first checked against the reference."""
+TUNE_SHAPES = "1x32768x64,8x8192x64,32x2048x64,32x8192x64,32x32768x64,1x32768x128"
+
+
+def run_tune(shapes: str, caps: dict) -> list[dict]:
+    """Decode tile configs (key tile, warps, stages, splits) at ``shapes`` ("BxCTXxD,..."), each config
+    first checked against the reference; prints the best per shape beside the heuristic's choice."""
+    import itertools
+
     from hf_paged.kernels import reference
 
-    cfgs = [Config(16, 128, 4, 3), Config(16, 256, 4, 3), Config(16, 256, 8, 3), Config(16, 256, 4, 2),
-            Config(16, 128, 4, 3, split_target=4.0), Config(16, 256, 4, 3, split_target=4.0)]
+    cfgs = [Config(16, n, w, st) for n, w, st in itertools.product((64, 128, 256), (2, 4), (2, 3, 4))]
     q, k, v, meta = paged_inputs(3, 3000, 1, 32, 8, 64)
     want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
-    for cfg in cfgs + [Config(16, 256, 8, 3)]:
+    for cfg in cfgs:
         got = triton_attention.paged_attention(q, k, v, **meta, config=cfg)
         err = ((got.float() - want).norm() / want.norm()).item()
-        print(f"tune check {cfg}: rel_err {err:.2e} {'PASS' if err < 1e-2 else 'FAIL'}", flush=True)
+        assert err < 1e-2, f"{cfg}: rel_err {err:.2e}"
+    print(f"tune: {len(cfgs)} configs match the reference", flush=True)
     rows = []
-    for batch, ctx, d in [(1, 32768, 64), (8, 8192, 64), (32, 2048, 64), (32, 8192, 64), (32, 32768, 64),
-                          (1, 32768, 128)]:
+    for shape in shapes.split(","):
+        batch, ctx, d = (int(x) for x in shape.split("x"))
         q, k, v, meta = paged_inputs(batch, ctx, 1, 32, 8, d)
-        floor = 2 * batch * ctx * 8 * d * 2 / 4.25e9  # ms at run 2's copy bandwidth
-        for cfg in cfgs if d == 64 else [Config(16, 128, 4, 3), Config(16, 256, 4, 3), Config(16, 256, 8, 3)]:
-            ms = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta, config=cfg))
-            rows.append(dict(kind="decode-tune", batch=batch, context=ctx, head_dim=d, config=repr(cfg), ms=ms,
-                             frac_copy_bw=floor / ms))
-            print(f"tune b={batch} ctx={ctx} d={d} {cfg}: {ms * 1e3:.1f} us ({100 * floor / ms:.0f}% copy bw)",
-                  flush=True)
+        floor = 2 * batch * ctx * 8 * d * 2 / (caps["copy_TBps"] * 1e9)
+        base = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta))
+        best = None
+        for cfg in cfgs:
+            for splits in (1, 2):
+                ms = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta, config=cfg,
+                                                                          num_splits=splits))
+                row = dict(kind="decode-tune", batch=batch, context=ctx, head_dim=d, config=repr(cfg),
+                           num_splits=splits, ms=ms, frac_copy_bw=floor / ms)
+                rows.append(row)
+                best = row if best is None or ms < best["ms"] else best
+        rows.append(dict(kind="decode-heuristic", batch=batch, context=ctx, head_dim=d, ms=base,
+                         frac_copy_bw=floor / base))
+        print(f"tune b={batch} ctx={ctx} d={d}: heuristic {base * 1e3:.1f} us ({100 * floor / base:.0f}% copy bw); "
+              f"best {best['config']} splits {best['num_splits']} {best['ms'] * 1e3:.1f} us "
+              f"({100 * best['frac_copy_bw']:.0f}%)", flush=True)
         del q, k, v
     return rows
 
@@ -237,15 +252,18 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--tune", action="store_true", help="only the head_dim-64 decode config sweep")
+    parser.add_argument("--tune", action="store_true", help="only the decode config sweep")
+    parser.add_argument("--tune-shapes", default=TUNE_SHAPES, help="decode shapes BATCHxCONTEXTxHEAD_DIM, comma-separated")
     args = parser.parse_args()
     import transformers
 
     if args.tune:
-        rows = run_tune()
+        caps = ceilings()
+        rows = run_tune(args.tune_shapes, caps)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode-tune.json"), "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), triton=triton.__version__, rows=rows), f, indent=1)
+            json.dump(dict(gpu=torch.cuda.get_device_name(), triton=triton.__version__, ceilings=caps, rows=rows),
+                      f, indent=1)
         return
 
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -134,6 +134,17 @@ class BlockManager:
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq, num_new_tokens) <= self.pool.num_free
 
+    def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """`append` when the pool has room (returns True), else change nothing and return False."""
+        computed, bs = seq.num_computed_tokens, self.block_size
+        if num_new_tokens <= len(seq.block_table) * bs - computed and (
+                computed % bs == 0 or self.pool.refcount(seq.block_table[computed // bs]) == 1):
+            return True  # the common decode step: room in an unshared last block
+        if not self.can_append(seq, num_new_tokens):
+            return False
+        self.append(seq, num_new_tokens)
+        return True
+
     def append(self, seq: Sequence, num_new_tokens: int) -> None:
         """Make room in ``seq``'s table for ``num_new_tokens`` more tokens (call `can_append` first)."""
         if self._needs_copy(seq):

@@ -28,6 +28,8 @@ class OutputProcessor:
 
     def find_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
         """Detokenize the new token of each sample that needs it; returns those that hit a stop string."""
+        if self.tokenizer is None:
+            return []
         stopped = []
         for seq in seqs:
             detok = self._detokenizer(seq, incremental=True)

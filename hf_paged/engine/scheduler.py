@@ -105,23 +105,28 @@ class Scheduler:
 
         # 1. Running sequences: decodes first, then prompts being prefilled in chunks. A sequence
         # whose token in flight is its last allowed one waits for it instead.
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1
-                   and s.num_output_tokens + s.num_pending < s.request.params.max_new_tokens]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        decodes, prefills = [], []
+        for s in self.running:  # (one pass, properties inlined: this runs for every sequence every step)
+            num_tokens = len(s.token_ids) + s.num_pending
+            left = num_tokens - s.num_computed_tokens
+            if left == 1:
+                if num_tokens - s.num_prompt_tokens < s.request.params.max_new_tokens:
+                    decodes.append(s)
+            elif left > 1:
+                prefills.append(s)
         for seq in decodes + prefills:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if budget == 0:
                 break
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not bm.can_append(seq, num_new):
+            while not bm.try_append(seq, num_new):
                 victim = self.running[-1]
                 budget += self._preempt(victim, chunks)
                 preempted += 1
                 if victim is seq:
                     break
             else:
-                bm.append(seq, num_new)
                 chunks[seq.seq_id] = ScheduledChunk(seq, seq.num_computed_tokens, num_new)
                 budget -= num_new
 
@@ -146,9 +151,10 @@ class Scheduler:
         row = 0
         for chunk in ordered:
             seq, end = chunk.seq, chunk.start + chunk.num_tokens
-            if end > len(seq.token_ids):
+            known = len(seq.token_ids)
+            if end > known:
                 chunk.placeholder_row = seq.pending_row
-            if end == seq.num_tokens:
+            if end == known + seq.num_pending:
                 chunk.samplers = [seq, *self._fork(seq)]
             # Scheduled tokens count as computed from now on, so that the next step can be
             # scheduled before this one's tokens are known; each sampler gets a pending token.
@@ -195,6 +201,7 @@ class Scheduler:
         advanced: list[Sequence] = []
         tokens, logprobs = sampled.token_ids, sampled.logprobs
         bm = self.block_manager
+        bs = bm.block_size
         now = time.perf_counter()
         row = 0
         for chunk in out.chunks:
@@ -212,7 +219,7 @@ class Scheduler:
                 seq.token_ids.append(token)
                 if seq.logprobs is not None and logprobs is not None:
                     seq.logprobs.append(logprobs[row - 1])
-                if seq.status is SequenceStatus.RUNNING:
+                if seq.status is SequenceStatus.RUNNING and end // bs > seq.num_committed_blocks:
                     bm.commit(seq, end)
                 request = seq.request
                 if request.first_token_time is None:

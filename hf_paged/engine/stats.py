@@ -12,6 +12,10 @@ from .sequence import Request
 __all__ = ["StatsRecorder"]
 
 
+# KV waste is averaged over every this many steps.
+_WASTE_EVERY = 8
+
+
 class StatsRecorder:
     """Accumulates what the engine reports in `EngineStats`, from steps and finished requests."""
 
@@ -43,16 +47,17 @@ class StatsRecorder:
 
     def step_done(self, num_sampled: int) -> None:
         """Count a computed step: its sampled tokens and the KV slots reserved but empty after it."""
-        block_size = self._kv_pool.block_size
-        seen: set[int] = set()
-        waste = 0
-        for seq in self._scheduler.running:
-            if not seq.block_table or seq.block_table[-1] in seen:
-                continue
-            seen.add(seq.block_table[-1])
-            waste += len(seq.block_table) * block_size - seq.num_computed_tokens
-        self._waste_slots += waste
-        self._reserved_slots += self._kv_pool.blocks.num_used * block_size
+        if self._steps % _WASTE_EVERY == 0:  # a sample of the steps: the walk over every sequence is not free
+            block_size = self._kv_pool.block_size
+            seen: set[int] = set()
+            waste = 0
+            for seq in self._scheduler.running:
+                if not seq.block_table or seq.block_table[-1] in seen:
+                    continue
+                seen.add(seq.block_table[-1])
+                waste += len(seq.block_table) * block_size - seq.num_computed_tokens
+            self._waste_slots += waste
+            self._reserved_slots += self._kv_pool.blocks.num_used * block_size
         self.output_tokens += num_sampled
         self._steps += 1
         self._t_end = time.perf_counter()
