@@ -69,6 +69,7 @@ def paged_attention_forward(
         softcap=softcap,
         max_seqlen_q=metadata.max_seqlen_q,
         max_context_len=metadata.max_context_len,
+        **({"static_grid": True} if metadata.static_grid else {}),
     )
     return out.view(batch, q_len, num_heads, head_dim), None
 

@@ -34,8 +34,8 @@ def test_graph_replay_matches_eager():
 
 
 def test_async_scheduling_with_graphs_matches_synchronous_eager_steps():
-    """fp32: one step in flight (placeholder tokens read on the device, graphs, seeded sampling, n=2,
-    stops found one step late) gives the tokens of synchronous eager steps."""
+    """fp32: one step in flight (placeholder tokens read on the device, decode and mixed-step graphs,
+    seeded sampling, n=2, stops found one step late) gives the tokens of synchronous eager steps."""
     model = _model()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (48,), generator=g)]
@@ -48,5 +48,7 @@ def test_async_scheduling_with_graphs_matches_synchronous_eager_steps():
         engine = Engine(model, num_blocks=2048, max_num_seqs=16, cuda_graphs=fast, async_scheduling=fast)
         outs[fast] = [[s.token_ids for s in o.samples] for o in engine.generate(prompts, params)]
         assert engine.kv_pool.blocks.num_free == 2048
+        if fast:
+            assert engine.runner._mixed_graphs._graphs, "no mixed-step graph was captured"
     same = sum(a == b for a, b in zip(outs[False], outs[True]))
     assert same == len(prompts), f"{same}/{len(prompts)} identical"

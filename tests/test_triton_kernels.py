@@ -147,6 +147,20 @@ def test_mixed_prefill_and_decode_with_small_tiles():
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("window", [None, 9])
+def test_static_grid_matches_for_any_query_lengths(window):
+    """The launch sized from shapes alone (for graphs of mixed steps): decodes, prompt chunks,
+    empty padding sequences and padding tokens after the last sequence."""
+    q_lens, kv_lens = [1, 37, 0, 5, 1, 0], [20, 60, 0, 5, 33, 0]
+    q, k, v, meta = make_problem(q_lens, kv_lens, heads=8, kv_heads=2, seed=7)
+    pad = torch.randn(6, *q.shape[1:], device=q.device, dtype=q.dtype)  # tokens no sequence owns
+    meta = dict(meta, max_seqlen_q=None, max_context_len=64)
+    want = reference.paged_attention(q, k, v, **meta, scale=0.125, sliding_window=window)
+    got = triton_attention.paged_attention(torch.cat([q, pad]), k, v, **meta, scale=0.125, sliding_window=window,
+                                           static_grid=True)
+    torch.testing.assert_close(got[: q.shape[0]], want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("window,softcap", [(5, None), (None, 2.0), (12, 5.0)])
 def test_window_and_softcap(window, softcap):
     q, k, v, meta = make_problem([6, 1, 20], [22, 35, 20], heads=4, kv_heads=2, block_size=16, seed=7)

@@ -22,6 +22,8 @@ class PagedAttentionMetadata:
         max_seqlen_q: longest query run of the step (host int, for launch sizes).
         max_context_len: longest ``context_lens`` entry (host int).
         kv_start: ``[S]`` int32 first visible key per sequence (left padding), or ``None``.
+        static_grid: size kernel launches from shapes alone, for CUDA graphs of steps whose query
+            lengths vary (only backends with ``supports_static_grid`` are asked for it).
     """
 
     slot_mapping: torch.Tensor
@@ -31,6 +33,7 @@ class PagedAttentionMetadata:
     max_seqlen_q: int
     max_context_len: int
     kv_start: torch.Tensor | None = None
+    static_grid: bool = False
 
 
 _published = threading.local()

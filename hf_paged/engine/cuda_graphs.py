@@ -16,7 +16,7 @@ import torch
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "MixedGraphs", "mixed_graphs_supported"]
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -104,6 +104,7 @@ class DecodeGraphs:
         graph.replay()
         return logits[:num_seqs]
 
+    @torch.inference_mode()
     def capture_all(self) -> None:
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
         for bucket in reversed(self.buckets):
@@ -133,12 +134,143 @@ class DecodeGraphs:
         # Capture over inputs that touch nothing: no slot to store into, no key to read.
         self._slots.fill_(-1)
         self._context_lens.zero_()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(bucket)  # warm-up: compiles kernels, initialises cuBLAS workspaces
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(bucket)
-        return graph, logits
+        return _capture(self._pool, lambda: self._forward(bucket))
+
+
+def _capture(pool, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run ``forward`` once on a side stream (compiles kernels, initialises cuBLAS workspaces), then
+    capture it into a graph on ``pool``; returns the graph and its output tensor."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
+
+
+# Token counts of the mixed-step graphs (steps of more tokens are device-bound and run eagerly).
+_TOKEN_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
+                  2560, 3072, 3584, 4096)
+
+
+def mixed_graphs_supported(model) -> bool:
+    """Whether ``model``'s logits are its LM head over its decoder's last hidden states, nothing more
+    (no soft-capping or scaling of the logits), which is what `MixedGraphs` computes."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    scaled = any(getattr(text, name, None) not in (None, 1.0)
+                 for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return not scaled and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+
+
+class MixedGraphs:
+    """Captures (once per token-count bucket) and replays the forward of any step of up to 4,096
+    tokens: prompt chunks and decodes together, up to ``max_seqs`` sequences.
+
+    A step is padded to its bucket: padding tokens own no slot and belong to no sequence, padding
+    sequences have no query. The attention kernels run with a launch sized from shapes alone
+    (``static_grid``), so one graph serves any mix of query lengths. The graph ends at the rows
+    that sample (decoder hidden states); the LM head runs after the replay, on those rows only.
+    """
+
+    def __init__(self, model, kv_pool: KVPool, *, max_seqs: int, max_tokens: int, max_context: int,
+                 mask: torch.Tensor) -> None:
+        self._model = model
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+        self._kv_pool = kv_pool
+        self._mask = mask
+        self.buckets = [b for b in _TOKEN_BUCKETS if b <= max_tokens]
+        bs = kv_pool.block_size
+        self.max_seqs = s = max_seqs
+        self.max_context = -(-max_context // bs) * bs
+        t, w = (self.buckets[-1] if self.buckets else 0), self.max_context // bs
+        device = kv_pool.device
+        # int64: token ids | positions | slots | sampled rows | fill positions | fill sources;
+        # int32: cu_seqlens | context lengths | block tables.
+        self._split64 = (t, t, t, s, s, s)
+        self._split32 = (s + 1, s, s * w)
+        self._i64 = torch.zeros(sum(self._split64), dtype=torch.int64, device=device)
+        self._i32 = torch.zeros(sum(self._split32), dtype=torch.int32, device=device)
+        self._ids, self._positions, self._slots, self._rows, self._fill_at, self._fill_from = self._i64.split(
+            self._split64)
+        self._cu, self._context_lens, tables = self._i32.split(self._split32)
+        self._block_tables = tables.view(s, w)
+        self._kv_start = torch.zeros(s, dtype=torch.int32, device=device)
+        # Two pinned staging sets, used in turn (see `DecodeGraphs`).
+        self._staging = [(torch.zeros_like(self._i64, device="cpu").pin_memory(),
+                          torch.zeros_like(self._i32, device="cpu").pin_memory()) for _ in range(2)]
+        self._turn = 0
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def fits(self, num_tokens: int, num_seqs: int, num_rows: int, max_context_len: int) -> bool:
+        return (bool(self.buckets) and num_tokens <= self.buckets[-1] and num_seqs <= self.max_seqs
+                and num_rows <= self.max_seqs and max_context_len <= self.max_context)
+
+    def run(self, host, last_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One step from the runner's packed host step; ``[R, V]`` logits of its sampled rows."""
+        num_tokens, num_rows = host.input_ids.numel(), host.logits_indices.numel()
+        num_seqs, width = host.block_tables.shape
+        bucket = self.buckets[bisect.bisect_left(self.buckets, num_tokens)]
+        h64, h32 = self._staging[self._turn]
+        self._turn ^= 1
+        ids, positions, slots, rows, fill_at, fill_from = h64.split(self._split64)
+        cu, ctx, tables = h32.split(self._split32)
+        ids[:num_tokens] = host.input_ids
+        ids[num_tokens:bucket] = 0
+        positions[:num_tokens] = host.positions
+        positions[num_tokens:bucket] = 0
+        slots[:num_tokens] = host.slots
+        slots[num_tokens:bucket] = -1
+        rows[:num_rows] = host.logits_indices
+        rows[num_rows:] = 0
+        num_fill = 0 if last_tokens is None else host.fill.shape[1]
+        fill_at[:num_fill] = host.fill[0]
+        fill_from[:num_fill] = host.fill[1]
+        cu[: num_seqs + 1] = host.cu_seqlens
+        cu[num_seqs + 1 :] = num_tokens
+        ctx[:num_seqs] = host.context_lens
+        ctx[num_seqs:] = 0
+        tables = tables.view(self.max_seqs, -1)
+        tables[:num_seqs, :width] = host.block_tables
+        self._i64.copy_(h64, non_blocking=True)
+        self._i32.copy_(h32, non_blocking=True)
+        if num_fill:
+            self._ids[self._fill_at[:num_fill]] = last_tokens[self._fill_from[:num_fill]]
+        graph, hidden = self._graphs[bucket]
+        graph.replay()
+        return self._head(hidden[:num_rows])
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
+        for bucket in reversed(self.buckets):
+            self._slots.fill_(-1)
+            self._cu.zero_()  # no sequence owns a token: nothing is stored or read
+            self._context_lens.zero_()
+            self._graphs[bucket] = _capture(self._pool, lambda b=bucket: self._forward(b))
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        metadata = PagedAttentionMetadata(
+            slot_mapping=self._slots[:bucket],
+            cu_seqlens_q=self._cu,
+            context_lens=self._context_lens,
+            block_tables=self._block_tables,
+            max_seqlen_q=bucket,
+            max_context_len=self.max_context,
+            kv_start=self._kv_start,
+            static_grid=True,
+        )
+        hidden = self._decoder(
+            input_ids=self._ids[None, :bucket],
+            position_ids=self._positions[None, :bucket],
+            attention_mask=self._mask,
+            use_cache=False,
+            paged_metadata=metadata,
+            paged_kv=self._kv_pool,
+        ).last_hidden_state[0]
+        return hidden[self._rows]

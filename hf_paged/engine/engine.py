@@ -51,8 +51,9 @@ class Engine:
         tokenizer: decodes outputs (``text``), enables string prompts and stop strings.
         stream_text: give every `RequestUpdate` a ``text_delta`` (needs ``tokenizer``); per
             request, `add_request`'s ``stream_text`` overrides it.
-        cuda_graphs: on CUDA, replay captured graphs for decode-only steps (off under tensor
-            parallelism, where capturing the collectives is untested).
+        cuda_graphs: on CUDA, replay captured graphs for decode-only steps and for other steps of
+            up to 4,096 tokens (off under tensor parallelism, where capturing the collectives is
+            untested).
         async_scheduling: schedule and launch step N+1 while the device still runs step N; the
             host learns step N's tokens one step later (for stop checks and streaming), and a
             request that stops at step N may compute one more token, which is dropped. Steps with
@@ -91,7 +92,8 @@ class Engine:
         self.block_manager = BlockManager(self.kv_pool.blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         started = time.perf_counter()
-        self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs and not tp)
+        self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs and not tp)
         if self.kv_pool.device.type == "cuda":
             self.runner.warm_up(self.block_manager, max_num_batched_tokens)
         #: Seconds spent at construction capturing decode graphs and compiling kernels (CUDA).

@@ -15,7 +15,8 @@ from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
 from .block_manager import BlockManager
-from .cuda_graphs import DecodeGraphs
+from ..kernels import get_backend
+from .cuda_graphs import DecodeGraphs, MixedGraphs, mixed_graphs_supported
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, SchedulerOutput
 from .sequence import Request, Sequence as SequenceState
@@ -86,8 +87,10 @@ class ModelRunner:
     (``logits_to_keep``).
 
     All integer inputs of a step travel in two host buffers (int64 and int32) and two copies.
-    With ``cuda_graphs`` (CUDA only), decode-only steps of up to ``max_num_seqs`` sequences whose
-    context fits ``max_context`` replay captured graphs instead (`DecodeGraphs`).
+    With ``cuda_graphs`` (CUDA only; captured by `warm_up`), decode-only steps of up to
+    ``max_num_seqs`` sequences whose context fits ``max_context`` replay captured graphs instead
+    (`DecodeGraphs`), and so do other steps of up to 4,096 tokens where the kernel backend can size
+    its launches from shapes alone (`MixedGraphs`; not with prompt log-probabilities).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class ModelRunner:
         kv_pool: KVPool,
         *,
         max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
         max_context: int | None = None,
         cuda_graphs: bool = False,
     ) -> None:
@@ -111,7 +115,7 @@ class ModelRunner:
         # turn a mask into left-padding offsets, kv_start is given explicitly (all zeros).
         self._mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         self._zeros = torch.zeros(256, dtype=torch.int32, device=self.device)
-        self._graphs = None
+        self._graphs = self._mixed_graphs = None
         if cuda_graphs and self.device.type == "cuda":
             if max_context is None:
                 max_context = max_model_len(model) or 4096
@@ -119,8 +123,12 @@ class ModelRunner:
             self._graphs = DecodeGraphs(
                 model, kv_pool, max_batch=max_num_seqs, max_context=max_context, mask=self._mask
             )
-            with torch.inference_mode():
-                self._graphs.capture_all()
+            param = next(model.parameters())
+            if getattr(get_backend(self.device, param.dtype), "supports_static_grid", False) and \
+                    mixed_graphs_supported(model):
+                self._mixed_graphs = MixedGraphs(model, kv_pool, max_seqs=max_num_seqs,
+                                                 max_tokens=max_num_batched_tokens, max_context=max_context,
+                                                 mask=self._mask)
 
     def prepare(self, out: SchedulerOutput, extra_rows: Sequence[tuple[int, int, int]] = ()) -> StepInputs:
         """Build the step's device tensors from the scheduled chunks.
@@ -212,12 +220,25 @@ class ModelRunner:
         return host.to(self.device, non_blocking=True)
 
     def warm_up(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
-        """Compile every kernel specialisation a step may launch, before any request is served.
+        """Compile every kernel specialisation a step may launch and capture the graphs, before
+        any request is served.
 
-        Runs one sequence's forward at each power-of-two query length up to 128 (the kernels pick
-        their tiles by query length) over a short and a long context (the long one splits the keys),
-        in blocks taken from ``block_manager`` and given back. Decode graphs were captured already.
+        Runs one sequence's eager forward at each power-of-two query length up to 128 (the kernels
+        pick their tiles by query length) over a short and a long context (the long one splits the
+        keys), in blocks taken from ``block_manager`` and given back; then captures the graphs.
         """
+        graphs, self._graphs, self._mixed_graphs = (self._graphs, self._mixed_graphs), None, None  # eager first
+        try:
+            self._warm_up_eager(block_manager, max_num_batched_tokens)
+        finally:
+            self._graphs, self._mixed_graphs = graphs
+        for g in graphs:
+            if g is not None:
+                g.capture_all()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _warm_up_eager(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
         request = Request("warm-up", [0], SamplingParams(), frozenset())
         longest = min(block_manager.capacity_tokens // 2, max_model_len(self.model) or 4096, 8192)
         lengths = [q for q in (1, 2, 4, 8, 16, 32, 64, 128) if q <= max_num_batched_tokens]
@@ -231,12 +252,10 @@ class ModelRunner:
                     self.execute(SchedulerOutput([ScheduledChunk(seq, context - q, q, [seq])], q))
                 finally:
                     block_manager.free(seq)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         """Drop the captured graphs and their memory pool."""
-        self._graphs = None
+        self._graphs = self._mixed_graphs = None
 
     @torch.inference_mode()
     def execute(
@@ -258,9 +277,14 @@ class ModelRunner:
         host = self._pack(out, extra_rows)
         num_seqs = host.block_tables.shape[0]
         decode_only = host.input_ids.numel() == num_seqs == host.logits_indices.numel()
-        if self._graphs is not None and decode_only and self._graphs.fits(num_seqs, int(host.context_lens.max())):
+        max_context_len = int(host.context_lens.max())
+        if self._graphs is not None and decode_only and self._graphs.fits(num_seqs, max_context_len):
             return self._graphs.run(host.input_ids, host.positions, host.slots, host.context_lens, host.block_tables,
                                     host.fill, last_tokens)
+        mixed = self._mixed_graphs
+        if mixed is not None and not extra_rows and mixed.fits(host.input_ids.numel(), num_seqs,
+                                                               host.logits_indices.numel(), max_context_len):
+            return mixed.run(host, last_tokens)
         inputs = self._upload(host, last_tokens)
         result = self.model(
             input_ids=inputs.input_ids,

@@ -64,17 +64,27 @@ def paged_attention(
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
     max_context_len: int | None = None,
+    static_grid: bool = False,
 ) -> torch.Tensor:
     """Causal attention of packed queries over their paged keys/values; returns ``[T, H, D]``.
 
-    ``max_seqlen_q``/``max_context_len`` are launch-size hints other backends need; the reference
-    ignores them. Softmax is computed in float32 and the result cast back to ``query.dtype``.
+    ``max_seqlen_q``/``max_context_len``/``static_grid`` are launch-size hints other backends need;
+    the reference ignores them. Softmax is computed in float32 and the result cast back to ``query.dtype``.
     """
     total_q, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs, device = context_lens.shape[0], query.device
+    owned = int(cu_seqlens_q[-1]) if num_seqs else 0
+    if owned < total_q:  # padding tokens after the last sequence (graphs of mixed steps): zeros
+        out = query.new_zeros(query.shape)
+        if owned:
+            out[:owned] = paged_attention(
+                query[:owned], k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
+                block_tables=block_tables, scale=scale, kv_start=kv_start, sliding_window=sliding_window,
+                softcap=softcap, max_context_len=max_context_len)
+        return out
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    max_q = max_seqlen_q if max_seqlen_q is not None else int(q_lens.max())
+    max_q = max_seqlen_q if max_seqlen_q is not None and not static_grid else int(q_lens.max())
     max_kv = max_context_len if max_context_len is not None else int(context_lens.max())
 
     # Pad queries to [S, max_q] and gather each sequence's blocks into [S, max_kv] keys/values.

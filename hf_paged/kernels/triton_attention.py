@@ -105,23 +105,39 @@ def _attend_tiles(
 
 # Integer arguments that change from step to step are not specialised on (divisibility by 16, == 1):
 # each combination would compile a kernel of its own, in the middle of serving.
-@triton.jit(do_not_specialize=["stride_bt", "tiles_per_seq", "num_splits"])
+@triton.jit(do_not_specialize=["stride_bt", "tiles_per_seq", "num_splits", "num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr,
+    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits,
+    stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits, num_seqs,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq = pid // tiles_per_seq
-    tile = pid % tiles_per_seq
+    if TILE_MAP:
+        # tiles_ptr[s] is the first query tile of sequence s (tiles_ptr[num_seqs]: their count):
+        # the program's sequence is the last s with tiles_ptr[s] <= pid (a binary search).
+        if pid >= tl.load(tiles_ptr + num_seqs):
+            return
+        lo_s = pid * 0
+        hi_s = lo_s + num_seqs
+        while hi_s - lo_s > 1:
+            mid = (lo_s + hi_s) // 2
+            if tl.load(tiles_ptr + mid) <= pid:
+                lo_s = mid
+            else:
+                hi_s = mid
+        seq = lo_s
+        tile = pid - tl.load(tiles_ptr + seq)
+    else:
+        seq = pid // tiles_per_seq
+        tile = pid % tiles_per_seq
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     if tile * BLOCK_Q >= q_len:  # the grid is sized by max_seqlen_q; shorter sequences stop here
@@ -301,11 +317,14 @@ def paged_attention(
     max_context_len: int | None = None,
     config: Config | None = None,
     num_splits: int | None = None,
+    static_grid: bool = False,
 ) -> torch.Tensor:
     """Paged attention with the reference's semantics; ``config``/``num_splits`` override the heuristics.
 
     ``max_seqlen_q``/``max_context_len`` only size the launch (upper bounds taken from shapes when
-    absent); no tensor value is read on the host.
+    absent); no tensor value is read on the host. With ``static_grid`` the launch depends on the
+    shapes alone (so a CUDA graph can replay it for any query lengths): one program per query tile
+    of the packed batch, mapped to its sequence on the device, and no key splitting.
     """
     _check(query, k_cache, v_cache, block_tables)
     total_q, num_heads, head_dim = query.shape
@@ -319,7 +338,7 @@ def paged_attention(
         max_seqlen_q = total_q
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
-    max_seqlen_q = max(1, min(int(max_seqlen_q), total_q))
+    max_seqlen_q = total_q if static_grid else max(1, min(int(max_seqlen_q), total_q))
     d_pad = max(16, triton.next_power_of_2(head_dim))
     cfg = config or choose_config(d_pad, groups, max_seqlen_q)
     if cfg.block_m < groups:
@@ -327,6 +346,13 @@ def paged_attention(
     block_q = cfg.block_m // groups
     tiles_per_seq = triton.cdiv(max_seqlen_q, block_q)
     programs = num_seqs * tiles_per_seq * num_kv_heads
+    tile_map = None
+    if static_grid:
+        # Each sequence ends at most one partial tile: cdiv(total_q, block_q) + num_seqs bounds the tiles.
+        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        tile_map = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
+        torch.cumsum(torch.div(q_lens + (block_q - 1), block_q, rounding_mode="floor"), 0, out=tile_map[1:])
+        programs, num_splits = triton.cdiv(total_q, block_q) + num_seqs, 1
     if num_splits is None:
         num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
                                        cfg.split_target)
@@ -341,19 +367,21 @@ def paged_attention(
     use_softcap = bool(softcap)
     use_window = bool(sliding_window)
     page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
-    _paged_attention_kernel[(num_seqs * tiles_per_seq, num_kv_heads, num_splits)](
+    grid = (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, part_o, part_lse,
         cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
+        tile_map if static_grid else context_lens,
         *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
         block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
         scale * LOG2E,
         2.0 * LOG2E * scale / softcap if use_softcap else 0.0,
         softcap * LOG2E if use_softcap else 0.0,
-        tiles_per_seq, num_splits,
+        tiles_per_seq, num_splits, num_seqs,
         NUM_HEADS=num_heads, G=groups, HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, PAGE=page,
         HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
-        DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=static_grid,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

@@ -18,6 +18,8 @@ from .triton_store import store_kv
 __all__ = ["name", "store_kv", "paged_attention"]
 
 name = "triton"
+# paged_attention takes ``static_grid=True`` (launches sized from shapes: graphs of mixed steps).
+supports_static_grid = True
 
 
 @hookimpl
