@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import _params, build_models, make_workload, sync
+from throughput import _params, build_models, classify_steps, make_workload, sync
 
 from hf_paged import Engine
 from hf_paged.engine import engine as engine_module
@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--memory-fraction", type=float, default=0.6)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--model", default=None, help="a real model directory instead of the random 1.2B shape")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-async-scheduling", action="store_true")
@@ -72,15 +73,7 @@ def main() -> None:
     steps = collections.Counter()
     for prompt, n in make_workload("uniform", args.num_requests, engine.vocab_size, args.seed, scale):
         engine.add_request(prompt, _params(n))
-    schedule = engine.scheduler.schedule
-    kind = {"now": "mixed"}
-
-    def schedule_and_classify():
-        out = schedule()
-        kind["now"] = "decode" if out.is_decode_only else "mixed"
-        return out
-
-    engine.scheduler.schedule = schedule_and_classify
+    kind, _ = classify_steps(engine)
     totals: dict[str, float] = collections.Counter()
     instrument(engine, totals)
     sync(args.device)

@@ -349,15 +349,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     for p, n in requests:
         engine.add_request(p, _params(n))
     cuda = torch.device(args.device).type == "cuda"
-    schedule = engine.scheduler.schedule
-    kind = {"now": "mixed"}
-
-    def schedule_and_classify():
-        out = schedule()
-        kind["now"] = "decode" if out.is_decode_only else "mixed"
-        return out
-
-    engine.scheduler.schedule = schedule_and_classify
+    kind, schedule = classify_steps(engine)
     per_kind: dict[str, dict] = {}
     syncs: dict[str, list[str]] = {}
     table = None
@@ -416,6 +408,21 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
         print("host ops of one mixed step (CPU time):")
         print(table)
     return per_kind
+
+
+def classify_steps(engine: Engine) -> tuple[dict, object]:
+    """Make ``engine``'s scheduler record the kind of each step it schedules in ``kind["now"]``
+    ("decode": one token per sequence, else "mixed"); returns that dict and the original method."""
+    schedule = engine.scheduler.schedule
+    kind = {"now": "mixed"}
+
+    def schedule_and_classify():
+        out = schedule()
+        kind["now"] = "decode" if out.is_decode_only else "mixed"
+        return out
+
+    engine.scheduler.schedule = schedule_and_classify
+    return kind, schedule
 
 
 def _syncs_of_one_step(engine: Engine) -> list[str]:
