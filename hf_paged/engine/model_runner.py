@@ -160,31 +160,32 @@ class ModelRunner:
             lens.append(c.num_tokens)
             tables.append(seq.block_table)
             samples.append(len(c.samplers))
+        # numpy, not torch, for these small host arrays: a fraction of the per-call cost.
         num_seqs = len(chunks)
-        lens_t = torch.tensor(lens, dtype=torch.int64)
-        starts_t = torch.tensor(starts, dtype=torch.int64)
-        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
-        torch.cumsum(lens_t, 0, out=cu[1:])
-        ctx = starts_t + lens_t
+        lens_a = np.array(lens, dtype=np.int64)
+        starts_a = np.array(starts, dtype=np.int64)
+        cu = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(lens_a, out=cu[1:])
+        ctx = starts_a + lens_a
         total = len(ids)
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens_t, output_size=total)
-        positions = torch.arange(total) - (cu[:-1] - starts_t)[seq_of_token]
-        table_lens = torch.tensor([len(t) for t in tables], dtype=torch.int64)
+        seq_of_token = np.repeat(np.arange(num_seqs), lens_a)
+        positions = np.arange(total) - (cu[:-1] - starts_a)[seq_of_token]
+        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
         width = int(table_lens.max())
         # np.fromiter reads the tables without building an intermediate list (the biggest host cost here).
-        flat = torch.from_numpy(np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(table_lens.sum())))
-        table_start = torch.cumsum(table_lens, 0) - table_lens
+        flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(table_lens.sum()))
+        table_start = np.cumsum(table_lens) - table_lens
         slots = flat[table_start[seq_of_token] + positions // bs] * bs + positions % bs
-        block_tables = torch.zeros(num_seqs, width, dtype=torch.int64)
-        block_tables[torch.arange(width)[None, :] < table_lens[:, None]] = flat
-        logits_indices = torch.repeat_interleave(cu[1:] - 1, torch.tensor(samples, dtype=torch.int64))
+        block_tables = np.zeros((num_seqs, width), dtype=np.int64)
+        block_tables[np.arange(width)[None, :] < table_lens[:, None]] = flat
+        logits_indices = np.repeat(cu[1:] - 1, np.array(samples, dtype=np.int64))
         if extra_rows:
-            cu_list = cu.tolist()
-            extra = [cu_list[c] + off + i for c, off, count in extra_rows for i in range(count)]
-            logits_indices = torch.cat([logits_indices, torch.tensor(extra, dtype=torch.int64)])
+            extra = [int(cu[c]) + off + i for c, off, count in extra_rows for i in range(count)]
+            logits_indices = np.concatenate([logits_indices, np.array(extra, dtype=np.int64)])
+        t = torch.from_numpy
         return _HostStep(
-            torch.tensor(ids, dtype=torch.int64), positions, slots, logits_indices, cu, ctx, block_tables, max(lens),
-            torch.tensor([fill_at, fill_from], dtype=torch.int64).view(2, -1),
+            t(np.array(ids, dtype=np.int64)), t(positions), t(slots), t(logits_indices), t(cu), t(ctx),
+            t(block_tables), max(lens), t(np.array([fill_at, fill_from], dtype=np.int64).reshape(2, -1)),
         )
 
     def _upload(self, host: _HostStep, last_tokens: torch.Tensor | None = None) -> StepInputs:

@@ -7,7 +7,6 @@ the group's rank 0 and broadcast (`BroadcastSampler`). Launching ranks is `hf_pa
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,19 +77,18 @@ class BroadcastSampler:
         self.sampler = sampler
         self.state = state
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sampler, name)
-
     def __call__(self, logits: torch.Tensor, seqs) -> SamplerOutput:
-        state = self.state
-        out = self.sampler(logits, seqs) if state.rank == 0 else None
         if any(s.request.params.logprobs is not None for s in seqs):
-            box = [out]
-            dist.broadcast_object_list(box, group=state.cpu_group, group_src=0)
+            box = [self.sampler(logits, seqs) if self.state.rank == 0 else None]
+            dist.broadcast_object_list(box, group=self.state.cpu_group, group_src=0)
             return box[0]
-        if state.rank == 0:
-            tokens = torch.tensor(out.token_ids, dtype=torch.int64, device=logits.device)
+        return SamplerOutput(self.tokens(logits, seqs).tolist())
+
+    def tokens(self, logits: torch.Tensor, seqs) -> torch.Tensor:
+        """Rank 0's sampled tokens, on every rank's device."""
+        if self.state.rank == 0:
+            tokens = self.sampler.tokens(logits, seqs)
         else:
             tokens = torch.empty(len(seqs), dtype=torch.int64, device=logits.device)
-        dist.broadcast(tokens, group=state.group, group_src=0)
-        return out if state.rank == 0 else SamplerOutput(tokens.tolist())
+        dist.broadcast(tokens, group=self.state.group, group_src=0)
+        return tokens
