@@ -391,8 +391,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
                                                   max_name_column_width=50)
     finally:
         engine.scheduler.schedule = schedule
-    for rid in list(engine._requests):
-        engine.abort(rid)
+    engine.abort_all()
     while engine.has_unfinished():
         engine.step()
     print(f"\n== profile: device busy per step kind (windows of {args.profile_steps} consecutive steps) ==")

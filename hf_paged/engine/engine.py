@@ -152,6 +152,16 @@ class Engine:
         self._pending.append(self._complete(request, reason="abort"))
         return True
 
+    def abort_all(self) -> None:
+        """`abort` every request not finished yet."""
+        for request_id in list(self._requests):
+            self.abort(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests queued, running, or finished but not yet reported by `step`."""
+        return len(self._requests)
+
     def has_unfinished(self) -> bool:
         """Whether any request is queued, running, or finished but not yet reported by `step`."""
         return bool(self._requests) or bool(self._pending)
@@ -276,8 +286,7 @@ class Engine:
         """Abort what is in flight and free the KV pool and CUDA graphs now (idempotent)."""
         if self._closed:
             return
-        for request_id in list(self._requests):
-            self.abort(request_id)
+        self.abort_all()
         self._pending.clear()
         self._in_flight = None
         self._closed = True

@@ -61,7 +61,7 @@ def engine_state(engine) -> EngineState:
     blocks = engine.kv_pool.blocks
     stats = engine.stats()
     return EngineState(blocks.num_blocks, blocks.num_used, blocks.num_free, stats.prefix_hit_rate,
-                       stats.preemptions, len(engine._requests))
+                       stats.preemptions, engine.num_unfinished)
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
