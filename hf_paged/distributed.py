@@ -111,8 +111,8 @@ class DriverEngine(Engine):
 
     Every `add_request`/`abort` is recorded and, at the next `step`, sent to the workers before
     the step runs; the workers replay them on their own engines and step in lockstep (their
-    forwards join this rank's collectives). Outputs are produced here only. Call `shutdown` (or use
-    it as a context manager) to stop the workers.
+    forwards join this rank's collectives). Outputs are produced here only. `close` (or ``with``)
+    frees this rank's pool and stops the workers; `shutdown` stops the workers only.
     """
 
     def __init__(self, model: torch.nn.Module, *, channel, processes=(), owns_process_group: bool = False, **kwargs):
@@ -121,11 +121,11 @@ class DriverEngine(Engine):
         self._processes = list(processes)
         self._owns_process_group = owns_process_group
         self._ops: list[tuple] = []
-        self._closed = False
+        self._workers_stopped = False
 
-    def add_request(self, prompt, sampling_params=None, request_id: str | None = None) -> str:
-        request_id = super().add_request(prompt, sampling_params, request_id)
-        self._ops.append(("add", prompt, sampling_params, request_id))
+    def add_request(self, prompt, sampling_params=None, request_id: str | None = None, **kwargs) -> str:
+        request_id = super().add_request(prompt, sampling_params, request_id, **kwargs)
+        self._ops.append(("add", prompt, sampling_params, request_id))  # outputs (and their text) are rank 0's
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -135,7 +135,7 @@ class DriverEngine(Engine):
         return aborted
 
     def step(self):
-        if self._closed:
+        if self._workers_stopped:
             raise RuntimeError("this tensor-parallel engine was shut down")
         ops, self._ops = self._ops, []
         self._channel.send(("step", ops))
@@ -143,9 +143,9 @@ class DriverEngine(Engine):
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the worker ranks (idempotent) and tear down the process group this engine created."""
-        if self._closed:
+        if self._workers_stopped:
             return
-        self._closed = True
+        self._workers_stopped = True
         self._channel.send(("stop",))
         for p in self._processes:
             p.join(timeout)
@@ -155,11 +155,17 @@ class DriverEngine(Engine):
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
+    def close(self) -> None:
+        """Abort what is in flight, free this rank's KV pool and graphs, and stop the worker ranks
+        (idempotent; what the server does at exit)."""
+        super().close()
+        self.shutdown()
+
     def __enter__(self) -> DriverEngine:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.shutdown()
+        self.close()
 
 
 def run_worker(engine: Engine, receive) -> None:

@@ -104,6 +104,28 @@ def test_serve_process_end_to_end(saved_model):
     assert "engine stopped" in out and "Traceback" not in out
 
 
+def test_serve_tensor_parallel(saved_model):
+    """``serve DIR --tensor-parallel-size 2`` on CPU (gloo): the tokens of one process, and SIGINT
+    stops the worker rank too (no orphan, no forced termination)."""
+    from hf_paged import SamplingParams, generate_batch
+
+    model, tok = load_model(str(saved_model), dtype="float32", device="cpu")
+    want = generate_batch(model, ["hello"], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True),
+                          tokenizer=tok, progress=False)[0].text
+    args = (str(saved_model), "--tensor-parallel-size", "2", "--num-blocks", "64", "--dtype", "float32",
+            "--shutdown-timeout", "0")
+    with serve_process(*args, timeout=180) as (proc, base):
+        body = {"prompt": "hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "tensor parallel over 2 ranks" in out and "engine stopped" in out
+    assert "did not stop" not in out and "Traceback" not in out
+
+
 def _exit_message(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -22,7 +22,7 @@ from .sequence import FinishReason, Request, Sequence, SequenceStatus
 __all__ = ["ScheduledChunk", "Scheduler", "SchedulerOutput"]
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     """``num_tokens`` tokens of ``seq`` starting at ``start``, fed to this step's forward.
 

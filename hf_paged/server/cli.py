@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine loop in a process of its own (its own GIL, fed over ZMQ IPC) rather "
                             "than in a thread of the server process (default: on for CUDA devices, off on CPU)")
+    serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                       help="shard MODEL over N local GPUs (N CPU processes over gloo without CUDA) with "
+                            "Transformers' tp_plan; this process is rank 0 and runs the engine in a thread")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -93,6 +96,10 @@ def _serve(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(f"--device: {e}")
+    if args.tensor_parallel_size > 1:
+        if args.engine_process:
+            parser.error("--engine-process is not supported with --tensor-parallel-size (rank 0 drives the others)")
+        args.engine_process = False
     if args.engine_process is None:  # measured on an H100: more requests/s and a steadier ITL in a process of its own
         args.engine_process = device.type == "cuda"
     _check_port_free(parser, args.host, args.port)
@@ -155,6 +162,19 @@ def _serve(args: argparse.Namespace) -> int:
         model_class, param_dtype, param_device = info.model_class, info.dtype, info.device
         num_blocks, block_size, pool_bytes = info.num_blocks, info.block_size, info.kv_pool_bytes
         where = f" (engine process {info.pid})"
+    elif args.tensor_parallel_size > 1:
+        from ..distributed import start_tensor_parallel_engine
+        from ..loader import load_tokenizer
+
+        if model_path is None:
+            parser.error("--tensor-parallel-size needs a MODEL directory (the random demo model is not sharded)")
+        try:
+            tokenizer = load_tokenizer(True, model_path)
+            engine = start_tensor_parallel_engine(model_path, args.tensor_parallel_size, tokenizer=tokenizer,
+                                                  model_kwargs={"dtype": dtype}, **engine_kwargs)
+        except (OSError, ValueError, ImportError, RuntimeError) as e:
+            parser.error(f"{load_error} with --tensor-parallel-size {args.tensor_parallel_size}: {_first_line(e)}")
+        where = f" (tensor parallel over {args.tensor_parallel_size} ranks; KV heads split across them)"
     else:
         if model_path is None:
             model, tokenizer = _demo_model(args.dtype, args.device)
@@ -164,15 +184,15 @@ def _serve(args: argparse.Namespace) -> int:
             except (OSError, ValueError, ImportError) as e:
                 parser.error(f"{load_error}: {_first_line(e)}")
         engine = Engine(model, tokenizer=tokenizer, **engine_kwargs)
-        param = next(model.parameters())
-        model_class, param_dtype, param_device = type(model).__name__, param.dtype, param.device
-        num_blocks, block_size, pool_bytes = engine.kv_pool.num_blocks, engine.block_size, engine.kv_pool.nbytes
         where = ""
+    if not args.engine_process:
+        param = next(engine.model.parameters())
+        model_class, param_dtype, param_device = type(engine.model).__name__, param.dtype, param.device
+        num_blocks, block_size, pool_bytes = engine.kv_pool.num_blocks, engine.block_size, engine.kv_pool.nbytes
     try:
         app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
     except ValueError as e:
-        if args.engine_process:
-            engine.shutdown()
+        engine.shutdown() if args.engine_process else engine.close()
         parser.error(str(e))
     pool_tokens = num_blocks * block_size
     logger.info("model %s (%s) as %r: dtype %s on %s%s", source, model_class, name, param_dtype, param_device, where)
