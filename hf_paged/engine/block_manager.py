@@ -136,13 +136,11 @@ class BlockManager:
 
     def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         """`append` when the pool has room (returns True), else change nothing and return False."""
-        computed, bs = seq.num_computed_tokens, self.block_size
-        if num_new_tokens <= len(seq.block_table) * bs - computed and (
-                computed % bs == 0 or self.pool.refcount(seq.block_table[computed // bs]) == 1):
-            return True  # the common decode step: room in an unshared last block
-        if not self.can_append(seq, num_new_tokens):
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > self.pool.num_free:
             return False
-        self.append(seq, num_new_tokens)
+        if needed:  # the common decode step needs none: room in an unshared last block
+            self.append(seq, num_new_tokens)
         return True
 
     def append(self, seq: Sequence, num_new_tokens: int) -> None:

@@ -16,7 +16,7 @@ import torch
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 
-__all__ = ["DecodeGraphs", "MixedGraphs", "mixed_graphs_supported"]
+__all__ = ["DecodeGraphs", "MixedGraphs", "forward_logits", "mixed_graphs_supported"]
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -120,21 +120,28 @@ class DecodeGraphs:
             max_context_len=self.max_context,
             kv_start=self._kv_start[:bucket],
         )
-        return self._model(
-            input_ids=self._ids[None, :bucket],
-            position_ids=self._positions[None, :bucket],
-            attention_mask=self._mask,
-            use_cache=False,
-            logits_to_keep=self._rows[:bucket],
-            paged_metadata=metadata,
-            paged_kv=self._kv_pool,
-        ).logits[0]
+        return forward_logits(self._model, self._ids[:bucket], self._positions[:bucket], self._rows[:bucket],
+                              metadata, self._kv_pool, self._mask)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Capture over inputs that touch nothing: no slot to store into, no key to read.
         self._slots.fill_(-1)
         self._context_lens.zero_()
         return _capture(self._pool, lambda: self._forward(bucket))
+
+
+def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
+                   metadata: PagedAttentionMetadata, kv_pool: KVPool, mask: torch.Tensor) -> torch.Tensor:
+    """One packed forward of ``model`` (``[T]`` ids and positions): the ``[R, V]`` logits of ``rows``."""
+    return model(
+        input_ids=input_ids[None],
+        position_ids=position_ids[None],
+        attention_mask=mask,
+        use_cache=False,
+        logits_to_keep=rows,
+        paged_metadata=metadata,
+        paged_kv=kv_pool,
+    ).logits[0]
 
 
 def _capture(pool, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -96,7 +96,7 @@ class Engine:
                                   max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs and not tp)
         if self.kv_pool.device.type == "cuda":
             self.runner.warm_up(self.block_manager, max_num_batched_tokens)
-        #: Seconds spent at construction capturing decode graphs and compiling kernels (CUDA).
+        #: Seconds spent at construction compiling kernels and capturing CUDA graphs (CUDA only).
         self.warmup_s = time.perf_counter() - started
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         if async_scheduling is None:

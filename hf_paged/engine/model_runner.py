@@ -16,7 +16,7 @@ from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
 from .block_manager import BlockManager
 from ..kernels import get_backend
-from .cuda_graphs import DecodeGraphs, MixedGraphs, mixed_graphs_supported
+from .cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, SchedulerOutput
 from .sequence import Request, Sequence as SequenceState
@@ -246,9 +246,8 @@ class ModelRunner:
         for context in sorted({min(128, longest), longest}):
             for q in (q for q in lengths if q <= context):
                 seq = SequenceState(-1, request, 0, [0] * context)
-                if not block_manager.can_append(seq, context):
+                if not block_manager.try_append(seq, context):
                     return
-                block_manager.append(seq, context)
                 try:
                     self.execute(SchedulerOutput([ScheduledChunk(seq, context - q, q, [seq])], q))
                 finally:
@@ -287,13 +286,5 @@ class ModelRunner:
                                                                host.logits_indices.numel(), max_context_len):
             return mixed.run(host, last_tokens)
         inputs = self._upload(host, last_tokens)
-        result = self.model(
-            input_ids=inputs.input_ids,
-            position_ids=inputs.position_ids,
-            attention_mask=self._mask,
-            use_cache=False,
-            logits_to_keep=inputs.logits_indices,
-            paged_metadata=inputs.metadata,
-            paged_kv=self.kv_pool,
-        )
-        return result.logits[0]
+        return forward_logits(self.model, inputs.input_ids[0], inputs.position_ids[0], inputs.logits_indices,
+                              inputs.metadata, self.kv_pool, self._mask)

@@ -201,7 +201,6 @@ class Scheduler:
         advanced: list[Sequence] = []
         tokens, logprobs = sampled.token_ids, sampled.logprobs
         bm = self.block_manager
-        bs = bm.block_size
         now = time.perf_counter()
         row = 0
         for chunk in out.chunks:
@@ -219,7 +218,7 @@ class Scheduler:
                 seq.token_ids.append(token)
                 if seq.logprobs is not None and logprobs is not None:
                     seq.logprobs.append(logprobs[row - 1])
-                if seq.status is SequenceStatus.RUNNING and end // bs > seq.num_committed_blocks:
+                if seq.status is SequenceStatus.RUNNING:
                     bm.commit(seq, end)
                 request = seq.request
                 if request.first_token_time is None:
