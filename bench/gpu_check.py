@@ -20,6 +20,7 @@ import time
 import torch
 
 import hf_paged  # noqa: F401  registers "paged"
+from hf_paged.engine.cuda_graphs import capture_graph
 from hf_paged.kernels import get_backend, reference, triton_backend
 
 RESULTS: list[dict] = []
@@ -110,15 +111,7 @@ def check_cuda_graph() -> None:
     """Capture a split-KV decode step, then replay with other context lengths: no host sync needed."""
     q, k, v, meta = random_paged([1] * 8, [3000] * 8, 32, 8, 128, 16, torch.bfloat16)
     meta["max_context_len"] = 3000
-    run = lambda: triton_backend.paged_attention(q, k, v, scale=0.088, **meta)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture_graph(None, lambda: triton_backend.paged_attention(q, k, v, scale=0.088, **meta))
     meta["context_lens"].copy_(torch.randint(1, 3001, (8,), device="cuda", dtype=torch.int32))
     graph.replay()
     torch.cuda.synchronize()

@@ -27,7 +27,7 @@ def emulated_capture(monkeypatch):
         out = forward()
         return _Replay(forward, out), out
 
-    monkeypatch.setattr(cuda_graphs, "_capture", capture)
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
 

@@ -16,7 +16,7 @@ import torch
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 
-__all__ = ["DecodeGraphs", "MixedGraphs", "forward_logits", "mixed_graphs_supported"]
+__all__ = ["DecodeGraphs", "MixedGraphs", "capture_graph", "forward_logits", "mixed_graphs_supported"]
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -127,7 +127,7 @@ class DecodeGraphs:
         # Capture over inputs that touch nothing: no slot to store into, no key to read.
         self._slots.fill_(-1)
         self._context_lens.zero_()
-        return _capture(self._pool, lambda: self._forward(bucket))
+        return capture_graph(self._pool, lambda: self._forward(bucket))
 
 
 def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,
@@ -144,9 +144,9 @@ def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, r
     ).logits[0]
 
 
-def _capture(pool, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+def capture_graph(pool, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run ``forward`` once on a side stream (compiles kernels, initialises cuBLAS workspaces), then
-    capture it into a graph on ``pool``; returns the graph and its output tensor."""
+    capture it into a graph on ``pool`` (``None``: a private pool); returns the graph and its output tensor."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -259,7 +259,7 @@ class MixedGraphs:
             self._slots.fill_(-1)
             self._cu.zero_()  # no sequence owns a token: nothing is stored or read
             self._context_lens.zero_()
-            self._graphs[bucket] = _capture(self._pool, lambda b=bucket: self._forward(b))
+            self._graphs[bucket] = capture_graph(self._pool, lambda b=bucket: self._forward(b))
 
     def _forward(self, bucket: int) -> torch.Tensor:
         metadata = PagedAttentionMetadata(
