@@ -67,7 +67,7 @@ def main() -> None:
     scale = 0.05 if args.tiny else 1.0
     warm = make_workload("uniform", 16, engine.vocab_size, args.seed + 1000, scale)
     engine.generate([q for q, _ in warm], [_params(n) for _, n in warm])
-    engine.block_manager.reset_prefix_cache()
+    engine.reset_prefix_cache()
 
     per_kind: dict[str, collections.Counter] = {"decode": collections.Counter(), "mixed": collections.Counter()}
     steps = collections.Counter()

@@ -286,7 +286,7 @@ def run_hf_paged(engine: Engine, requests, args) -> dict:
     t_warm = time.perf_counter()
     warm = make_workload("uniform", 8, engine.vocab_size, args.seed + 1000, 0.05 if args.tiny else 0.25)
     engine.generate([p for p, _ in warm], [_params(n) for _, n in warm])
-    engine.block_manager.reset_prefix_cache()
+    engine.reset_prefix_cache()
     sync(args.device)
     first_requests_s = time.perf_counter() - t_warm  # anything the engine's own warm-up missed compiles here
     if torch.device(args.device).type == "cuda":
@@ -345,7 +345,7 @@ def profile_engine(engine: Engine, requests, args) -> dict:
 def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) -> dict:
     """Device-busy share per step kind (windows of consecutive steps of one kind, device activity
     only, so the profiler adds little host time), the syncs of one step of each kind, one op table."""
-    engine.block_manager.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
+    engine.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
     for p, n in requests:
         engine.add_request(p, _params(n))
     cuda = torch.device(args.device).type == "cuda"

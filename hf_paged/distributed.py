@@ -109,7 +109,7 @@ class _QueueChannel:
 class DriverEngine(Engine):
     """The `Engine` of rank 0 when ranks ``1..N-1`` run `run_worker`: a drop-in `Engine`.
 
-    Every `add_request`/`abort` is recorded and, at the next `step`, sent to the workers before
+    Every `add_request`/`abort`/`reset_prefix_cache` is recorded and, at the next `step`, sent to the workers before
     the step runs; the workers replay them on their own engines and step in lockstep (their
     forwards join this rank's collectives). Outputs are produced here only. `close` (or ``with``)
     frees this rank's pool and stops the workers; `shutdown` stops the workers only.
@@ -133,6 +133,10 @@ class DriverEngine(Engine):
         if aborted:
             self._ops.append(("abort", request_id))
         return aborted
+
+    def reset_prefix_cache(self) -> None:
+        super().reset_prefix_cache()
+        self._ops.append(("reset_prefix_cache",))  # the ranks' block managers must stay identical
 
     def step(self):
         if self._workers_stopped:
@@ -180,8 +184,10 @@ def run_worker(engine: Engine, receive) -> None:
         for op in message[1]:
             if op[0] == "add":
                 Engine.add_request(engine, op[1], op[2], op[3])
-            else:
+            elif op[0] == "abort":
                 Engine.abort(engine, op[1])
+            else:
+                Engine.reset_prefix_cache(engine)
         engine.step()
         # Updates are dropped here: only the driver reports. Still drain finished requests.
 

@@ -17,9 +17,12 @@ from tp_cases import engine_cases  # noqa: E402
 
 def main(model_dir: str, out_json: str) -> None:
     prompts, params, engine_kwargs = engine_cases()
-    with start_tensor_parallel_engine(model_dir, 2, tokenizer=None, **engine_kwargs) as engine:
+    # Async scheduling (the CUDA default) here, synchronous steps in the torchrun test: both keep the ranks in step.
+    with start_tensor_parallel_engine(model_dir, 2, tokenizer=None, async_scheduling=True, **engine_kwargs) as engine:
+        assert engine.async_scheduling
         assert isinstance(engine, DriverEngine) and engine.kv_pool.num_kv_heads == 1
         outs = engine.generate(prompts, params, progress=False)
+        engine.reset_prefix_cache()  # reaches the worker too: their block managers stay identical
         # add_request/step/abort, as a server drives it: the abort reaches the worker too.
         keep = engine.add_request(prompts[0], SamplingParams(max_new_tokens=5, temperature=0.0, ignore_eos=True))
         gone = engine.add_request(prompts[1], SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True))

@@ -52,13 +52,11 @@ class Engine:
         stream_text: give every `RequestUpdate` a ``text_delta`` (needs ``tokenizer``); per
             request, `add_request`'s ``stream_text`` overrides it.
         cuda_graphs: on CUDA, replay captured graphs for decode-only steps and for other steps of
-            up to 4,096 tokens (off under tensor parallelism, where capturing the collectives is
-            untested).
+            up to 4,096 tokens; under tensor parallelism the graphs hold the ranks' NCCL collectives.
         async_scheduling: schedule and launch step N+1 while the device still runs step N; the
             host learns step N's tokens one step later (for stop checks and streaming), and a
             request that stops at step N may compute one more token, which is dropped. Steps with
-            penalties, logprobs or prompt logprobs run synchronously. Default: on for CUDA (off
-            under tensor parallelism).
+            penalties, logprobs or prompt logprobs run synchronously. Default: on for CUDA.
 
     Example:
         >>> with Engine(model, num_blocks=1024, tokenizer=tok) as engine:  # doctest: +SKIP
@@ -79,7 +77,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.stream_text = stream_text and tokenizer is not None
         # Tensor-parallel ranks hold only their KV heads and run this engine in lockstep (hf_paged.distributed).
-        self.tp = tp = TensorParallelState(model) if tensor_parallel_size(model) > 1 else None
+        self.tp = TensorParallelState(model) if tensor_parallel_size(model) > 1 else None
         if num_blocks is None:
             num_blocks = default_num_blocks(model, block_size, memory_fraction, max_num_seqs)
         if self.tp is not None:
@@ -93,7 +91,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         started = time.perf_counter()
         self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs and not tp)
+                                  max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs)
         if self.kv_pool.device.type == "cuda":
             self.runner.warm_up(self.block_manager, max_num_batched_tokens)
         #: Seconds spent at construction compiling kernels and capturing CUDA graphs (CUDA only).
@@ -101,7 +99,8 @@ class Engine:
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)
         if async_scheduling is None:
             async_scheduling = self.kv_pool.device.type == "cuda"
-        self.async_scheduling = async_scheduling and self.tp is None
+        # Ranks stay in lockstep: what overlaps is decided from the requests alone, never from timing.
+        self.async_scheduling = async_scheduling
         self._in_flight: _LaunchedStep | None = None  # launched, its tokens not read yet
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.inputs = InputProcessor(tokenizer, vocab_size=self.vocab_size, eos_token_ids=eos_token_ids(model),
@@ -277,6 +276,10 @@ class Engine:
     def stats(self) -> EngineStats:
         """Throughput, KV usage (peak blocks, waste), prefix-cache hit rate and preemptions."""
         return self._stats.snapshot()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (e.g. after swapping weights, or between benchmark runs)."""
+        self.block_manager.reset_prefix_cache()
 
     def reset_stats(self) -> None:
         """Start the counters of `stats` afresh (the prefix cache itself is kept)."""

@@ -78,7 +78,7 @@ def _rollout(prompts: list, trainer, engine_kwargs: dict) -> dict[str, list]:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         client = _client(trainer, model, engine_kwargs)
         # Blocks cached by earlier rollouts hold KV of earlier weights (nothing is in flight here).
-        client.engine.block_manager.reset_prefix_cache()
+        client.engine.reset_prefix_cache()
         outs = client.generate([ids for ids, _ in groups], [_with_n(params, n) for _, n in groups])
     finally:
         if impl != ATTN_IMPLEMENTATION and impl is not None:
