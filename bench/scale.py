@@ -6,7 +6,9 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``tp1``: one `Engine` on GPU 0;
 * ``tp2`` / ``tp4``: `hf_paged.distributed.start_tensor_parallel_engine` over NCCL;
 * ``dp2``: two `Engine` replicas as Ray actors behind `hf_paged.integrations.ray.ReplicaRouter`;
-* ``parity``: greedy tokens of TP=2 against one GPU in fp32, on a small shape.
+* ``parity``: greedy tokens of TP=2 against one GPU in fp32, on a small shape;
+* ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
+  engine ran under TP before both were enabled there).
 
 Each engine configuration measures output tokens/s on the ``uniform`` (512 in / 128 out) and
 ``mixed`` (in ~ U[16, 1024], out ~ U[16, 256]) workloads after a warm-up, and the batch-1 decode
@@ -50,7 +52,7 @@ SHAPES = {
                   tie_word_embeddings=False),
     "tiny": MODEL_TINY,
 }
-CONFIGS = ("tp1", "tp2", "tp4", "dp2", "parity")
+CONFIGS = ("tp1", "tp2", "tp4", "dp2", "parity")  # an engine configuration + "-eager": no graphs, synchronous steps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,7 +195,9 @@ def _run_data_parallel(args, replicas: int, started: float) -> dict:
         warm = make_workload("uniform", 8 * replicas, vocab, args.seed + 1000, 0.25)
         _run_coroutine(router.generate_many([p for p, _ in warm], [_greedy(n) for _, n in warm]))
         router.assignments.clear()
-        result = {"load_s": load_s, "replicas": replicas, "workloads": {}}
+        infos = ray.get([r.info.remote() for r in router.replicas])
+        result = {"load_s": load_s, "replicas": replicas, "replica_info": infos, "workloads": {},
+                  "routing_after_warm_up": router.table.snapshot()}
         for name, requests in _workloads(args, vocab).items():
             t0 = time.perf_counter()
             outs = _run_coroutine(router.generate_many([p for p, _ in requests], [_greedy(n) for _, n in requests]))
@@ -228,8 +232,10 @@ def run_parity(args) -> dict:
     kwargs = dict(_engine_kwargs(args), num_blocks=2048, memory_fraction=None)
     model, _ = load_model(path, dtype=torch.float32, device=args.device, tokenizer=False)
     with Engine(model, **kwargs) as engine:
+        print(f"parity: one-GPU engine ready ({engine.warmup_s:.1f} s warm-up)", flush=True)
         one = [o.token_ids for o in engine.generate(prompts, _greedy(32))]
     del model
+    print("parity: starting TP=2", flush=True)
     with start_tensor_parallel_engine(path, 2, tokenizer=False, model_kwargs=dict(dtype=torch.float32),
                                       **kwargs) as engine:
         two = [o.token_ids for o in engine.generate(prompts, _greedy(32))]
@@ -245,19 +251,27 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def _spawn(args, config: str, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", config, "--child-out", str(out)]
+    base, _, variant = config.partition("-")
+    cmd = [sys.executable, __file__, "--child", base, "--child-out", str(out)]
+    if variant == "eager":
+        cmd += ["--no-cuda-graphs", "--no-async-scheduling"]
     for name, value in vars(args).items():
         if name in ("child", "child_out", "build", "configs", "out") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
     started = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, timeout=args.timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the configuration's own ranks and Ray workers with it
+            proc.wait()
+            return {"error": f"timed out after {args.timeout} s; log tail:\n{log.read_text()[-3000:]}"}
     if proc.returncode != 0 or not out.exists():
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-3000:]}"}
+        return {"error": f"exit {proc.returncode}: {log.read_text()[-3000:]}"}
     result = json.loads(out.read_text())
     result["process_s"] = time.perf_counter() - started
     return result
@@ -321,9 +335,10 @@ def main(argv=None) -> int:
     runs = {}
     scratch = Path(args.model_dir).parent
     for config in args.configs.split(","):
-        if config not in CONFIGS:
-            raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)})")
-        needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(config, 1)
+        base, _, variant = config.partition("-")
+        if base not in CONFIGS or variant not in ("", "eager"):
+            raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, each maybe + '-eager')")
+        needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(base, 1)
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
         else:
@@ -336,18 +351,19 @@ def main(argv=None) -> int:
         )
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish
     print(f"\nwrote {out}")
-    rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2")]
-    print(f"{'run':<12} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
+    rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
+            ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager")]
+    print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:
         r = runs.get(key)
         if r is None:
             continue
         if "error" in r:
-            print(f"{label:<12} error: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            print(f"{label:<16} error: {r['error'].splitlines()[-1] if r['error'] else ''}")
             continue
         w = r.get("workloads", {})
         cells = [w.get(n, {}).get("output_tok_per_s") for n in ("uniform", "mixed")] + [r.get("batch1_ms_per_token")]
-        print(f"{label:<12} " + " ".join(f"{c:>{width},.1f}" if c else f"{'-':>{width}}"
+        print(f"{label:<16} " + " ".join(f"{c:>{width},.1f}" if c else f"{'-':>{width}}"
                                           for c, width in zip(cells, (14, 12, 15))))
     print({k: record[k] for k in ("tp2_over_tp1", "dp2_over_one", "tp2_batch1_latency_ratio")})
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from contextlib import aclosing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence as SequenceABC
 
 from .input_processor import Prompt, per_prompt
@@ -84,9 +85,11 @@ class EngineClient:
             if not done:
                 self.abort(request_id)
 
-    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-                      request_id: str | None = None, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
-        """`stream` for asyncio: awaits updates without blocking the event loop."""
+    async def astream_batches(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+                              request_id: str | None = None, stream_text: bool | None = None
+                              ) -> AsyncIterator[list[RequestUpdate]]:
+        """`astream` in batches: each item holds every update that arrived since the previous one, so
+        a consumer that lags (a slow client, a remote hop per item) takes what queued up at once."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[RequestUpdate] = asyncio.Queue()
         request_id = self.submit(prompt, params, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u),
@@ -94,12 +97,23 @@ class EngineClient:
         done = False
         try:
             while not done:
-                update = await updates.get()
-                done = update.finished
-                yield update
+                batch = [await updates.get()]
+                while not updates.empty():
+                    batch.append(updates.get_nowait())
+                done = batch[-1].finished  # the finished update is a request's last
+                yield batch
         finally:
             if not done:
                 self.abort(request_id)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+                      request_id: str | None = None, stream_text: bool | None = None) -> AsyncIterator[RequestUpdate]:
+        """`stream` for asyncio: awaits updates without blocking the event loop."""
+        batches = self.astream_batches(prompt, params, request_id=request_id, stream_text=stream_text)
+        async with aclosing(batches):  # leaving early aborts the request at once, not at garbage collection
+            async for batch in batches:
+                for update in batch:
+                    yield update
 
     async def agenerate(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> GenerationOutput:
         """The finished `GenerationOutput` of one request, awaited."""

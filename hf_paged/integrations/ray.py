@@ -45,8 +45,11 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 from ..cache.geometry import cdiv
 from ..engine import AsyncEngine, Engine, GenerationOutput, RequestUpdate, SamplingParams
@@ -170,8 +173,9 @@ class EngineReplica:
         import os
 
         pool = self.engine.kv_pool
+        gpu = str(torch.cuda.get_device_properties(pool.device).uuid) if pool.device.type == "cuda" else None
         return {"num_blocks": pool.num_blocks, "block_size": pool.block_size, "free_blocks": pool.blocks.num_free,
-                "pid": os.getpid(), "device": str(pool.device)}
+                "pid": os.getpid(), "device": str(pool.device), "gpu_uuid": gpu}
 
     def pool_stats(self) -> dict[str, int]:
         blocks = self.engine.kv_pool.blocks
@@ -181,11 +185,20 @@ class EngineReplica:
     def engine_stats(self):
         return self.engine.stats()
 
-    async def generate(self, prompt, params: SamplingParams, stream_text: bool | None = None):
-        """Stream ``(RequestUpdate, free blocks after the step)`` for one request."""
+    async def generate(self, prompt, params: SamplingParams, stream_text: bool | None = None,
+                       final_only: bool = False):
+        """Stream ``(updates, free blocks after them)`` for one request.
+
+        Each item holds every update that was ready (one Ray object per batch, not per token: the
+        hop costs more than a step); with ``final_only`` only the finished update is sent.
+        """
         blocks = self.engine.kv_pool.blocks
-        async for update in self.client.astream(prompt, params, stream_text=stream_text):
-            yield update, blocks.num_free
+        batches = self.client.astream_batches(prompt, params, stream_text=stream_text)
+        async with aclosing(batches):
+            async for batch in batches:
+                if final_only and not batch[-1].finished:
+                    continue
+                yield (batch[-1:] if final_only else batch), blocks.num_free
 
 
 # -- the router -------------------------------------------------------------------------------------
@@ -274,6 +287,12 @@ class ReplicaRouter:
         they add up to each sample's final text. A replica's death replays the request elsewhere
         (see the module docstring).
         """
+        async with aclosing(self._updates(prompt, sampling_params, request_id, stream_text, False)) as updates:
+            async for update in updates:
+                yield update
+
+    async def _updates(self, prompt, sampling_params, request_id: str | None, stream_text: bool | None,
+                       final_only: bool) -> AsyncIterator[RequestUpdate]:
         params = SamplingParams.coerce(sampling_params)
         request_id = request_id or f"dp-{next(self._ids)}"
         token_ids = self._token_ids(prompt)
@@ -289,22 +308,23 @@ class ReplicaRouter:
             tried.append(replica)
             replayed: dict[int, int] = {}  # tokens of this attempt, per sample
             replayed_text: dict[int, int] = {}  # characters of text of this attempt, per sample
-            stream = self.replicas[replica].generate.remote(payload, params, stream_text)
+            stream = self.replicas[replica].generate.remote(payload, params, stream_text, final_only)
             finished = False
             try:
                 async for ref in stream:
-                    update, free_blocks = await ref
+                    batch, free_blocks = await ref
                     self.table.report(replica, free_blocks)
-                    update = self._dedupe(update, sent, replayed, sent_text, replayed_text)
-                    update.request_id = request_id
-                    if update.output is not None:
-                        update.output = replace(update.output, request_id=request_id,
-                                                prompt=prompt if isinstance(prompt, str) else update.output.prompt)
-                    if update.new_token_ids or update.text_delta or update.finish_reason or update.output is not None:
-                        yield update
-                    if update.finished:
-                        finished = True
-                        return
+                    for update in batch:
+                        update = self._dedupe(update, sent, replayed, sent_text, replayed_text)
+                        update.request_id = request_id
+                        if update.output is not None:
+                            update.output = replace(update.output, request_id=request_id,
+                                                    prompt=prompt if isinstance(prompt, str) else update.output.prompt)
+                        if update.new_token_ids or update.text_delta or update.finish_reason or update.finished:
+                            yield update
+                        if update.finished:
+                            finished = True
+                            return
                 raise RuntimeError(f"replica {replica} ended the stream of {request_id} without an output")
             except Exception as e:
                 if not _replica_died(e):
@@ -349,10 +369,11 @@ class ReplicaRouter:
 
     async def generate(self, prompt, sampling_params: SamplingParams | dict | None = None,
                        request_id: str | None = None) -> GenerationOutput:
-        """The finished output of one request."""
-        async for update in self.stream(prompt, sampling_params, request_id):
-            if update.finished:
-                return update.output
+        """The finished output of one request (its replica sends nothing before it)."""
+        async with aclosing(self._updates(prompt, sampling_params, request_id, None, True)) as updates:
+            async for update in updates:
+                if update.finished:
+                    return update.output
         raise RuntimeError("stream ended without an output")  # pragma: no cover
 
     async def generate_many(self, prompts: Sequence, sampling_params=None) -> list[GenerationOutput]:
