@@ -43,6 +43,7 @@ import datetime
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 import torch
@@ -151,13 +152,21 @@ class DriverEngine(Engine):
             return
         self._workers_stopped = True
         self._channel.send(("stop",))
+        # Every rank leaves the group at once: NCCL's teardown waits for its peers, so joining the
+        # workers first would leave them waiting for this rank until the join timed out.
+        leaving = None
+        if self._owns_process_group and dist.is_initialized():
+            leaving = threading.Thread(target=dist.destroy_process_group, name="hf-paged-tp-teardown", daemon=True)
+            leaving.start()
         for p in self._processes:
             p.join(timeout)
             if p.is_alive():
                 logger.warning("tensor-parallel worker pid %s did not stop; terminating it", p.pid)
                 p.terminate()
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if leaving is not None:
+            leaving.join(timeout)
+            if leaving.is_alive():
+                logger.warning("the tensor-parallel process group did not shut down in %.0f s", timeout)
 
     def close(self) -> None:
         """Abort what is in flight, free this rank's KV pool and graphs, and stop the worker ranks

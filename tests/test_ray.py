@@ -69,16 +69,26 @@ def test_routing_table_policy():
     table = RoutingTable([(10, 4), (10, 4)])
     p = SamplingParams(max_new_tokens=4)
     a = table.choose([1, 2, 3, 4, 5], 5, p)  # 3 blocks reserved on a
-    b = table.choose([9, 9, 9, 9, 9], 5, p)  # the other replica has more free blocks
+    b = table.choose([9, 9, 9, 9, 9], 5, p)  # the other replica has less work reserved
     assert {a, b} == {0, 1}
     assert table.choose([1, 2, 3, 4, 7, 7], 6, p) == a  # same first block: prefix affinity
-    table.report(b, 2)  # b says it is nearly full
+    table.report(b, 1)  # b says it is nearly full
     assert table.choose([5, 5, 5], 3, p) == a
     table.mark_dead(a)
     assert table.choose([1, 2, 3, 4, 5], 5, p) == b  # affinity to a dead replica is dropped
     table.mark_dead(b)
     with pytest.raises(RuntimeError, match="no live replica"):
         table.choose([1], 1, p)
+
+
+def test_routing_balances_work_across_unequal_pools():
+    """A burst splits evenly by work, not by pool size (the larger pool is not a faster replica)."""
+    table = RoutingTable([(20000, 16), (28000, 16)])
+    p = SamplingParams(max_new_tokens=128)
+    chosen = [table.choose(list(range(i, i + 512)), 512, p) for i in range(256)]
+    assert chosen.count(0) == chosen.count(1) == 128
+    table.report(0, 0)  # replica 0 is full: everything goes to 1, which still has room
+    assert table.choose([7] * 600, 600, p) == 1
 
 
 def test_two_replicas_match_one_engine(ray_local, model_dir, expected):

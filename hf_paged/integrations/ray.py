@@ -3,11 +3,14 @@
 Ray does the distribution (placement, one GPU per replica, failure detection, streaming); hf_paged
 adds only the routing policy:
 
-* **Most free KV blocks.** A request goes to the live replica with the most free blocks, estimated
-  as ``min(last reported free blocks, pool size - blocks reserved by requests in flight there)``
-  where a request reserves the blocks of ``len(prompt) + max_new_tokens`` tokens per sample.
-  The reservation term keeps a burst of requests (which arrive before any replica reports) from
-  all landing on the same replica. Ties go to the replica with fewer requests in flight.
+* **Least work, where it fits.** A request reserves the blocks of ``len(prompt) + max_new_tokens``
+  tokens per sample on its replica until it ends: that is its share of the replica's KV pool and a
+  measure of the work it brings. It goes to the live replica with the fewest blocks reserved among
+  those whose free blocks, estimated as ``min(last reported free blocks, pool size - reserved)``,
+  hold it; when none does, to the one with the most free blocks (it queues there). Reservations
+  count at once, so a burst (which arrives before any replica reports) is spread evenly; balancing
+  work rather than free memory keeps replicas with unequal pools equally busy (measured on two
+  H100s: "most free blocks" sent 213 of 256 requests to the replica with the larger pool).
 * **Prefix affinity.** A prompt longer than one block would hit the prefix cache of the replica
   that already holds its first block, so the hash of its first full block remembers the replica
   that served it; the next prompt with that block goes there while that replica has room for it.
@@ -117,8 +120,11 @@ class RoutingTable:
             raise RuntimeError("no live replica left to serve the request")
         key = self._prefix_key(candidates[0], token_ids)
         owner = self._prefix_owner.get(key) if key is not None else None
-        if owner in candidates and self._state[owner].free_estimate >= self.need(owner, num_prompt_tokens, params):
+        fits = [i for i in candidates if self._state[i].free_estimate >= self.need(i, num_prompt_tokens, params)]
+        if owner in fits:
             choice = owner
+        elif fits:
+            choice = min(fits, key=lambda i: (self._state[i].reserved, -self._state[i].free_estimate, i))
         else:
             choice = max(candidates, key=lambda i: (self._state[i].free_estimate, -self._state[i].in_flight, -i))
         if key is not None:
