@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -124,6 +125,40 @@ def test_serve_tensor_parallel(saved_model):
     assert proc.returncode == 0, out
     assert "tensor parallel over 2 ranks" in out and "engine stopped" in out
     assert "did not stop" not in out and "Traceback" not in out
+
+
+def test_serve_data_parallel(saved_model):
+    """``serve DIR --data-parallel-size 2`` on a local Ray: one process's tokens, streamed or not,
+    both replicas' pools in /metrics and back to zero used blocks, a clean SIGINT."""
+    pytest.importorskip("ray")
+    from hf_paged import SamplingParams, generate_batch
+
+    model, tok = load_model(str(saved_model), dtype="float32", device="cpu")
+    prompts = ["hello", "the cat sat on", "one two three four five six seven eight nine ten eleven twelve"]
+    want = [o.text for o in generate_batch(model, prompts, SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                          ignore_eos=True),
+                                           tokenizer=tok, progress=False)]
+    args = (str(saved_model), "--data-parallel-size", "2", "--num-blocks", "64", "--dtype", "float32",
+            "--device", "cpu", "--shutdown-timeout", "0")
+    with serve_process(*args, timeout=240) as (proc, base):
+        body = {"prompt": prompts, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == want
+        streamed = ""
+        with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, prompt=prompts[1], stream=True),
+                          timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    streamed += json.loads(line[6:])["choices"][0]["text"]
+        assert streamed == want[1]
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+        assert re.search(r"^hf_paged_kv_blocks_total\S* 128(\.0)?$", metrics, re.M), metrics  # 2 x 64 blocks
+        assert re.search(r"^hf_paged_kv_blocks_used\S* 0(\.0)?$", metrics, re.M), metrics
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "2 replicas on Ray" in out and "engine stopped" in out and "Traceback" not in out
 
 
 def _exit_message(argv, capsys) -> str:

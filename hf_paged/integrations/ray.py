@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from ..cache.geometry import cdiv
+from ..cache.geometry import cdiv, max_model_len
 from ..engine import AsyncEngine, Engine, GenerationOutput, RequestUpdate, SamplingParams
 from ..loader import load_model, load_tokenizer
 from . import require
@@ -181,7 +181,10 @@ class EngineReplica:
         pool = self.engine.kv_pool
         gpu = str(torch.cuda.get_device_properties(pool.device).uuid) if pool.device.type == "cuda" else None
         return {"num_blocks": pool.num_blocks, "block_size": pool.block_size, "free_blocks": pool.blocks.num_free,
-                "pid": os.getpid(), "device": str(pool.device), "gpu_uuid": gpu}
+                "pid": os.getpid(), "device": str(pool.device), "gpu_uuid": gpu, "kv_pool_bytes": pool.nbytes,
+                "vocab_size": self.engine.vocab_size, "capacity_tokens": self.engine.block_manager.capacity_tokens,
+                "max_model_len": max_model_len(self.engine.model), "model_class": type(self.engine.model).__name__,
+                "dtype": str(next(self.engine.model.parameters()).dtype)}
 
     def pool_stats(self) -> dict[str, int]:
         blocks = self.engine.kv_pool.blocks
@@ -271,10 +274,12 @@ class ReplicaRouter:
         self.replicas = [
             actor.remote(model_path, engine_kwargs, model_kwargs, tokenizer) for _ in range(num_replicas)
         ]
-        infos = ray.get([r.info.remote() for r in self.replicas])
-        self.table = RoutingTable([(i["num_blocks"], i["block_size"]) for i in infos])
+        #: Each replica's pool, device and model facts (`EngineReplica.info`), as built.
+        self.infos = ray.get([r.info.remote() for r in self.replicas])
+        self.table = RoutingTable([(i["num_blocks"], i["block_size"]) for i in self.infos])
         self._ids = itertools.count()
-        self.assignments: dict[str, list[int]] = {}  # request id -> replicas it was sent to, in order
+        # request id -> replicas it was sent to, in order (the latest 10,000 requests: a server runs for long)
+        self.assignments: OrderedDict[str, list[int]] = OrderedDict()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -309,6 +314,8 @@ class ReplicaRouter:
         sent_text: dict[int, int] = {}  # characters of text forwarded so far, per sample
         tried: list[int] = []
         self.assignments[request_id] = tried
+        while len(self.assignments) > 10_000:
+            self.assignments.popitem(last=False)
         while True:
             replica = self.table.choose(token_ids, num_prompt_tokens, params, exclude=frozenset(tried))
             tried.append(replica)

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
                        help="shard MODEL over N local GPUs (N CPU processes over gloo without CUDA) with "
                             "Transformers' tp_plan; this process is rank 0 and runs the engine in a thread")
+    serve.add_argument("--data-parallel-size", type=_positive_int, default=1, metavar="N",
+                       help="N engine replicas as Ray actors (one GPU each where Ray finds GPUs) behind a router "
+                            "that sends each request where the least work is reserved (prefix affinity; a "
+                            "replica's death replays its requests elsewhere); needs the 'ray' extra")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -96,9 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as e:
         parser.error(f"--device: {e}")
-    if args.tensor_parallel_size > 1:
+    if args.tensor_parallel_size > 1 and args.data_parallel_size > 1:
+        parser.error("--tensor-parallel-size and --data-parallel-size cannot be combined yet")
+    if args.tensor_parallel_size > 1 or args.data_parallel_size > 1:
         if args.engine_process:
-            parser.error("--engine-process is not supported with --tensor-parallel-size (rank 0 drives the others)")
+            parser.error("--engine-process is not supported with --tensor-parallel-size or --data-parallel-size "
+                         "(their engines run in processes of their own already)")
         args.engine_process = False
     if args.engine_process is None:  # measured on an H100: more requests/s and a steadier ITL in a process of its own
         args.engine_process = device.type == "cuda"
@@ -175,6 +182,24 @@ def _serve(args: argparse.Namespace) -> int:
         except (OSError, ValueError, ImportError, RuntimeError) as e:
             parser.error(f"{load_error} with --tensor-parallel-size {args.tensor_parallel_size}: {_first_line(e)}")
         where = f" (tensor parallel over {args.tensor_parallel_size} ranks; KV heads split across them)"
+    elif args.data_parallel_size > 1:
+        from ..integrations.ray_client import DataParallelClient
+        from ..loader import load_tokenizer
+
+        if model_path is None:
+            parser.error("--data-parallel-size needs a MODEL directory (the random demo model is built in-process)")
+        try:
+            tokenizer = load_tokenizer(True, model_path)
+            engine = DataParallelClient(model_path, args.data_parallel_size, max_waiting=args.max_waiting,
+                                        engine_kwargs=engine_kwargs,
+                                        model_kwargs={"dtype": dtype, "device": args.device})
+        except (OSError, ValueError, ImportError, RuntimeError) as e:
+            parser.error(f"{load_error} with --data-parallel-size {args.data_parallel_size}: {_first_line(e)}")
+        info = engine.router.infos[0]
+        model_class, param_dtype, param_device = info["model_class"], info["dtype"], info["device"]
+        num_blocks = sum(i["num_blocks"] for i in engine.router.infos)  # all replicas' pools together
+        block_size, pool_bytes = engine.block_size, sum(i["kv_pool_bytes"] for i in engine.router.infos)
+        where = f" ({args.data_parallel_size} replicas on Ray)"
     else:
         if model_path is None:
             model, tokenizer = _demo_model(args.dtype, args.device)
@@ -185,14 +210,14 @@ def _serve(args: argparse.Namespace) -> int:
                 parser.error(f"{load_error}: {_first_line(e)}")
         engine = Engine(model, tokenizer=tokenizer, **engine_kwargs)
         where = ""
-    if not args.engine_process:
+    if not args.engine_process and args.data_parallel_size == 1:
         param = next(engine.model.parameters())
         model_class, param_dtype, param_device = type(engine.model).__name__, param.dtype, param.device
         num_blocks, block_size, pool_bytes = engine.kv_pool.num_blocks, engine.block_size, engine.kv_pool.nbytes
     try:
         app = build_app(engine, tokenizer, config)  # resolves config.max_model_len
     except ValueError as e:
-        engine.shutdown() if args.engine_process else engine.close()
+        engine.close() if isinstance(engine, Engine) else engine.shutdown()
         parser.error(str(e))
     pool_tokens = num_blocks * block_size
     logger.info("model %s (%s) as %r: dtype %s on %s%s", source, model_class, name, param_dtype, param_device, where)
