@@ -81,3 +81,44 @@ def test_metaspace_keeps_the_leading_space():
     assert fast.decode(output) == "world again"  # decoded alone, the space is lost
     deltas, stream = _stream(fast, output, prompt=prompt)
     assert "".join(deltas) == stream.text == continuation_text(fast, prompt, output) == " world again"
+
+
+def test_client_detokenizer_matches_the_engine(byte_tokenizer):
+    """Front-end detokenization: an engine that sends token ids only (``detokenize=False``) plus a
+    `ClientDetokenizer` per request give the deltas and texts the engine's own decoding gives, on a
+    byte-level tokenizer whose random outputs split UTF-8 characters across tokens (n=2, seeded)."""
+    import torch
+    from tiny_models import make_config
+    from transformers import AutoModelForCausalLM
+
+    from hf_paged import Engine, SamplingParams
+    from hf_paged.engine.detokenizer import ClientDetokenizer
+
+    config = make_config("llama-gqa")
+    config.vocab_size, config.eos_token_id = 257, None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="paged").eval()
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1, 257) for _ in range(rng.randrange(2, 9))] for _ in range(6)]
+    params = [SamplingParams(max_new_tokens=24, temperature=1.0, seed=i, n=1 + i % 2, ignore_eos=True)
+              for i in range(len(prompts))]
+
+    def run(detokenize: bool):
+        engine = Engine(model, num_blocks=64, tokenizer=byte_tokenizer)
+        ids = [engine.add_request(p, sp, stream_text=True, detokenize=detokenize) for p, sp in zip(prompts, params)]
+        decoders = {rid: ClientDetokenizer(byte_tokenizer, p, stream_text=True) for rid, p in zip(ids, prompts)}
+        deltas, texts = {}, {}
+        for update in engine.iter_updates():
+            if not detokenize:
+                assert update.text_delta is None  # the engine decoded nothing
+                update = decoders[update.request_id](update)
+            deltas.setdefault((update.request_id, update.sample_index), []).append(update.text_delta)
+            if update.output is not None:
+                texts[update.request_id] = [s.text for s in update.output.samples]
+        return deltas, texts
+
+    engine_deltas, engine_texts = run(True)
+    client_deltas, client_texts = run(False)
+    assert client_deltas == engine_deltas and client_texts == engine_texts
+    assert any(d == "" for ds in engine_deltas.values() for d in ds)  # an incomplete character waited
+    assert all(t for texts in engine_texts.values() for t in texts)

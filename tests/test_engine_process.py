@@ -76,6 +76,35 @@ def test_greedy_outputs_match_the_in_process_engine(client, model_dir):
     assert [t for u in updates for t in u.new_token_ids] == final.token_ids
 
 
+def test_front_end_detokenization_matches_the_in_process_engine(model_dir):
+    """With a tokenizer the client decodes token-id requests itself (the engine process sends ids
+    only); text, streamed deltas and stop strings (decoded in the engine) come out as in-process."""
+    from hf_paged.loader import load_tokenizer
+
+    tok = load_tokenizer(True, model_dir)
+    engine = load_engine(model_dir, LOAD, ENGINE)
+    prompts = [tok(p)["input_ids"] if isinstance(p, str) else p for p in PROMPTS]
+    stop = SamplingParams(max_new_tokens=12, temperature=0.0, stop=["w9"])
+    try:
+        expected = engine.generate(prompts, GREEDY)
+        expected_stop = engine.generate(prompts, stop)
+    finally:
+        engine.close()
+    c = EngineProcessClient(engine_factory(model_dir, LOAD, ENGINE), ready_timeout=120, tokenizer=tok)
+    try:
+        for prompt, want in zip(prompts, expected):
+            updates = list(c.stream(prompt, GREEDY, stream_text=True))
+            final = updates[-1].output
+            assert final.token_ids == want.token_ids and final.text == want.text
+            assert "".join(u.text_delta or "" for u in updates) == want.text
+            assert c._client_detokenizer(prompt, {}, True) is not None  # decoded here, not in the engine
+        got = c.generate(prompts, stop)
+        assert [o.text for o in got] == [o.text for o in expected_stop]
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in expected_stop]
+    finally:
+        c.shutdown(join_timeout=10)
+
+
 def test_logprobs_and_bad_requests_cross_the_wire(client):
     out = client.generate(["w4 w5"], SamplingParams(max_new_tokens=3, temperature=0.0, logprobs=2,
                                                     prompt_logprobs=1))[0]

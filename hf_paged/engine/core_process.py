@@ -185,7 +185,7 @@ def _serve(engine, commands, decoder, send, parent: int) -> None:
                     continue
                 try:
                     engine.add_request(command.prompt, command.params, command.request_id,
-                                       stream_text=command.stream_text)
+                                       stream_text=command.stream_text, detokenize=command.detokenize)
                     known.add(command.request_id)
                 except ValueError as e:  # a request id already in flight
                     immediate.append(error_update(command.request_id, str(e)))

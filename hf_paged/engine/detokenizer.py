@@ -1,8 +1,9 @@
-"""`IncrementalDetokenizer`: the text of one sample, token by token, with stop strings and hold-back."""
+"""`IncrementalDetokenizer`: the text of one sample, token by token, with stop strings and hold-back;
+`ClientDetokenizer`: the same, applied by a client to the token-only updates of an engine process."""
 
 from __future__ import annotations
 
-__all__ = ["IncrementalDetokenizer"]
+__all__ = ["ClientDetokenizer", "IncrementalDetokenizer"]
 
 # Prompt tokens decoded in front of the output: a tokenizer that drops the leading space of a decode
 # (SentencePiece/Metaspace) then keeps the output's first space, as decode(prompt + output) does.
@@ -89,3 +90,50 @@ class IncrementalDetokenizer:
         delta = self.text[self._sent : end]
         self._sent = end
         return delta
+
+
+class ClientDetokenizer:
+    """The text of one request whose engine sent token ids only (``detokenize=False``), decoded by the client.
+
+    Front-end detokenization: an engine in a process of its own (`EngineProcessClient`) spends no
+    time on text; its client calls this on each of the request's updates, in order, and gets the
+    ``text_delta``s (when ``stream_text``) and the final ``text`` of every sample that the engine
+    would have produced (`IncrementalDetokenizer`, same rules). Requests with stop strings are
+    decoded by the engine, which must stop at them.
+
+    Example:
+        >>> decode = ClientDetokenizer(tok, prompt_ids, stream_text=True)  # doctest: +SKIP
+        >>> update = decode(update)  # doctest: +SKIP
+    """
+
+    __slots__ = ("_tokenizer", "_prompt", "_stream_text", "_samples")
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stream_text: bool) -> None:
+        self._tokenizer = tokenizer
+        self._prompt = prompt_token_ids
+        self._stream_text = stream_text
+        self._samples: dict[int, IncrementalDetokenizer] = {}
+
+    def _sample(self, index: int) -> IncrementalDetokenizer:
+        detok = self._samples.get(index)
+        if detok is None:
+            detok = self._samples[index] = IncrementalDetokenizer(self._tokenizer, self._prompt)
+        return detok
+
+    def __call__(self, update):
+        """``update`` (a `RequestUpdate`) with its text filled in."""
+        if update.output is not None and update.output.error is not None:
+            return update  # an error carries no text
+        detok = self._sample(update.sample_index)
+        detok.add(update.new_token_ids)
+        if self._stream_text and update.new_token_ids:  # as the engine: an abort's update has no delta
+            update.text_delta = detok.take_delta(final=update.finish_reason is not None)
+        if update.output is not None:
+            for sample in update.output.samples:
+                detok = self._samples.get(sample.index)
+                if detok is None:  # a sample whose updates this client never saw
+                    detok = self._sample(sample.index)
+                    detok.add(sample.token_ids)
+                detok.flush()
+                sample.text = detok.text
+        return update

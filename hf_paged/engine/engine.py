@@ -113,8 +113,12 @@ class Engine:
         self._closed = False
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | dict | None = None,
-                    request_id: str | None = None, *, stream_text: bool | None = None) -> str:
+                    request_id: str | None = None, *, stream_text: bool | None = None,
+                    detokenize: bool = True) -> str:
         """Queue a prompt (text, with a tokenizer, or token ids); returns its request id.
+
+        ``detokenize=False``: its updates and output carry token ids only, no text (a client that
+        decodes them itself, e.g. `EngineProcessClient`); a request with stop strings is decoded anyway.
 
         A bad request (empty prompt, unknown token ids, invalid parameters, more tokens than the
         pool holds...) is not raised: it finishes at the next `step` with ``finish_reason="error"``
@@ -128,7 +132,8 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         try:
             request = self.inputs.process(request_id, prompt, sampling_params,
-                                          stream_text=self.stream_text if stream_text is None else stream_text)
+                                          stream_text=self.stream_text if stream_text is None else stream_text,
+                                          detokenize=detokenize)
         except ValueError as e:
             request = Request(request_id, [], SamplingParams(), frozenset(),
                               prompt=prompt if isinstance(prompt, str) else None, error=str(e))

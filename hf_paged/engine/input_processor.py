@@ -62,8 +62,11 @@ class InputProcessor:
         self.capacity_tokens = capacity_tokens
 
     def process(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | dict | None,
-                *, stream_text: bool = False) -> Request:
-        """A `Request` for ``prompt``; a bad one raises ``ValueError`` saying what is wrong."""
+                *, stream_text: bool = False, detokenize: bool = True) -> Request:
+        """A `Request` for ``prompt``; a bad one raises ``ValueError`` saying what is wrong.
+
+        ``detokenize=False`` leaves text to the client, unless stop strings need it here.
+        """
         params = SamplingParams.coerce(sampling_params)
         token_ids = self.tokenize(prompt)
         self._check(token_ids, params)
@@ -73,7 +76,8 @@ class InputProcessor:
         return Request(
             request_id, token_ids, params, frozenset(stops), prompt=prompt if isinstance(prompt, str) else None,
             priority=request_priority(request_id, token_ids, params),
-            stream_text=stream_text and self.tokenizer is not None,
+            stream_text=stream_text and detokenize and self.tokenizer is not None,
+            detokenize=(detokenize or bool(params.stop)) and self.tokenizer is not None,
         )
 
     def tokenize(self, prompt: Prompt) -> list[int]:

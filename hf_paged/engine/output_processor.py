@@ -91,7 +91,7 @@ class OutputProcessor:
     def _detokenizer(self, seq: Sequence, *, incremental: bool) -> IncrementalDetokenizer | None:
         """``seq``'s detokenizer, created on first need; while decoding (``incremental``), only for
         samples whose text streams or may stop."""
-        if seq.detokenizer is None and self.tokenizer is not None:
+        if seq.detokenizer is None and self.tokenizer is not None and seq.request.detokenize:
             request = seq.request
             if not incremental or request.stream_text or request.params.stop:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.stop)

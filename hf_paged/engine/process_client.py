@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from .client import SHUTTING_DOWN, EngineClient, EngineDeadError, QueueFullError, error_update
 from .core_process import CoreAddresses, params_to_wire, run_engine_core
+from .detokenizer import ClientDetokenizer
 from .input_processor import Prompt
 from .outputs import RequestUpdate
 from .sampling_params import SamplingParams
@@ -53,6 +54,9 @@ class EngineProcessClient(EngineClient):
         max_waiting: requests allowed to wait for their first token (`QueueFullError` beyond;
             ``None``: unbounded); the ``max_waiting`` attribute may be changed later.
         name: prefix of generated request ids and of the process and thread names.
+        tokenizer: the model's tokenizer, to decode text here rather than in the engine process
+            (front-end detokenization: the engine's interpreter does no text work) for requests
+            submitted as token ids with an explicit ``stream_text`` and no stop strings.
         ready_timeout: seconds the engine may take to build (model load included).
         log_level: logging level configured in the engine process (``None``: the root logger's here).
 
@@ -68,7 +72,8 @@ class EngineProcessClient(EngineClient):
     """
 
     def __init__(self, engine_factory: Callable, *, max_waiting: int | None = None,
-                 name: str = "hf-paged-engine", ready_timeout: float = 900.0, log_level: int | None = None) -> None:
+                 name: str = "hf-paged-engine", ready_timeout: float = 900.0, log_level: int | None = None,
+                 tokenizer=None) -> None:
         import msgspec
         import zmq
 
@@ -77,6 +82,7 @@ class EngineProcessClient(EngineClient):
         self._wire = wire
         self._zmq = zmq
         self.max_waiting = max_waiting
+        self._tokenizer = tokenizer
         self._name = name
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards the command socket, _callbacks, _waiting, _accepting
@@ -162,15 +168,25 @@ class EngineProcessClient(EngineClient):
             request_id = request_id or f"{self._name}-{next(self._ids)}"
             duplicate = request_id in self._callbacks
             if not duplicate:
-                self._callbacks[request_id] = callback
+                decode = self._client_detokenizer(prompt, wire_params, stream_text)
+                self._callbacks[request_id] = callback if decode is None else _decoded(callback, decode)
                 self._waiting.add(request_id)
                 if bad is None:
-                    self._send(self._wire.AddRequest(request_id, prompt, wire_params, stream_text))
+                    self._send(self._wire.AddRequest(request_id, prompt, wire_params, stream_text,
+                                                     detokenize=decode is None))
         if duplicate:
             _call(callback, error_update(request_id, f"request_id {request_id!r} is already in use"))
         elif bad is not None:  # pragma: no cover
             self._deliver([error_update(request_id, f"invalid sampling parameters: {bad}")])
         return request_id
+
+    def _client_detokenizer(self, prompt, wire_params: dict | None, stream_text: bool | None):
+        """A `ClientDetokenizer` when this client decodes the request's text (see ``tokenizer``), else None."""
+        if self._tokenizer is None or stream_text is None or not isinstance(prompt, list):
+            return None
+        if wire_params is not None and wire_params.get("stop"):
+            return None  # the engine must see the text to stop at a stop string
+        return ClientDetokenizer(self._tokenizer, prompt, stream_text)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
@@ -334,6 +350,10 @@ class EngineProcessClient(EngineClient):
         self._outputs.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _decoded(callback: Callback, decode: ClientDetokenizer) -> Callback:
+    return lambda update: callback(decode(update))
 
 
 def _call(callback: Callback, update: RequestUpdate) -> None:

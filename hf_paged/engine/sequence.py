@@ -139,6 +139,8 @@ class Request:
     num_finished_samples: int = 0
     # Whether output processing streams text deltas of this request.
     stream_text: bool = False
+    # Whether output processing decodes text at all (off when the client decodes the token ids itself).
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None and self.error is None:

@@ -31,6 +31,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt: str | list[int]
     params: dict | None  # SamplingParams fields
     stream_text: bool | None
+    detokenize: bool = True  # False: the client decodes the token ids (`ClientDetokenizer`)
 
 
 class AbortRequest(msgspec.Struct, tag="abort", array_like=True):

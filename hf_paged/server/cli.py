@@ -162,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
             except (OSError, ValueError, ImportError) as e:
                 parser.error(f"{load_error}: {_first_line(e)}")
         try:
-            engine = EngineProcessClient(factory, max_waiting=args.max_waiting)
+            engine = EngineProcessClient(factory, max_waiting=args.max_waiting, tokenizer=tokenizer)
         except EngineStartError as e:
             parser.error(f"{load_error if model_path else 'cannot build the demo model'}: {_first_line(e)}")
         info = engine.info
