@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,25 @@ from hf_paged.server.demo import build_demo
 def tiny_demo(seed: int = 0):
     """The demo model at test size (hidden 64, 2 layers) and its word-level tokenizer."""
     return build_demo(hidden_size=64, num_layers=2, max_position_embeddings=256, seed=seed)
+
+
+def save_tiny_demo(path):
+    """`tiny_demo` saved (model and tokenizer) at ``path``: what ``hf-paged serve DIR`` loads."""
+    model, tok = tiny_demo()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def streamed_completion(base_url: str, body: dict, timeout: float = 120.0) -> str:
+    """The text of a streamed ``/v1/completions`` request (choice 0's chunks joined)."""
+    text = ""
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=dict(body, stream=True), timeout=timeout) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    return text
 
 
 class ServerThread:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import httpx
 import pytest
@@ -14,16 +13,12 @@ pytest.importorskip("fastapi")
 from hf_paged import SamplingParams, generate_batch  # noqa: E402
 from hf_paged.loader import load_model  # noqa: E402
 from hf_paged.server.ray_serve import build, openai_deployment  # noqa: E402
-from server_harness import free_port, tiny_demo  # noqa: E402
+from server_harness import free_port, save_tiny_demo, streamed_completion  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "tiny-saved"
-    model, tok = tiny_demo()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_demo(tmp_path_factory.mktemp("serve") / "tiny-saved")
 
 
 def test_serve_run_two_replicas(saved_model):
@@ -45,13 +40,7 @@ def test_serve_run_two_replicas(saved_model):
             r = httpx.post(f"{base}/v1/completions", json=dict(body, prompt=prompt), timeout=120)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == text
-        streamed = ""
-        with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, prompt=prompts[1], stream=True),
-                          timeout=120) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    streamed += json.loads(line[6:])["choices"][0]["text"]
-        assert streamed == want[1]
+        assert streamed_completion(base, dict(body, prompt=prompts[1])) == want[1]
         bad = httpx.post(f"{base}/v1/completions", json=dict(body, prompt="hi", max_tokens=-1), timeout=60)
         assert bad.status_code == 400 and "max_tokens" in bad.text  # the same validation as hf-paged serve
     finally:

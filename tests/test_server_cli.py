@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from server_harness import free_port, serve_process, tiny_demo  # noqa: E402
+from server_harness import free_port, save_tiny_demo, serve_process, streamed_completion  # noqa: E402
 
 from hf_paged.server import _deps  # noqa: E402
 from hf_paged.loader import load_model  # noqa: E402
@@ -64,11 +64,7 @@ def test_import_hf_paged_does_not_import_the_server():
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("saved") / "tiny-saved"
-    model, tok = tiny_demo()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_demo(tmp_path_factory.mktemp("saved") / "tiny-saved")
 
 
 def test_load_model(saved_model):
@@ -145,13 +141,7 @@ def test_serve_data_parallel(saved_model):
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == want
-        streamed = ""
-        with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, prompt=prompts[1], stream=True),
-                          timeout=120) as resp:
-            for line in resp.iter_lines():
-                if line.startswith("data: {"):
-                    streamed += json.loads(line[6:])["choices"][0]["text"]
-        assert streamed == want[1]
+        assert streamed_completion(base, dict(body, prompt=prompts[1])) == want[1]
         metrics = httpx.get(f"{base}/metrics", timeout=30).text
         assert re.search(r"^hf_paged_kv_blocks_total\S* 128(\.0)?$", metrics, re.M), metrics  # 2 x 64 blocks
         assert re.search(r"^hf_paged_kv_blocks_used\S* 0(\.0)?$", metrics, re.M), metrics
