@@ -12,7 +12,7 @@ each configuration then runs in a process of its own (an engine holds most of a 
 
 Each engine configuration measures output tokens/s on the ``uniform`` (512 in / 128 out) and
 ``mixed`` (in ~ U[16, 1024], out ~ U[16, 256]) workloads after a warm-up, and the batch-1 decode
-latency (ms per output token after the first, median of 3 requests of 128 in / 128 out).
+latency (ms per output token after the first, median of 3 requests of 128 in / ``--latency-tokens`` out).
 
     python bench/scale.py --build --model-dir /tmp/llama-8b                 # save the checkpoint
     python bench/scale.py --model-dir /tmp/llama-8b --configs tp1,tp2,dp2,parity
@@ -43,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import MODEL_TINY, RESULTS, make_workload, run_hf_paged, versions  # noqa: E402
 
 SHAPES = {
+    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                rope_theta=500000.0, tie_word_embeddings=False),
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
                rope_theta=500000.0, tie_word_embeddings=False),
@@ -60,9 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", required=True, help="the checkpoint (written by --build)")
     p.add_argument("--build", action="store_true", help="save a random-weight checkpoint of --shape to --model-dir")
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
+    p.add_argument("--draw-weights", action="store_true",
+                   help="with --build: save the config only; each rank draws its weights when it loads (a 70B shape "
+                        "then needs no 141 GB checkpoint; ranks agree on replicated weights through DTensor's RNG)")
     p.add_argument("--configs", default="tp1,tp2,dp2,parity", help=f"comma list of: {', '.join(CONFIGS)}")
     p.add_argument("--workloads", default="uniform,mixed")
     p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--latency-tokens", type=int, default=128, help="output tokens of each batch-1 latency request")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--memory-fraction", type=float, default=0.85)
@@ -84,12 +91,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- the checkpoint ------------------------------------------------------------------------------------
 
 
-def build_checkpoint(shape: dict, path: str, dtype: torch.dtype, device: str, seed: int = 0) -> float:
-    """Save a random-weight Llama of ``shape`` to ``path`` (safetensors shards); returns seconds taken."""
+def build_checkpoint(shape: dict, path: str, dtype: torch.dtype, device: str, seed: int = 0,
+                     draw_weights: bool = False) -> float:
+    """Save a random-weight Llama of ``shape`` to ``path`` (safetensors shards); returns seconds taken.
+
+    ``draw_weights``: save the config and one norm weight only; loading initialises every missing
+    weight (Transformers' random init), on each rank's own shard under tensor parallelism.
+    """
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     started = time.perf_counter()
-    config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=0, dtype=str(dtype).split(".")[1])
+    if draw_weights:
+        os.makedirs(path, exist_ok=True)
+        config.save_pretrained(path)
+        save_file({"model.norm.weight": torch.ones(shape["hidden_size"], dtype=dtype)},
+                  os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return time.perf_counter() - started
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU: seconds, not minutes, for 8B
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -145,7 +164,7 @@ def _measure_engine(engine, args) -> dict:
     per_token = []
     for prompt in prompts[:3]:
         t0 = time.perf_counter()
-        (out,) = engine.generate([prompt], _greedy(128))
+        (out,) = engine.generate([prompt], _greedy(args.latency_tokens))
         elapsed = time.perf_counter() - t0
         per_token.append((elapsed - out.time_to_first_token) / (len(out.token_ids) - 1) * 1e3)
     result["batch1_ms_per_token"] = statistics.median(per_token)
@@ -260,7 +279,7 @@ def _spawn(args, config: str, out: Path) -> dict:
     if variant == "eager":
         cmd += ["--no-cuda-graphs", "--no-async-scheduling"]
     for name, value in vars(args).items():
-        if name in ("child", "child_out", "build", "configs", "out") or value is None or value is False:
+        if name in ("child", "child_out", "build", "draw_weights", "configs", "out") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
@@ -329,7 +348,7 @@ def main(argv=None) -> int:
     shape, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     build_s = None
     if args.build:
-        build_s = build_checkpoint(shape, args.model_dir, dtype, args.device, args.seed)
+        build_s = build_checkpoint(shape, args.model_dir, dtype, args.device, args.seed, args.draw_weights)
         print(f"built {args.shape} checkpoint in {build_s:.1f} s at {args.model_dir}", flush=True)
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     gpu = torch.cuda.get_device_name(0) if gpus else "cpu"

@@ -33,3 +33,25 @@ def test_tiny_benchmark_writes_results(bench, tmp_path):
             assert kind in ("decode", "mixed") and entry["steps"] > 0 and "device_busy_pct" in entry
         assert ours["engine_warmup_s"] >= 0
     assert report["versions"]["transformers"]
+
+
+def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
+    """bench/scale.py on CPU: a tiny checkpoint whose weights each rank draws at load time, one
+    process vs TP=2 over gloo; the JSON has the issue's fields."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "scale.py"
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(script), "--shape", "tiny", "--build", "--draw-weights", "--device", "cpu",
+           "--model-dir", str(tmp_path / "tiny"), "--configs", "tp1,tp2", "--workloads", "uniform",
+           "--num-requests", "4", "--latency-tokens", "8", "--max-num-seqs", "4", "--dtype", "float32", "--timeout", "240", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not (tmp_path / "tiny" / "model-00001-of-00002.safetensors").exists()  # no weights were saved
+    for key in ("date", "gpu", "tp1_tok_s", "tp2_tok_s", "tp2_over_tp1", "tp2_batch1_latency_ratio"):
+        assert report[key] is not None, key
+    assert report["runs"]["tp2"]["tensor_parallel_size"] == 2
+    # Greedy tokens: TP=2 draws its own random weights, so only the shape of the answer is compared.
+    assert len(report["runs"]["tp2"]["greedy_tokens"]) == len(report["runs"]["tp1"]["greedy_tokens"]) == 8

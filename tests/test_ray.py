@@ -189,3 +189,38 @@ def test_replay_skips_the_text_already_streamed():
            for ids, delta in (([5, 6, 7], " w5 w6 w"), ([8], "7 w8"))]
     assert [(u.new_token_ids, u.text_delta) for u in out] == [([], " w"), ([8], "7 w8")]
     assert sent == {0: [5, 6, 7, 8]} and sent_text == {0: len(" w5 w6 w7 w8")}
+
+
+def test_data_parallel_client(ray_local, model_dir, expected):
+    """`DataParallelClient` (what ``serve --data-parallel-size`` uses): the router's outputs, an abort
+    that ends its request and frees its blocks, 429-style refusal past ``max_waiting``, then shutdown."""
+    import queue
+
+    from hf_paged.engine import EngineDeadError, QueueFullError
+    from hf_paged.integrations.ray_client import DataParallelClient
+
+    client = DataParallelClient(str(model_dir), 2, engine_kwargs=ENGINE)
+    try:
+        assert client.alive and client.vocab_size == 96 and client.block_size == 16
+        prompts, params = mixed_requests()
+        assert _tokens(client.generate(prompts, params)) == expected
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        rid = client.submit([1, 5, 9], SamplingParams(max_new_tokens=740, temperature=0.0, ignore_eos=True),
+                            updates.put)
+        assert updates.get(timeout=30).new_token_ids
+        client.abort(rid)
+        while not (last := updates.get(timeout=30)).finished:
+            pass
+        assert last.finish_reason == "abort"
+        deadline = time.time() + 20
+        while any(s["unfinished"] for s in client.router.pool_stats()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert all(s["free_blocks"] == s["num_blocks"] for s in client.router.pool_stats())
+        client.max_waiting = 0
+        with pytest.raises(QueueFullError):
+            client.submit([1, 2], None, updates.put)
+    finally:
+        client.shutdown(join_timeout=20)
+    assert not client.alive
+    with pytest.raises(EngineDeadError):
+        client.submit([1, 2], None, lambda u: None)

@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -136,12 +137,13 @@ class DataParallelClient(EngineClient):
         self.request_shutdown(drain_timeout)
         if not self._thread.is_alive():
             return
+        deadline = time.monotonic() + max(0.0, drain_timeout) + join_timeout
         with self._lock:
             tasks = list(self._tasks.values())
         for task in tasks:
             try:
-                task.result(timeout=max(0.0, drain_timeout) + join_timeout)
-            except BaseException:  # cancelled or failed: its callback has the reason
+                task.result(timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException:  # cancelled, failed or late: its callback has the reason
                 pass
         self.router.shutdown(join_timeout)
         self._loop.call_soon_threadsafe(self._loop.stop)
