@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step's tokens before the next")
+    p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True): torch.compile the model")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -271,6 +272,7 @@ def make_engine(model, args) -> Engine:
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.no_cuda_graphs,
         async_scheduling=False if args.no_async_scheduling else None,
+        compile_model=args.compile_model,
     )
 
 

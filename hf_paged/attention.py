@@ -47,6 +47,20 @@ def paged_attention_forward(
     _check_supported(module, dropout)
     batch, num_heads, q_len, head_dim = query.shape
     metadata = kwargs.get("paged_metadata")
+    scale = scaling if scaling is not None else head_dim**-0.5
+    if metadata is not None and torch.compiler.is_compiling():
+        # Under torch.compile the step is one opaque op, so the compiler fuses the layer's other work around it.
+        k_cache, v_cache = kwargs["paged_kv"].layer(module.layer_idx)
+        hkv = key.shape[1]
+        out = torch.ops.hf_paged.step_attention(
+            query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim),
+            key[0].transpose(0, 1).reshape(-1, hkv, head_dim),
+            value[0].transpose(0, 1).reshape(-1, hkv, head_dim), k_cache, v_cache, metadata.slot_mapping,
+            metadata.cu_seqlens_q, metadata.context_lens, metadata.block_tables, metadata.kv_start, scale,
+            -1 if sliding_window is None else sliding_window, 0.0 if softcap is None else softcap,
+            metadata.max_seqlen_q, metadata.max_context_len, metadata.static_grid,
+        )
+        return out.view(batch, q_len, num_heads, head_dim), None
     if metadata is not None:
         key, value = _store_step(kwargs["paged_kv"], module.layer_idx, key, value, metadata)
     else:
@@ -64,7 +78,7 @@ def paged_attention_forward(
         context_lens=metadata.context_lens,
         block_tables=metadata.block_tables,
         kv_start=metadata.kv_start,
-        scale=scaling if scaling is not None else head_dim**-0.5,
+        scale=scale,
         sliding_window=sliding_window,
         softcap=softcap,
         max_seqlen_q=metadata.max_seqlen_q,
@@ -72,6 +86,31 @@ def paged_attention_forward(
         **({"static_grid": True} if metadata.static_grid else {}),
     )
     return out.view(batch, q_len, num_heads, head_dim), None
+
+
+@torch.library.custom_op("hf_paged::step_attention", mutates_args=("k_cache", "v_cache"))
+def _step_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+    kv_start: torch.Tensor | None, scale: float, sliding_window: int, softcap: float, max_seqlen_q: int,
+    max_context_len: int, static_grid: bool,
+) -> torch.Tensor:
+    """An engine step's attention as one op (what `torch.compile` sees): store the step's ``[T, Hkv, D]``
+    keys/values at ``slot_mapping``, attend the ``[T, H, D]`` queries; ``-1``/``0.0``: no window/soft-cap."""
+    backend = get_backend(query.device, query.dtype)
+    backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return backend.paged_attention(
+        query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, block_tables=block_tables,
+        kv_start=kv_start, scale=scale, sliding_window=None if sliding_window < 0 else sliding_window,
+        softcap=softcap or None, max_seqlen_q=max_seqlen_q, max_context_len=max_context_len,
+        **({"static_grid": True} if static_grid else {}),
+    )
+
+
+@_step_attention.register_fake
+def _(query, key, value, k_cache, v_cache, slot_mapping, cu_seqlens_q, context_lens, block_tables, kv_start,
+      scale, sliding_window, softcap, max_seqlen_q, max_context_len, static_grid):
+    return torch.empty_like(query)
 
 
 def _check_supported(module: torch.nn.Module, dropout: float) -> None:

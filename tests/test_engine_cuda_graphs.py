@@ -52,3 +52,20 @@ def test_async_scheduling_with_graphs_matches_synchronous_eager_steps():
             assert engine.runner._mixed_graphs._graphs, "no mixed-step graph was captured"
     same = sum(a == b for a, b in zip(outs[False], outs[True]))
     assert same == len(prompts), f"{same}/{len(prompts)} identical"
+
+
+def test_compiled_model_with_graphs_matches_eager():
+    """fp32: `compile_model=True` with decode and mixed-step graphs and async scheduling gives the
+    tokens of the eager, synchronous, uncompiled engine."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (32,), generator=g)]
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for fast in (False, True):
+        engine = Engine(model, num_blocks=2048, max_num_seqs=16, cuda_graphs=fast, async_scheduling=fast,
+                        compile_model=fast)
+        outs[fast] = [o.token_ids for o in engine.generate(prompts, params)]
+        assert engine.kv_pool.blocks.num_free == 2048
+    same = sum(a == b for a, b in zip(outs[False], outs[True]))
+    assert same == len(prompts), f"{same}/{len(prompts)} identical"

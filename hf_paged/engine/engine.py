@@ -57,6 +57,10 @@ class Engine:
             host learns step N's tokens one step later (for stop checks and streaming), and a
             request that stops at step N may compute one more token, which is dropped. Steps with
             penalties, logprobs or prompt logprobs run synchronously. Default: on for CUDA.
+        compile_model: run the model through ``torch.compile`` (the paged-attention step is one
+            opaque op, so norms, rotary, activations and residuals fuse around it); compiling adds
+            minutes to the first start (Inductor's on-disk caches serve later ones). Experimental:
+            tokens are tested on CPU, speed not measured on GPUs yet.
 
     Example:
         >>> with Engine(model, num_blocks=1024, tokenizer=tok) as engine:  # doctest: +SKIP
@@ -69,7 +73,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int | None = None, block_size: int = 16,
                  memory_fraction: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, tokenizer=None, stream_text: bool = False,
-                 cuda_graphs: bool = True, async_scheduling: bool | None = None) -> None:
+                 cuda_graphs: bool = True, async_scheduling: bool | None = None, compile_model: bool = False) -> None:
         _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         **({} if num_blocks is None else {"num_blocks": num_blocks}))
         prepare_model(model)
@@ -91,7 +95,8 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         started = time.perf_counter()
         self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs)
+                                  max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs,
+                                  compile_model=compile_model)
         if self.kv_pool.device.type == "cuda":
             self.runner.warm_up(self.block_manager, max_num_batched_tokens)
         #: Seconds spent at construction compiling kernels and capturing CUDA graphs (CUDA only).

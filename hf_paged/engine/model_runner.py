@@ -102,8 +102,12 @@ class ModelRunner:
         max_num_batched_tokens: int = 8192,
         max_context: int | None = None,
         cuda_graphs: bool = False,
+        compile_model: bool = False,
     ) -> None:
         self.model = model
+        # torch.compile fuses each layer's elementwise work around the opaque paged-attention op
+        # (`hf_paged.attention`); graphs then capture the compiled code.
+        self._call = torch.compile(model) if compile_model else model
         self.kv_pool = kv_pool
         self.block_size = kv_pool.block_size
         self.device = kv_pool.device
@@ -121,14 +125,15 @@ class ModelRunner:
                 max_context = max_model_len(model) or 4096
             max_context = min(max_context, kv_pool.num_blocks * kv_pool.block_size)
             self._graphs = DecodeGraphs(
-                model, kv_pool, max_batch=max_num_seqs, max_context=max_context, mask=self._mask
+                self._call, kv_pool, max_batch=max_num_seqs, max_context=max_context, mask=self._mask
             )
             param = next(model.parameters())
             if getattr(get_backend(self.device, param.dtype), "supports_static_grid", False) and \
                     mixed_graphs_supported(model):
                 self._mixed_graphs = MixedGraphs(model, kv_pool, max_seqs=max_num_seqs,
                                                  max_tokens=max_num_batched_tokens, max_context=max_context,
-                                                 mask=self._mask)
+                                                 mask=self._mask,
+                                                 decoder=torch.compile(model.get_decoder()) if compile_model else None)
 
     def prepare(self, out: SchedulerOutput, extra_rows: Sequence[tuple[int, int, int]] = ()) -> StepInputs:
         """Build the step's device tensors from the scheduled chunks.
@@ -286,5 +291,5 @@ class ModelRunner:
                                                                host.logits_indices.numel(), max_context_len):
             return mixed.run(host, last_tokens)
         inputs = self._upload(host, last_tokens)
-        return forward_logits(self.model, inputs.input_ids[0], inputs.position_ids[0], inputs.logits_indices,
+        return forward_logits(self._call, inputs.input_ids[0], inputs.position_ids[0], inputs.logits_indices,
                               inputs.metadata, self.kv_pool, self._mask)
