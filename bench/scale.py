@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
     p.add_argument("--draw-weights", action="store_true",
                    help="with --build: save the config only; each rank draws its weights when it loads (a 70B shape "
-                        "then needs no 141 GB checkpoint; ranks agree on replicated weights through DTensor's RNG)")
+                        "then needs no 141 GB checkpoint)")
     p.add_argument("--configs", default="tp1,tp2,dp2,parity", help=f"comma list of: {', '.join(CONFIGS)}")
     p.add_argument("--workloads", default="uniform,mixed")
     p.add_argument("--num-requests", type=int, default=256)
