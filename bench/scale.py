@@ -76,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-blocks", type=int, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True) in every configuration")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (TP over gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +128,8 @@ def _engine_kwargs(args) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 num_blocks=args.num_blocks,
                 memory_fraction=None if args.num_blocks or args.device == "cpu" else args.memory_fraction,
-                cuda_graphs=not args.no_cuda_graphs, async_scheduling=False if args.no_async_scheduling else None)
+                cuda_graphs=not args.no_cuda_graphs, async_scheduling=False if args.no_async_scheduling else None,
+                compile_model=args.compile_model)
 
 
 def _workloads(args, vocab: int) -> dict:

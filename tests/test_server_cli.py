@@ -30,9 +30,10 @@ def test_parser_defaults_and_options():
     args = build_parser().parse_args([
         "serve", "--demo", "--port", "9001", "--dtype", "bfloat16", "--served-model-name", "x", "--max-num-seqs", "4",
         "--max-model-len", "128", "--kv-memory-fraction", "0.5", "--block-size", "32", "--api-key", "k",
-        "--max-waiting", "3", "--chat-template", "t.jinja",
+        "--max-waiting", "3", "--chat-template", "t.jinja", "--compile-model",
     ])
     assert args.demo and args.kv_memory_fraction == 0.5 and args.max_waiting == 3 and args.chat_template == "t.jinja"
+    assert args.compile_model and not build_parser().parse_args(["serve", "x"]).compile_model
 
 
 @pytest.mark.parametrize("argv", [

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
                        help="shard MODEL over N local GPUs (N CPU processes over gloo without CUDA) with "
                             "Transformers' tp_plan; this process is rank 0 and runs the engine in a thread")
+    serve.add_argument("--compile-model", action="store_true",
+                       help="Engine(compile_model=True): torch.compile the model around the paged-attention op "
+                            "(experimental; the first start compiles for minutes)")
     serve.add_argument("--data-parallel-size", type=_positive_int, default=1, metavar="N",
                        help="N engine replicas as Ray actors (one GPU each where Ray finds GPUs) behind a router "
                             "that sends each request where the least work is reserved (prefix affinity; a "
@@ -119,6 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     engine_kwargs = {"num_blocks": args.num_blocks, "memory_fraction": args.kv_memory_fraction,
                      "block_size": args.block_size, "max_num_seqs": args.max_num_seqs}
+    if args.compile_model:
+        engine_kwargs["compile_model"] = True
     model_path = None  # None: the tiny random demo model
     dtype = args.dtype
     if args.demo:
