@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .cache.kv_pool import KVPool
 from .cache.metadata import PagedAttentionMetadata, take_published
 from .kernels import get_backend
 
@@ -47,58 +46,41 @@ def paged_attention_forward(
     _check_supported(module, dropout)
     batch, num_heads, q_len, head_dim = query.shape
     metadata = kwargs.get("paged_metadata")
-    scale = scaling if scaling is not None else head_dim**-0.5
-    if metadata is not None and torch.compiler.is_compiling():
-        # Under torch.compile the step is one opaque op, so the compiler fuses the layer's other work around it.
-        k_cache, v_cache = kwargs["paged_kv"].layer(module.layer_idx)
+    step_key = step_value = None
+    if metadata is not None:  # the step's new keys/values are stored by the attention call below
         hkv = key.shape[1]
-        out = torch.ops.hf_paged.step_attention(
-            query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim),
-            key[0].transpose(0, 1).reshape(-1, hkv, head_dim),
-            value[0].transpose(0, 1).reshape(-1, hkv, head_dim), k_cache, v_cache, metadata.slot_mapping,
-            metadata.cu_seqlens_q, metadata.context_lens, metadata.block_tables, metadata.kv_start, scale,
-            -1 if sliding_window is None else sliding_window, 0.0 if softcap is None else softcap,
-            metadata.max_seqlen_q, metadata.max_context_len, metadata.static_grid,
-        )
-        return out.view(batch, q_len, num_heads, head_dim), None
-    if metadata is not None:
-        key, value = _store_step(kwargs["paged_kv"], module.layer_idx, key, value, metadata)
+        step_key = key[0].transpose(0, 1).reshape(-1, hkv, head_dim)
+        step_value = value[0].transpose(0, 1).reshape(-1, hkv, head_dim)
+        key, value = kwargs["paged_kv"].layer(module.layer_idx)
     else:
         metadata = take_published(key)
     if metadata is None:
         key, value, metadata = _dense_as_paged(key, value, batch, q_len)
     if metadata.kv_start is None and attention_mask is not None:
         metadata.kv_start = _left_padding(attention_mask, metadata.max_context_len)
-    q = query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim)
-    out = get_backend(q.device, q.dtype).paged_attention(
-        q,
-        key,
-        value,
-        cu_seqlens_q=metadata.cu_seqlens_q,
-        context_lens=metadata.context_lens,
-        block_tables=metadata.block_tables,
-        kv_start=metadata.kv_start,
-        scale=scale,
-        sliding_window=sliding_window,
-        softcap=softcap,
-        max_seqlen_q=metadata.max_seqlen_q,
-        max_context_len=metadata.max_context_len,
-        **({"static_grid": True} if metadata.static_grid else {}),
+    # Under torch.compile attention is one opaque op, so the compiler fuses the layer's other work around it.
+    attend = _attention_op if torch.compiler.is_compiling() else _attention
+    out = attend(
+        query.transpose(1, 2).reshape(batch * q_len, num_heads, head_dim), step_key, step_value, key, value,
+        metadata.slot_mapping, metadata.cu_seqlens_q, metadata.context_lens, metadata.block_tables,
+        metadata.kv_start, scaling if scaling is not None else head_dim**-0.5,
+        -1 if sliding_window is None else sliding_window, 0.0 if softcap is None else softcap,
+        metadata.max_seqlen_q, metadata.max_context_len, metadata.static_grid,
     )
     return out.view(batch, q_len, num_heads, head_dim), None
 
 
-@torch.library.custom_op("hf_paged::step_attention", mutates_args=("k_cache", "v_cache"))
-def _step_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-    kv_start: torch.Tensor | None, scale: float, sliding_window: int, softcap: float, max_seqlen_q: int,
-    max_context_len: int, static_grid: bool,
+def _attention(
+    query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+    block_tables: torch.Tensor, kv_start: torch.Tensor | None, scale: float, sliding_window: int, softcap: float,
+    max_seqlen_q: int, max_context_len: int, static_grid: bool,
 ) -> torch.Tensor:
-    """An engine step's attention as one op (what `torch.compile` sees): store the step's ``[T, Hkv, D]``
-    keys/values at ``slot_mapping``, attend the ``[T, H, D]`` queries; ``-1``/``0.0``: no window/soft-cap."""
+    """Store ``key``/``value`` (``[T, Hkv, D]``; ``None``: stored already) at ``slot_mapping``, then
+    attend the ``[T, H, D]`` queries over the paged cache; ``-1``/``0.0``: no window/soft-cap."""
     backend = get_backend(query.device, query.dtype)
-    backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    if key is not None:
+        backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
     return backend.paged_attention(
         query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, block_tables=block_tables,
         kv_start=kv_start, scale=scale, sliding_window=None if sliding_window < 0 else sliding_window,
@@ -107,7 +89,11 @@ def _step_attention(
     )
 
 
-@_step_attention.register_fake
+# The same function as one custom op (what torch.compile sees); eager calls skip the dispatcher.
+_attention_op = torch.library.custom_op("hf_paged::attention", mutates_args=("k_cache", "v_cache"))(_attention)
+
+
+@_attention_op.register_fake
 def _(query, key, value, k_cache, v_cache, slot_mapping, cu_seqlens_q, context_lens, block_tables, kv_start,
       scale, sliding_window, softcap, max_seqlen_q, max_context_len, static_grid):
     return torch.empty_like(query)
@@ -123,21 +109,6 @@ def _check_supported(module: torch.nn.Module, dropout: float) -> None:
         raise NotImplementedError(f"attention sinks ({type(module).__name__}.sinks) are not supported by 'paged'")
     if dropout:
         raise NotImplementedError("attention dropout is not supported by 'paged' (use it for inference, in eval mode)")
-
-
-def _store_step(
-    kv_pool: KVPool, layer_idx: int, key: torch.Tensor, value: torch.Tensor, metadata: PagedAttentionMetadata
-) -> tuple[torch.Tensor, torch.Tensor]:
-    k_cache, v_cache = kv_pool.layer(layer_idx)
-    hkv, head_dim = key.shape[1], key.shape[3]
-    get_backend(key.device, key.dtype).store_kv(
-        key[0].transpose(0, 1).reshape(-1, hkv, head_dim),
-        value[0].transpose(0, 1).reshape(-1, hkv, head_dim),
-        k_cache,
-        v_cache,
-        metadata.slot_mapping,
-    )
-    return k_cache, v_cache
 
 
 def _dense_as_paged(
