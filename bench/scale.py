@@ -204,7 +204,7 @@ def run_child(args) -> dict:
 def _run_data_parallel(args, replicas: int, started: float) -> dict:
     import ray
 
-    from hf_paged.integrations.ray import ReplicaRouter, _run_coroutine
+    from hf_paged.integrations.ray import ReplicaRouter, generate_batch_dp
 
     root = str(Path(__file__).resolve().parents[1])  # the replicas import this checkout's hf_paged
     path = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -216,14 +216,15 @@ def _run_data_parallel(args, replicas: int, started: float) -> dict:
         load_s = time.perf_counter() - started
         vocab = SHAPES[args.shape]["vocab_size"]
         warm = make_workload("uniform", 8 * replicas, vocab, args.seed + 1000, 0.25)
-        _run_coroutine(router.generate_many([p for p, _ in warm], [_greedy(n) for _, n in warm]))
+        generate_batch_dp(args.model_dir, [p for p, _ in warm], [_greedy(n) for _, n in warm], router=router)
         router.assignments.clear()
         infos = ray.get([r.info.remote() for r in router.replicas])
         result = {"load_s": load_s, "replicas": replicas, "replica_info": infos, "workloads": {},
                   "routing_after_warm_up": router.table.snapshot()}
         for name, requests in _workloads(args, vocab).items():
             t0 = time.perf_counter()
-            outs = _run_coroutine(router.generate_many([p for p, _ in requests], [_greedy(n) for _, n in requests]))
+            outs = generate_batch_dp(args.model_dir, [p for p, _ in requests], [_greedy(n) for _, n in requests],
+                                     router=router)
             elapsed = time.perf_counter() - t0
             errors = [o.error for o in outs if o.error]
             if errors:

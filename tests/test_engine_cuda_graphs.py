@@ -17,20 +17,28 @@ def _model():
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="paged").to("cuda", torch.float32).eval()
 
 
+def _tokens(model, prompts, params, **engine_kwargs) -> tuple[list, Engine]:
+    """Each request's samples' tokens from a fresh engine; its pool must be whole afterwards."""
+    engine = Engine(model, num_blocks=2048, max_num_seqs=16, **engine_kwargs)
+    outs = [[s.token_ids for s in o.samples] for o in engine.generate(prompts, params)]
+    assert engine.kv_pool.blocks.num_free == 2048
+    return outs, engine
+
+
+def _assert_same(a: list, b: list) -> None:
+    same = sum(x == y for x, y in zip(a, b))
+    assert same == len(a), f"{same}/{len(a)} identical"
+
+
 def test_graph_replay_matches_eager():
     model = _model()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (37,), generator=g)]
     params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
-    outs = {}
-    for graphs in (False, True):
-        engine = Engine(model, num_blocks=2048, max_num_seqs=16, cuda_graphs=graphs)
-        outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
-        assert engine.kv_pool.blocks.num_free == 2048
-        if graphs:
-            assert engine.runner._graphs._graphs, "no decode graph was captured"
-    same = sum(a == b for a, b in zip(outs[False], outs[True]))
-    assert same == len(prompts), f"{same}/{len(prompts)} identical"
+    eager, _ = _tokens(model, prompts, params, cuda_graphs=False)
+    graphed, engine = _tokens(model, prompts, params, cuda_graphs=True)
+    assert engine.runner._graphs._graphs, "no decode graph was captured"
+    _assert_same(eager, graphed)
 
 
 def test_async_scheduling_with_graphs_matches_synchronous_eager_steps():
@@ -43,15 +51,10 @@ def test_async_scheduling_with_graphs_matches_synchronous_eager_steps():
               for n in torch.randint(1, 60, (24,), generator=g)]
     params += [SamplingParams(max_new_tokens=30, temperature=0.8, top_k=50, seed=i, n=1 + i % 2,
                               stop_token_ids=[7, 11]) for i in range(24)]
-    outs = {}
-    for fast in (False, True):
-        engine = Engine(model, num_blocks=2048, max_num_seqs=16, cuda_graphs=fast, async_scheduling=fast)
-        outs[fast] = [[s.token_ids for s in o.samples] for o in engine.generate(prompts, params)]
-        assert engine.kv_pool.blocks.num_free == 2048
-        if fast:
-            assert engine.runner._mixed_graphs._graphs, "no mixed-step graph was captured"
-    same = sum(a == b for a, b in zip(outs[False], outs[True]))
-    assert same == len(prompts), f"{same}/{len(prompts)} identical"
+    slow, _ = _tokens(model, prompts, params, cuda_graphs=False, async_scheduling=False)
+    fast, engine = _tokens(model, prompts, params, cuda_graphs=True, async_scheduling=True)
+    assert engine.runner._mixed_graphs._graphs, "no mixed-step graph was captured"
+    _assert_same(slow, fast)
 
 
 def test_compiled_model_with_graphs_matches_eager():
@@ -61,11 +64,7 @@ def test_compiled_model_with_graphs_matches_eager():
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 300, (32,), generator=g)]
     params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
-    outs = {}
-    for fast in (False, True):
-        engine = Engine(model, num_blocks=2048, max_num_seqs=16, cuda_graphs=fast, async_scheduling=fast,
-                        compile_model=fast)
-        outs[fast] = [o.token_ids for o in engine.generate(prompts, params)]
-        assert engine.kv_pool.blocks.num_free == 2048
-    same = sum(a == b for a, b in zip(outs[False], outs[True]))
-    assert same == len(prompts), f"{same}/{len(prompts)} identical"
+    slow, _ = _tokens(model, prompts, params, cuda_graphs=False, async_scheduling=False)
+    fast, engine = _tokens(model, prompts, params, cuda_graphs=True, async_scheduling=True, compile_model=True)
+    assert engine.runner._graphs._graphs and engine.runner._mixed_graphs._graphs, "no graph was captured"
+    _assert_same(slow, fast)

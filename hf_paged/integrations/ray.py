@@ -151,6 +151,11 @@ class RoutingTable:
         for key in [k for k, v in self._prefix_owner.items() if v == replica]:
             del self._prefix_owner[key]
 
+    def pool_totals(self) -> tuple[int, int]:
+        """KV blocks of the live replicas, and how many of them they last reported free."""
+        live = [s for s in self._state if s.alive]
+        return sum(s.num_blocks for s in live), sum(min(s.reported_free, s.num_blocks) for s in live)
+
     def snapshot(self) -> list[dict[str, Any]]:
         return [dict(vars(s), free_estimate=s.free_estimate) for s in self._state]
 

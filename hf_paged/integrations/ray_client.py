@@ -91,9 +91,7 @@ class DataParallelClient(EngineClient):
 
     @property
     def state(self) -> ReplicaPoolState:
-        rows = [s for s in self.router.table.snapshot() if s["alive"]]
-        total = sum(s["num_blocks"] for s in rows)
-        free = sum(min(s["reported_free"], s["num_blocks"]) for s in rows)
+        total, free = self.router.table.pool_totals()  # every update reads it: no per-replica dicts
         return ReplicaPoolState(total, total - free, free)
 
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,

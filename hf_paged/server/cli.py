@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
                      "block_size": args.block_size, "max_num_seqs": args.max_num_seqs}
     if args.compile_model:
         engine_kwargs["compile_model"] = True
-    model_path = None  # None: the tiny random demo model
+    model_path, load_error = None, ""  # None: the tiny random demo model
     dtype = args.dtype
     if args.demo:
         from ..demo_model import DEMO_MODEL_HUB_ID, DemoModelUnavailable, demo_model_dir
@@ -176,30 +176,22 @@ def _serve(args: argparse.Namespace) -> int:
         where = f" (engine process {info.pid})"
     elif args.tensor_parallel_size > 1:
         from ..distributed import start_tensor_parallel_engine
-        from ..loader import load_tokenizer
 
-        if model_path is None:
-            parser.error("--tensor-parallel-size needs a MODEL directory (the random demo model is not sharded)")
-        try:
-            tokenizer = load_tokenizer(True, model_path)
-            engine = start_tensor_parallel_engine(model_path, args.tensor_parallel_size, tokenizer=tokenizer,
-                                                  model_kwargs={"dtype": dtype}, **engine_kwargs)
-        except (OSError, ValueError, ImportError, RuntimeError) as e:
-            parser.error(f"{load_error} with --tensor-parallel-size {args.tensor_parallel_size}: {_first_line(e)}")
+        tokenizer, engine = _start_scaled_out(
+            parser, "--tensor-parallel-size", args.tensor_parallel_size, model_path, load_error,
+            "the random demo model is not sharded",
+            lambda tok: start_tensor_parallel_engine(model_path, args.tensor_parallel_size, tokenizer=tok,
+                                                     model_kwargs={"dtype": dtype}, **engine_kwargs))
         where = f" (tensor parallel over {args.tensor_parallel_size} ranks; KV heads split across them)"
     elif args.data_parallel_size > 1:
         from ..integrations.ray_client import DataParallelClient
-        from ..loader import load_tokenizer
 
-        if model_path is None:
-            parser.error("--data-parallel-size needs a MODEL directory (the random demo model is built in-process)")
-        try:
-            tokenizer = load_tokenizer(True, model_path)
-            engine = DataParallelClient(model_path, args.data_parallel_size, max_waiting=args.max_waiting,
-                                        engine_kwargs=engine_kwargs,
-                                        model_kwargs={"dtype": dtype, "device": args.device})
-        except (OSError, ValueError, ImportError, RuntimeError) as e:
-            parser.error(f"{load_error} with --data-parallel-size {args.data_parallel_size}: {_first_line(e)}")
+        tokenizer, engine = _start_scaled_out(
+            parser, "--data-parallel-size", args.data_parallel_size, model_path, load_error,
+            "the random demo model is built in-process",
+            lambda tok: DataParallelClient(model_path, args.data_parallel_size, max_waiting=args.max_waiting,
+                                           engine_kwargs=engine_kwargs,
+                                           model_kwargs={"dtype": dtype, "device": args.device}))
         info = engine.router.infos[0]
         model_class, param_dtype, param_device = info["model_class"], info["dtype"], info["device"]
         num_blocks = sum(i["num_blocks"] for i in engine.router.infos)  # all replicas' pools together
@@ -243,6 +235,20 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
         pass
     return 0
+
+
+def _start_scaled_out(parser, flag: str, size: int, model_path: str | None, load_error: str, demo_reason: str,
+                      start):
+    """MODEL's tokenizer and ``start(tokenizer)``'s engine, or a parser error naming ``flag``."""
+    from ..loader import load_tokenizer
+
+    if model_path is None:
+        parser.error(f"{flag} needs a MODEL directory ({demo_reason})")
+    try:
+        tokenizer = load_tokenizer(True, model_path)
+        return tokenizer, start(tokenizer)
+    except (OSError, ValueError, ImportError, RuntimeError) as e:
+        parser.error(f"{load_error} with {flag} {size}: {_first_line(e)}")
 
 
 def _demo_model(dtype: str, device: str | None):
