@@ -73,11 +73,11 @@ class InputProcessor:
         stops = set(params.stop_token_ids if params.stop_token_ids is not None else self.eos_token_ids)
         if params.ignore_eos:
             stops -= set(self.eos_token_ids)
+        detokenize = (detokenize or bool(params.stop)) and self.tokenizer is not None
         return Request(
             request_id, token_ids, params, frozenset(stops), prompt=prompt if isinstance(prompt, str) else None,
             priority=request_priority(request_id, token_ids, params),
-            stream_text=stream_text and detokenize and self.tokenizer is not None,
-            detokenize=(detokenize or bool(params.stop)) and self.tokenizer is not None,
+            stream_text=stream_text and detokenize, detokenize=detokenize,
         )
 
     def tokenize(self, prompt: Prompt) -> list[int]:

@@ -150,7 +150,9 @@ class DataParallelClient(EngineClient):
     # -- the router's thread ------------------------------------------------------------------------
 
     def _abort_all(self) -> None:
-        for task in list(self._tasks.values()):
+        with self._lock:  # submit() adds tasks from other threads
+            tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
 
     async def _serve(self, request_id: str, prompt: Prompt, params, callback: Callback,
