@@ -7,10 +7,13 @@
   SDPA on contiguous K/V ([B, Hkv, L, D], enable_gqa) for comparison.
 * Prefill (all prompt tokens new, causal): TFLOP/s against SDPA's flash backend on contiguous K/V.
 * A small sweep of launch configs on a few shapes (what NOTES.md reasons about).
+* ``--fa4``: FlashAttention-4 (flash-attn-4, paged) beside ours and SDPA at the shapes of issue 16,
+  FA4 on our 16-token blocks and on 128-token pages (its TMA path on SM90), and a prefill config
+  sweep of ours. Writes ``kernels-fa4-<gpu>-<date>.json``.
 
 Times are medians of CUDA-graph replays (device time), plus the eager (Python launch) time of ours.
 
-    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick]
+    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--fa4]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from hf_paged.kernels import triton_attention
+from hf_paged.kernels import fa4_backend, reference, triton_attention
 from hf_paged.kernels.triton_attention import Config
 
 MAX_TOKENS = 4 << 20  # skip batch x context above this (16 GiB of paged K/V at head_dim 128)
@@ -198,7 +201,7 @@ def run_tune(shapes: str, caps: dict) -> list[dict]:
         base = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta))
         best = None
         for cfg in cfgs:
-            for splits in (1, 2):
+            for splits in (1, 2, 4):
                 ms = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta, config=cfg,
                                                                           num_splits=splits))
                 row = dict(kind="decode-tune", batch=batch, context=ctx, head_dim=d, config=repr(cfg),
@@ -210,6 +213,120 @@ def run_tune(shapes: str, caps: dict) -> list[dict]:
         print(f"tune b={batch} ctx={ctx} d={d}: heuristic {base * 1e3:.1f} us ({100 * floor / base:.0f}% copy bw); "
               f"best {best['config']} splits {best['num_splits']} {best['ms'] * 1e3:.1f} us "
               f"({100 * best['frac_copy_bw']:.0f}%)", flush=True)
+        del q, k, v
+    return rows
+
+
+FA4_DECODE = [(128, 32, 2048), (128, 1, 32768), (64, 32, 2048), (128, 256, 2048), (64, 1, 32768)]  # (D, B, ctx)
+FA4_PREFILL = [(128, 1, 2048), (128, 1, 8192), (64, 8, 2048), (64, 1, 8192), (128, 8, 512)]  # (D, B, L)
+
+
+def _timed(fn) -> float | str:
+    """Graph-replay median ms, or the error's first line (an FA4 path may refuse a layout)."""
+    try:
+        return bench_graph(fn)
+    except Exception as exc:  # noqa: BLE001  reported in the table instead
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def _fa4_error(q, k, v, meta) -> float:
+    want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
+    got = fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META})
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+FA4_META = ("cu_seqlens_q", "context_lens", "block_tables", "scale", "max_seqlen_q")
+
+
+def run_fa4(caps) -> dict:
+    """Ours vs FA4 (16-token blocks as ours, and 128-token pages) vs SDPA at issue 16's shapes."""
+    torch.manual_seed(0)
+    errors = {}  # correctness first, at both page sizes
+    for page in (16, 128):
+        q, k, v, meta = paged_inputs(3, 1000, 300, 32, 8, 128, block_size=page)
+        errors[f"page{page}"] = _fa4_error(q, k, v, meta)
+    print(f"fa4 rel. error vs reference (prefill 3x300 over 1000 keys): {errors}", flush=True)
+    decode, prefill = [], []
+    for d, batch, ctx in FA4_DECODE:
+        row = dict(head_dim=d, batch=batch, context=ctx)
+        nbytes = 2 * batch * ctx * 8 * d * 2 + 2 * batch * 32 * d * 2
+        floor = nbytes / (caps["copy_TBps"] * 1e9)
+        for page in (16, 128):
+            q, k, v, meta = paged_inputs(batch, ctx, 1, 32, 8, d, block_size=page)
+            fa = {n: meta[n] for n in FA4_META}
+            if page == 16:
+                row["ours"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **meta))
+            row[f"fa4_page{page}"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **fa))
+            row[f"fa4_page{page}_split"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **fa, num_splits=0))
+            del q, k, v
+        kc = torch.randn(batch, 8, ctx, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        qc = torch.randn(batch, 32, 1, d, device="cuda", dtype=torch.bfloat16)
+        row["sdpa"] = _timed(lambda: sdpa(qc, kc, vc, enable_gqa=True))
+        del kc, vc
+        row["floor_ms"] = floor
+        row.update({f"{n}_frac_copy_bw": floor / row[n] for n in list(row) if isinstance(row.get(n), float)
+                    and n not in ("floor_ms",)})
+        decode.append(row)
+        print("fa4 decode", row, flush=True)
+    for d, batch, length in FA4_PREFILL:
+        row = dict(head_dim=d, batch=batch, length=length)
+        flops = 4 * batch * 32 * d * length * (length + 1) / 2
+        for page in (16, 128):
+            q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d, block_size=page)
+            if page == 16:
+                row["ours"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **meta))
+            row[f"fa4_page{page}"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}))
+            del q, k, v
+        qc = torch.randn(batch, 32, length, d, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(batch, 8, length, d, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        row["sdpa"] = _timed(lambda: sdpa_prefill(qc, kc, vc))
+        del qc, kc, vc
+        row.update({f"{n}_TFLOPs": flops / row[n] / 1e9 for n in list(row) if isinstance(row.get(n), float)})
+        if isinstance(row.get("ours"), float) and isinstance(row.get("fa4_page128"), float):
+            row["ours_over_fa4"] = row["fa4_page128"] / row["ours"]
+        prefill.append(row)
+        print("fa4 prefill", row, flush=True)
+    return dict(errors=errors, decode=decode, prefill=prefill)
+
+
+def run_prefill_tune(caps) -> list[dict]:
+    """Our prefill over tile configs (each checked against the reference first) at FA4_PREFILL's shapes."""
+    import itertools
+
+    cfgs = [Config(m, n, w, st, longest_first=f)
+            for m, n, w, st, f in itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (True, False))]
+    rows, ok = [], []
+    for d in (64, 128):
+        q, k, v, meta = paged_inputs(2, 700, 700, 32, 8, d)
+        want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
+        for cfg in cfgs:
+            try:
+                got = triton_attention.paged_attention(q, k, v, **meta, config=cfg)
+                err = ((got.float() - want).norm() / want.norm()).item()
+            except Exception as exc:  # noqa: BLE001  out of shared memory for a big tile
+                err = float("nan")
+                print(f"  d={d} {cfg}: {type(exc).__name__}", flush=True)
+            if err < 1e-2:
+                ok.append((d, cfg))
+    for d, batch, length in FA4_PREFILL[:3]:
+        q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d)
+        flops = 4 * batch * 32 * d * length * (length + 1) / 2
+        base = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta))
+        best = None
+        for dd, cfg in ok:
+            if dd != d:
+                continue
+            ms = _timed(lambda: triton_attention.paged_attention(q, k, v, **meta, config=cfg))
+            if isinstance(ms, float):
+                rows.append(dict(kind="prefill-tune", head_dim=d, batch=batch, length=length, config=repr(cfg), ms=ms,
+                                 TFLOPs=flops / ms / 1e9))
+                best = rows[-1] if best is None or ms < best["ms"] else best
+        rows.append(dict(kind="prefill-heuristic", head_dim=d, batch=batch, length=length, ms=base,
+                         TFLOPs=flops / base / 1e9))
+        print(f"prefill tune d={d} b={batch} L={length}: heuristic {flops / base / 1e9:.0f} TFLOP/s, best "
+              f"{best and best['config']} {best and best['TFLOPs']:.0f} TFLOP/s", flush=True)
         del q, k, v
     return rows
 
@@ -254,6 +371,9 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--tune", action="store_true", help="only the decode config sweep")
     parser.add_argument("--tune-shapes", default=TUNE_SHAPES, help="decode shapes BATCHxCONTEXTxHEAD_DIM, comma-separated")
+    parser.add_argument("--fa4", action="store_true", help="only FA4 vs ours vs SDPA at issue 16's shapes, "
+                        "and a prefill config sweep of ours")
+    parser.add_argument("--no-fa4-table", action="store_true", help="with --fa4: the prefill sweep only")
     args = parser.parse_args()
     import transformers
 
@@ -272,6 +392,24 @@ def main() -> None:
     print(env, flush=True)
     caps = ceilings()
     print(caps, flush=True)
+    if args.fa4:
+        import importlib.metadata
+
+        why = fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16)
+        if why:
+            raise SystemExit(why)
+        env["flash_attn_4"] = importlib.metadata.version("flash-attn-4")
+        kind = "prefill-tune" if args.no_fa4_table else "fa4"
+        path = os.path.join(args.out, f"kernels-{kind}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
+        os.makedirs(args.out, exist_ok=True)
+        result = dict(env=env, ceilings=caps, **({} if args.no_fa4_table else run_fa4(caps)))
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        result["prefill_tune"] = run_prefill_tune(caps)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}", flush=True)
+        return
     if args.quick:
         decode = run_decode(caps, [128], [1, 32], [2048, 32768])
         prefill = run_prefill(caps, [128], [1], [2048])

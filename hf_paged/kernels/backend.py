@@ -1,7 +1,8 @@
 """Choosing a kernel backend: built-in plugins plus those published under ``hf_paged.plugins``.
 
 Every plugin may offer a backend for a device/dtype; the first offer wins, installed plugins offer
-before the built-in backends and the torch reference offers last. Set ``HF_PAGED_BACKEND=<name>``
+before the built-in backends (FlashAttention-4 where installed on SM90+, then Triton) and the torch
+reference offers last. Set ``HF_PAGED_BACKEND=<name>``
 to pick a specific backend among the offers.
 """
 
@@ -30,13 +31,17 @@ class KernelBackend(Protocol):
     def paged_attention(self, query, k_cache, v_cache, **metadata) -> torch.Tensor: ...
 
 
+_missing: dict[str, str] = {}  # built-in backends that could not be imported, and why
+
+
 @functools.cache
 def _builtins() -> tuple:
     try:
-        from . import triton_backend
-    except ImportError:  # no triton here: the reference serves
+        from . import fa4_backend, triton_backend
+    except ImportError as exc:  # no triton here: the reference serves
+        _missing["fa4"] = _missing["triton"] = f"the triton package is not importable: {exc}"
         return (reference,)
-    return (triton_backend, reference)
+    return (fa4_backend, triton_backend, reference)
 
 
 def _manager() -> pluggy.PluginManager:
@@ -58,14 +63,17 @@ def get_backend(device: torch.device, dtype: torch.dtype) -> KernelBackend:
     """
     offers = _manager().hook.hf_paged_kernel_backend(device=torch.device(device), dtype=dtype)
     builtins = _builtins()
-    offers.sort(key=lambda backend: any(backend is b for b in builtins))  # stable: installed plugins first
+    # Installed plugins first (in pluggy's order), then the built-ins in the order `_builtins` gives.
+    offers.sort(key=lambda backend: next((i for i, b in enumerate(builtins) if backend is b), -1))
     wanted = os.environ.get("HF_PAGED_BACKEND")
     if wanted:
         for backend in offers:
             if backend.name == wanted:
                 return backend
+        named = _manager().get_plugin(wanted)
+        why = _missing.get(wanted) or getattr(named, "why_unavailable", lambda *_: None)(device, dtype)
         raise ValueError(
-            f"HF_PAGED_BACKEND={wanted!r} offers nothing for {dtype} on {device}; "
-            f"available: {[b.name for b in offers]}"
+            f"HF_PAGED_BACKEND={wanted!r} offers nothing for {dtype} on {device}"
+            f"{f' ({why})' if why else ''}; available: {[b.name for b in offers]}"
         )
     return offers[0]

@@ -115,7 +115,7 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -138,6 +138,8 @@ def _paged_attention_kernel(
     else:
         seq = pid // tiles_per_seq
         tile = pid % tiles_per_seq
+        if LONGEST_FIRST:  # causal: later query tiles see more keys; start them first so none runs alone at the end
+            tile = tiles_per_seq - 1 - tile
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     if tile * BLOCK_Q >= q_len:  # the grid is sized by max_seqlen_q; shorter sequences stop here
@@ -241,13 +243,15 @@ def _reduce_kernel(
 
 @dataclass(frozen=True)
 class Config:
-    """Launch shape of the attention kernel. ``split_target`` is programs per SM that splitting aims for."""
+    """Launch shape of the attention kernel. ``split_target`` is programs per SM that splitting aims for;
+    ``longest_first`` launches a sequence's last query tiles (the most keys) first."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     split_target: float = 2.0
+    longest_first: bool = True
 
 
 def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int) -> Config:
@@ -382,6 +386,7 @@ def paged_attention(
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, PAGE=page,
         HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
         DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=static_grid,
+        LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

@@ -1,0 +1,128 @@
+"""The FlashAttention-4 backend: when it is chosen, what it hands to FA4 and what it leaves to Triton.
+
+On CPU FA4 cannot run: these tests check the selection logic and the call it makes against a stand-in
+with FA4's signature built on the reference. The ``gpu`` test runs the real FA4 where it is installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hf_paged.kernels import backend, fa4_backend, get_backend, reference, triton_attention  # noqa: E402
+from test_triton_kernels import make_problem as _make_problem  # noqa: E402
+
+
+def make_problem(*args, **kwargs):
+    query, k_cache, v_cache, meta = _make_problem(*args, **kwargs)
+    return query, k_cache, v_cache, dict(meta, scale=query.shape[-1] ** -0.5)
+
+
+@pytest.fixture
+def fresh_backends(monkeypatch):
+    get_backend.cache_clear()
+    yield monkeypatch
+    get_backend.cache_clear()
+
+
+def test_cpu_gets_the_reference_and_fa4_by_name_says_why(fresh_backends):
+    assert get_backend(torch.device("cpu"), torch.float32).name == "reference"
+    fresh_backends.setenv("HF_PAGED_BACKEND", "fa4")
+    with pytest.raises(ValueError, match=r"HF_PAGED_BACKEND='fa4'.*SM90\+.*available: \['reference'\]"):
+        get_backend(torch.device("cpu"), torch.bfloat16)
+
+
+def test_fa4_says_what_is_missing(monkeypatch):
+    assert "SM90+" in fa4_backend.why_unavailable(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert "fp16/bf16" in fa4_backend.why_unavailable(cuda, torch.float32)
+    monkeypatch.setattr(fa4_backend, "_varlen_func", lambda: ImportError("No module named 'flash_attn'"))
+    assert "pip install 'hf_paged[fa4]'" in fa4_backend.why_unavailable(cuda, torch.bfloat16)
+    monkeypatch.setattr(fa4_backend, "_varlen_func", lambda: _fake_fa4)
+    assert fa4_backend.why_unavailable(cuda, torch.bfloat16) is None
+    assert fa4_backend.hf_paged_kernel_backend(cuda, torch.bfloat16) is fa4_backend
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert fa4_backend.hf_paged_kernel_backend(cuda, torch.bfloat16) is None
+
+
+def test_fa4_offers_before_triton_where_it_runs(fresh_backends):
+    fresh_backends.setattr(fa4_backend, "why_unavailable", lambda device, dtype: None)
+    backend._manager()  # built-ins registered
+    chosen = get_backend(torch.device("cpu"), torch.bfloat16)
+    assert chosen is fa4_backend  # FA4 before Triton (which offers for CUDA only) and the reference
+    fresh_backends.setenv("HF_PAGED_BACKEND", "reference")
+    get_backend.cache_clear()
+    assert get_backend(torch.device("cpu"), torch.bfloat16).name == "reference"
+
+
+calls: list[dict] = []
+
+
+def _fake_fa4(q, k, v, *, cu_seqlens_q, max_seqlen_q, seqused_k, page_table, softmax_scale, causal, softcap,
+              window_size, num_splits):
+    """FA4's varlen call, on the reference; rows past the last sequence are left as garbage (as FA4 does)."""
+    assert causal and page_table.dtype == seqused_k.dtype == cu_seqlens_q.dtype == torch.int32
+    calls.append(dict(max_seqlen_q=max_seqlen_q, window_size=window_size, softcap=softcap, num_splits=num_splits))
+    owned = int(cu_seqlens_q[-1])
+    out = torch.full_like(q, float("nan"))
+    out[:owned] = reference.paged_attention(
+        q[:owned], k, v, cu_seqlens_q=cu_seqlens_q, context_lens=seqused_k, block_tables=page_table,
+        scale=softmax_scale, softcap=softcap or None,
+        sliding_window=window_size[0] + 1 if window_size[0] is not None else None)
+    return out, None
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 20.0)])
+def test_prompt_steps_go_to_fa4_with_our_semantics(monkeypatch, window, softcap):
+    monkeypatch.setattr(fa4_backend, "_varlen_func", lambda: _fake_fa4)
+    query, k_cache, v_cache, meta = make_problem([7, 1, 20], [30, 17, 20], dtype=torch.float32, device="cpu")
+    query, k_cache, v_cache = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+    calls.clear()
+    got = fa4_backend.paged_attention(query, k_cache, v_cache, **meta, sliding_window=window, softcap=softcap)
+    want = reference.paged_attention(query, k_cache, v_cache, **meta, sliding_window=window, softcap=softcap)
+    assert calls == [dict(max_seqlen_q=20, window_size=(window - 1, 0) if window else (None, None),
+                          softcap=float(softcap or 0.0), num_splits=1)]
+    torch.testing.assert_close(got, want)
+
+
+def test_graph_padding_rows_are_zero(monkeypatch):
+    monkeypatch.setattr(fa4_backend, "_varlen_func", lambda: _fake_fa4)
+    query, k_cache, v_cache, meta = make_problem([3, 4], [10, 4], dtype=torch.float32, device="cpu")
+    padded = torch.cat([query, torch.randn(5, *query.shape[1:])]).bfloat16()
+    calls.clear()
+    got = fa4_backend.paged_attention(padded, k_cache.bfloat16(), v_cache.bfloat16(), **meta, static_grid=True)
+    assert calls[0]["max_seqlen_q"] == padded.shape[0]  # the bound a graph replay needs, from shapes alone
+    assert torch.equal(got[7:], torch.zeros_like(got[7:]))
+    assert not got[:7].isnan().any()
+
+
+@pytest.mark.parametrize("case", ["decode", "fp32", "kv_start", "head_dim"])
+def test_what_fa4_does_not_take_goes_to_triton(monkeypatch, case):
+    monkeypatch.setattr(fa4_backend, "_varlen_func", lambda: pytest.fail("FA4 called"))
+    seen = []
+    monkeypatch.setattr(triton_attention, "paged_attention", lambda *a, **kw: seen.append(kw) or a[0])
+    q_lens = [1, 1] if case == "decode" else [4, 3]
+    query, k_cache, v_cache, meta = make_problem(q_lens, [9, 12], head_dim=32 if case == "head_dim" else 64,
+                                                 starts=[0, 2] if case == "kv_start" else None,
+                                                 dtype=torch.float32, device="cpu")
+    if case != "fp32":
+        query, k_cache, v_cache = query.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16()
+    fa4_backend.paged_attention(query, k_cache, v_cache, **meta)
+    assert len(seen) == 1 and seen[0]["kv_start"] is meta["kv_start"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("window,softcap", [(None, None), (64, None), (None, 30.0)])
+def test_fa4_matches_the_reference_on_the_gpu(head_dim, window, softcap):
+    if fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16):
+        pytest.skip(fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16))
+    q_lens, kv_lens = [300, 1, 57, 128, 2], [300, 700, 1000, 128, 33]  # prefill, decode, chunked prefill
+    query, k_cache, v_cache, meta = make_problem(q_lens, kv_lens, heads=32, kv_heads=8, head_dim=head_dim,
+                                                 dtype=torch.bfloat16, device="cuda")
+    got = fa4_backend.paged_attention(query, k_cache, v_cache, **meta, sliding_window=window, softcap=softcap)
+    want = reference.paged_attention(query, k_cache, v_cache, **meta, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
