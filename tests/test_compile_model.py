@@ -29,3 +29,18 @@ def test_compiled_model_matches_eager():
     assert counters["frames"]["ok"] >= 1  # the model did run compiled
     assert not counters.get("recompile_limit"), "fell back to eager after too many recompiles"
     assert engine.kv_pool.blocks.num_free == 256
+
+
+def test_warm_up_leaves_nothing_to_compile_while_serving():
+    """Warm-up runs steps of one and of several sequences, so torch.compile has made the batch dimensions
+    dynamic before the first request: larger, uncaptured steps (on the GPU: above the graph buckets) reuse
+    the compiled code instead of recompiling the whole model mid-serving."""
+    from torch._dynamo.utils import counters
+
+    model, _ = make_pair("llama-gqa")
+    engine = Engine(model, compile_model=True, num_blocks=512, max_num_seqs=16, max_num_batched_tokens=1024)
+    engine.runner.warm_up(engine.block_manager, 1024)  # Engine warms up on CUDA only
+    compiled = counters["frames"]["total"]
+    for lengths in ((300,), (700, 40, 3), (200, 300, 400)):
+        engine.generate([[5] * n for n in lengths], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert counters["frames"]["total"] == compiled

@@ -231,7 +231,8 @@ class ModelRunner:
 
         Runs one sequence's eager forward at each power-of-two query length up to 128 (the kernels
         pick their tiles by query length) over a short and a long context (the long one splits the
-        keys), in blocks taken from ``block_manager`` and given back; then captures the graphs.
+        keys), then two steps of several sequences, in blocks taken from ``block_manager`` and given
+        back; then captures the graphs.
         """
         graphs, self._graphs, self._mixed_graphs = (self._graphs, self._mixed_graphs), None, None  # eager first
         try:
@@ -257,6 +258,20 @@ class ModelRunner:
                     self.execute(SchedulerOutput([ScheduledChunk(seq, context - q, q, [seq])], q))
                 finally:
                     block_manager.free(seq)
+        # Steps of several sequences of unequal lengths, twice: a compiled model sees its batch dimensions
+        # change (and torch.compile makes them dynamic) here, not in the middle of serving.
+        for count in (2, 3):
+            seqs = [SequenceState(-1 - i, request, 0, [0] * (24 + 40 * i)) for i in range(count)]
+            if sum(len(s.token_ids) for s in seqs) > max_num_batched_tokens:
+                return
+            taken = [s for s in seqs if block_manager.try_append(s, len(s.token_ids))]
+            try:
+                if len(taken) == count:
+                    self.execute(SchedulerOutput([ScheduledChunk(s, 0, len(s.token_ids), [s]) for s in seqs],
+                                                 sum(len(s.token_ids) for s in seqs)))
+            finally:
+                for s in taken:
+                    block_manager.free(s)
 
     def close(self) -> None:
         """Drop the captured graphs and their memory pool."""
