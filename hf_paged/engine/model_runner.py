@@ -118,7 +118,10 @@ class ModelRunner:
         # capture). The "paged" attention function reads only the metadata; since it would try to
         # turn a mask into left-padding offsets, kv_start is given explicitly (all zeros).
         self._mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
-        self._zeros = torch.zeros(256, dtype=torch.int32, device=self.device)
+        # kv_start for up to max_num_seqs sequences, never reallocated; an inference tensor like every other
+        # input of `execute`, so a compiled model's guards (which check tensors' dispatch keys) always match.
+        with torch.inference_mode():
+            self._zeros = torch.zeros(max_num_seqs, dtype=torch.int32, device=self.device)
         self._graphs = self._mixed_graphs = None
         if cuda_graphs and self.device.type == "cuda":
             if max_context is None:
@@ -176,7 +179,9 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(num_seqs), lens_a)
         positions = np.arange(total) - (cu[:-1] - starts_a)[seq_of_token]
         table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
-        width = int(table_lens.max())
+        # At least two columns (the spare one unread): a width of 1 would give a compiled model a shape it
+        # specialises on, and a recompile when a batch of short sequences first comes.
+        width = max(2, int(table_lens.max()))
         # np.fromiter reads the tables without building an intermediate list (the biggest host cost here).
         flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(table_lens.sum()))
         table_start = np.cumsum(table_lens) - table_lens
@@ -205,8 +210,8 @@ class ModelRunner:
         if num_fill and last_tokens is not None:
             input_ids[fill_at] = last_tokens[fill_from]
         cu_d, ctx_d, bt_d = dev32.split([num_seqs + 1, num_seqs, num_seqs * width])
-        if self._zeros.numel() < num_seqs:
-            self._zeros = torch.zeros(2 * num_seqs, dtype=torch.int32, device=self.device)
+        if self._zeros.numel() < num_seqs:  # a step built outside the scheduler's max_num_seqs
+            self._zeros = torch.zeros(num_seqs, dtype=torch.int32, device=self.device)
         metadata = PagedAttentionMetadata(
             slot_mapping=slot_mapping,
             cu_seqlens_q=cu_d,
