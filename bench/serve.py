@@ -149,6 +149,35 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict, timeou
     return r
 
 
+def offline_throughput(model_dir: str, prompts: list[str], max_tokens: int, ignore_eos: bool) -> dict:
+    """The prompts, chat-templated, through `hf_paged.Engine.generate` once warmed up: output tokens per second."""
+    import gc
+
+    import torch
+
+    from hf_paged import Engine, SamplingParams
+    from hf_paged.loader import load_model
+
+    model, tokenizer = load_model(model_dir)
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+           for p in prompts]
+    ids = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in ids]
+    engine = Engine(model, tokenizer=tokenizer)
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    engine.generate(ids[:64], params)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = engine.generate(ids, params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(s.token_ids) for o in outputs for s in o.samples)
+    engine.close()
+    del engine, model
+    gc.collect()
+    return {"model": model_dir, "requests": len(ids), "output_tokens": tokens, "duration_s": elapsed,
+            "output_throughput": tokens / elapsed, "engine_warmup_note": "Engine built and warmed up before timing"}
+
+
 async def run_benchmark(base_url: str, model: str, prompts: list[str], *, endpoint: str = "chat",
                         request_rate: float = math.inf, max_concurrency: int | None = None,
                         max_tokens: int = 128, ignore_eos: bool = False, api_key: str | None = None,
@@ -260,6 +289,9 @@ def print_table(res: dict) -> None:
         rows.append((f"{key[:-3].upper()} ms mean/p50/p99", f"{fmt(s['mean'])} / {fmt(s['p50'])} / {fmt(s['p99'])}"))
     if "goodput" in res:
         rows.append(("Goodput (req/s)", f"{res['goodput']['requests_per_s']:.2f} ({res['goodput']['good_requests']} good)"))
+    if "offline" in res:
+        rows.append(("Offline engine (tok/s)", f"{res['offline']['output_throughput']:.2f} (server: "
+                     f"{100 * res['output_throughput_over_offline']:.0f}%)"))
     width = max(len(k) for k, _ in rows)
     print("=" * (width + 30))
     for k, v in rows:
@@ -304,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     p.add_argument("--deadline", type=float, default=3600.0, help="overall deadline for the requests (s)")
+    p.add_argument("--offline", default=None, metavar="MODEL_DIR",
+                   help="after the run, the same chats through hf_paged's offline Engine in this process (greedy, "
+                        "--max-tokens): records its output tok/s and the server's share of it")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     slos = parse_goodput(args.goodput)
@@ -336,12 +371,16 @@ def main(argv: list[str] | None = None) -> dict:
                 proc.kill()
                 proc.wait(10)
 
+    offline = offline_throughput(args.offline, prompts, args.max_tokens, args.ignore_eos) if args.offline else None
     gpu, date = gpu_name(), _dt.date.today().isoformat()
     res = {"gpu": gpu, "date": date, "server": args.server_label, "model": model, "base_url": base_url,
            "endpoint": args.endpoint, "num_prompts": args.num_prompts, "max_concurrency": args.max_concurrency,
            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
            "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "seed": args.seed,
            **report(results, duration, slos), "versions": versions()}
+    if offline is not None:
+        res["offline"] = offline
+        res["output_throughput_over_offline"] = res["output_throughput"] / offline["output_throughput"]
     out = Path(args.out or Path(__file__).parent / "results" / f"serve-{gpu.replace(' ', '_')}-{date}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_harness import start_server, tiny_demo
+from server_harness import save_tiny_demo, start_server, tiny_demo
 
 _SPEC = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "bench" / "serve.py")
 serve = importlib.util.module_from_spec(_SPEC)
@@ -96,3 +96,13 @@ def test_failures_are_recorded(server):
         server.base_url, "tiny", ["hello"] * 3, max_tokens=-1, timeout=10, deadline=15))
     rep = serve.report(results, duration)
     assert rep["completed"] == 0 and rep["failed"] == 3 and rep["errors"][0].startswith("HTTP 4")
+
+
+def test_offline_engine_beside_the_server(server, tmp_path):
+    """--offline runs the same chats through the offline Engine and records the server's share of its tok/s."""
+    model_dir = save_tiny_demo(tmp_path / "tiny")
+    res = serve.main(["--base-url", server.base_url, "--num-prompts", "12", "--max-concurrency", "4",
+                      "--max-tokens", "6", "--ignore-eos", "--offline", str(model_dir), "--timeout", "20",
+                      "--deadline", "25", "--out", str(tmp_path / "serve.json")])
+    assert res["completed"] == 12 and res["offline"]["output_tokens"] == 12 * 6
+    assert res["output_throughput_over_offline"] == res["output_throughput"] / res["offline"]["output_throughput"]
