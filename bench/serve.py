@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--deadline", type=float, default=3600.0, help="overall deadline for the requests (s)")
     p.add_argument("--offline", default=None, metavar="MODEL_DIR",
                    help="after the run, the same chats through hf_paged's offline Engine in this process (greedy, "
-                        "--max-tokens): records its output tok/s and the server's share of it")
+                        "--max-tokens): records its output tok/s and the server's share of it. Takes the GPU's free "
+                        "memory: use it with --launch (the server is stopped first) or a server on another GPU")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     slos = parse_goodput(args.goodput)
