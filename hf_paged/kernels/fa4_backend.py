@@ -68,31 +68,15 @@ def _fa4_takes(query: torch.Tensor, kv_start, max_seqlen_q: int | None, static_g
     return static_grid or max_seqlen_q is None or max_seqlen_q > 1
 
 
-def paged_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    *,
-    cu_seqlens_q: torch.Tensor,
-    context_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-    kv_start: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    max_seqlen_q: int | None = None,
-    max_context_len: int | None = None,
-    static_grid: bool = False,
-) -> torch.Tensor:
-    """`hf_paged.kernels.reference.paged_attention`'s semantics, on FA4 or the Triton kernel (see module doc)."""
-    if not _fa4_takes(query, kv_start, max_seqlen_q, static_grid):
-        return triton_attention.paged_attention(
-            query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
-            block_tables=block_tables, scale=scale, kv_start=kv_start, sliding_window=sliding_window,
-            softcap=softcap, max_seqlen_q=max_seqlen_q, max_context_len=max_context_len, static_grid=static_grid)
-    return flash_attention(query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens,
-                           block_tables=block_tables, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                           max_seqlen_q=max_seqlen_q, static_grid=static_grid)
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, **metadata) -> torch.Tensor:
+    """`hf_paged.kernels.reference.paged_attention` (same arguments and semantics), on FA4 or on the Triton
+    kernel (see the module doc)."""
+    if not _fa4_takes(query, metadata.get("kv_start"), metadata.get("max_seqlen_q"),
+                      metadata.get("static_grid", False)):
+        return triton_attention.paged_attention(query, k_cache, v_cache, **metadata)
+    metadata.pop("kv_start", None)  # None here
+    metadata.pop("max_context_len", None)  # FA4 reads the lengths from the device
+    return flash_attention(query, k_cache, v_cache, **metadata)
 
 
 def flash_attention(
