@@ -126,3 +126,38 @@ def test_fa4_matches_the_reference_on_the_gpu(head_dim, window, softcap):
     got = fa4_backend.paged_attention(query, k_cache, v_cache, **meta, sliding_window=window, softcap=softcap)
     want = reference.paged_attention(query, k_cache, v_cache, **meta, sliding_window=window, softcap=softcap)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_engine_on_fa4_gives_the_tokens_of_triton(monkeypatch):
+    """bf16, head_dim 64, decode and mixed-step graphs, async scheduling: the engine with FA4 for prompt steps
+    gives (nearly all) the greedy tokens of the engine on Triton alone; bf16 rounding may flip a near tie."""
+    if fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16):
+        pytest.skip(fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16))
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_paged import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                      initializer_range=0.2)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="paged").to("cuda", torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 1000, (int(n),), generator=g).tolist() for n in torch.randint(1, 700, (40,), generator=g)]
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for name in ("triton", "fa4"):
+        monkeypatch.setenv("HF_PAGED_BACKEND", name)
+        get_backend.cache_clear()
+        used = []
+        real = fa4_backend.flash_attention
+        monkeypatch.setattr(fa4_backend, "flash_attention", lambda *a, **kw: used.append(1) or real(*a, **kw))
+        engine = Engine(model, num_blocks=2048, max_num_seqs=16)
+        runs[name] = [o.samples[0].token_ids for o in engine.generate(prompts, params)]
+        assert bool(used) == (name == "fa4")
+        assert engine.kv_pool.blocks.num_free == 2048
+        engine.close()
+    get_backend.cache_clear()
+    same = sum(a == b for a, b in zip(runs["triton"], runs["fa4"]))
+    assert same >= 0.9 * len(prompts), f"{same}/{len(prompts)} identical"
