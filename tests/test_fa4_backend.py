@@ -49,13 +49,15 @@ def test_fa4_says_what_is_missing(monkeypatch):
 
 
 def test_fa4_offers_before_triton_where_it_runs(fresh_backends):
+    # No GPU is touched: Triton's hook offers for any "cuda" device, FA4's is told it can run.
     fresh_backends.setattr(fa4_backend, "why_unavailable", lambda device, dtype: None)
-    backend._manager()  # built-ins registered
-    chosen = get_backend(torch.device("cpu"), torch.bfloat16)
-    assert chosen is fa4_backend  # FA4 before Triton (which offers for CUDA only) and the reference
-    fresh_backends.setenv("HF_PAGED_BACKEND", "reference")
+    cuda = torch.device("cuda")
+    offers = backend._manager().hook.hf_paged_kernel_backend(device=cuda, dtype=torch.bfloat16)
+    assert {b.name for b in offers} == {"fa4", "triton", "reference"}
+    assert get_backend(cuda, torch.bfloat16) is fa4_backend  # pluggy calls Triton's hook first; FA4 still wins
+    fresh_backends.setenv("HF_PAGED_BACKEND", "triton")
     get_backend.cache_clear()
-    assert get_backend(torch.device("cpu"), torch.bfloat16).name == "reference"
+    assert get_backend(cuda, torch.bfloat16).name == "triton"
 
 
 calls: list[dict] = []
