@@ -11,6 +11,7 @@ the ratio stays fair, and the subset size is reported.
     python bench/throughput.py --tiny --quick       # tiny model, runs anywhere (CPU smoke test)
     python bench/throughput.py --profile --quick    # plus device busy per step kind and a profile
     python bench/throughput.py --model DIR --workloads chat --num-requests 1024   # a real model (SmolLM2)
+    python bench/throughput.py --backends triton,fa4 --baselines none    # one engine per kernel backend
 
 Writes ``bench/results/throughput-<gpu>-<date>.json``.
 """
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of random weights; enables the 'chat' workload (its chat template, 256 tokens, ignore_eos)")
     p.add_argument("--profile", action="store_true", help="profile a few engine steps and print where time goes")
     p.add_argument("--profile-steps", type=int, default=6)
+    p.add_argument("--backends", default=None,
+                   help="comma list of kernel backends (e.g. triton,fa4): one engine each, in this process, results "
+                        "as hf_paged_<name> (hf_paged: the first); default: the backend hf_paged chooses")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/throughput-<gpu>-<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -93,7 +97,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
+    args.backends = [b for b in (args.backends or "").split(",") if b]
     return args
+
+
+def use_backend(name: str | None, device, dtype) -> str:
+    """Make ``name`` the kernel backend engines built from now on use (``None``: hf_paged's choice); its name."""
+    from hf_paged.kernels import get_backend
+
+    if name:
+        os.environ["HF_PAGED_BACKEND"] = name
+    get_backend.cache_clear()
+    return get_backend(device, dtype).name
 
 
 def build_models(args):
@@ -472,21 +487,21 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     vocab = paged.config.vocab_size
     scale = 1 / 8 if args.tiny else 1.0
-    from hf_paged.kernels import get_backend
-
-    backend = get_backend(device, getattr(torch, args.dtype)).name
-    print(f"device: {gpu} | model: {n_params / 1e9:.2f}B params, {args.dtype} | kernel backend: {backend}")
+    dtype = getattr(torch, args.dtype)
+    backends = [use_backend(name, device, dtype) for name in args.backends] or [use_backend(None, device, dtype)]
+    backend = backends[0]
+    print(f"device: {gpu} | model: {n_params / 1e9:.2f}B params, {args.dtype} | kernel backend(s): {backends}")
     print(f"versions: {versions()}")
 
     report = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=gpu, device=str(device),
                   model=dict(params=n_params, dtype=args.dtype, path=args.model,
                              shape=None if args.model else MODEL_TINY if args.tiny else MODEL_1B),
-                  kernel_backend=backend, versions=versions(), args={k: v for k, v in vars(args).items()},
+                  kernel_backend=backend, kernel_backends=backends, versions=versions(), args={k: v for k, v in vars(args).items()},
                   note=(f"baselines run the first {args.baseline_requests} requests of each workload, hf_paged all "
                         f"{args.num_requests}; compare output tok/s (a rate), not times"),
                   workloads={})
-    engine = None
-    for name in args.workloads:
+    engine, engine_backend = None, None
+    for index, name in enumerate(args.workloads):
         requests = make_workload(name, args.num_requests, vocab, args.seed, scale, tokenizer)
         subset = requests[: args.baseline_requests]
         print(f"\n== workload {name}: {len(requests)} requests (baselines on {len(subset)}), "
@@ -505,21 +520,32 @@ def main(argv=None) -> int:
                 results[label] = dict(error=f"{type(e).__name__}: {e}")
             _print_result(label, results[label])
         reset_memory(device)
-        if engine is None:
-            engine = make_engine(paged, args)  # built once: the pool is sized after the baselines ran
-        try:
-            results["hf_paged"] = run_hf_paged(engine, requests, args)
-        except Exception as e:
-            traceback.print_exc()
-            results["hf_paged"] = dict(error=f"{type(e).__name__}: {e}")
-        _print_result("hf_paged", results["hf_paged"])
+        # One engine per backend, the last one kept for the next workload (so the order alternates).
+        for kernel_backend in backends if index % 2 == 0 else backends[::-1]:
+            if engine_backend != kernel_backend:
+                if engine is not None:
+                    engine.close()
+                    engine = None
+                    reset_memory(device)
+                use_backend(kernel_backend if args.backends else None, device, dtype)
+                engine, engine_backend = make_engine(paged, args), kernel_backend  # pool sized after the baselines
+            label = "hf_paged" if len(backends) == 1 else f"hf_paged_{kernel_backend}"
+            try:
+                results[label] = dict(run_hf_paged(engine, requests, args), kernel_backend=kernel_backend)
+            except Exception as e:
+                traceback.print_exc()
+                results[label] = dict(error=f"{type(e).__name__}: {e}")
+            _print_result(label, results[label])
+        if len(backends) > 1:
+            results["hf_paged"] = results[f"hf_paged_{backend}"]
         ours = results["hf_paged"].get("output_tok_per_s")
         for label, r in results.items():
-            if label != "hf_paged" and ours and r.get("output_tok_per_s"):
+            if not label.startswith("hf_paged") and ours and r.get("output_tok_per_s"):
                 r["hf_paged_speedup"] = ours / r["output_tok_per_s"]
                 print(f"  hf_paged / {label}: {r['hf_paged_speedup']:.2f}x output tok/s")
         if args.profile and engine is not None:
             results["profile"] = profile_engine(engine, requests[: min(len(requests), args.max_num_seqs * 2)], args)
+            results["profile_kernel_backend"] = engine_backend
         report["workloads"][name] = results
 
     out = Path(args.out) if args.out else RESULTS / (
@@ -529,7 +555,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out}")
-    failed = [f"{w}/{k}" for w, rs in report["workloads"].items() for k, r in rs.items() if k == "hf_paged" and "error" in r]
+    failed = [f"{w}/{k}" for w, rs in report["workloads"].items() for k, r in rs.items() if k.startswith("hf_paged") and "error" in r]
     return 1 if failed else 0
 
 

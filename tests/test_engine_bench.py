@@ -35,6 +35,43 @@ def test_tiny_benchmark_writes_results(bench, tmp_path):
     assert report["versions"]["transformers"]
 
 
+def test_one_engine_per_kernel_backend(bench, tmp_path, monkeypatch):
+    """--backends: each backend gets an engine of its own in the same process; results per backend."""
+    import torch
+
+    from hf_paged.kernels import get_backend, hookimpl, plugin_manager, reference
+
+    class Other:  # the reference under a second name: CPU has one backend only
+        name = "other"
+        store_kv = staticmethod(reference.store_kv)
+        paged_attention = staticmethod(reference.paged_attention)
+
+        @hookimpl
+        def hf_paged_kernel_backend(self, device, dtype):
+            return self if device.type == "cpu" else None
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "reference")  # restored afterwards: the benchmark sets it
+    plugin = Other()
+    plugin_manager().register(plugin, name="other")
+    out = tmp_path / "result.json"
+    try:
+        argv = ["--tiny", "--num-requests", "6", "--baselines", "none", "--backends", "reference,other",
+                "--out", str(out)]
+        assert bench.main(argv) == 0
+    finally:
+        plugin_manager().unregister(plugin)
+        monkeypatch.delenv("HF_PAGED_BACKEND")
+        get_backend.cache_clear()
+    report = json.loads(out.read_text())
+    assert report["kernel_backends"] == ["reference", "other"]
+    for results in report["workloads"].values():
+        assert results["hf_paged_reference"]["kernel_backend"] == "reference"
+        assert results["hf_paged_other"]["kernel_backend"] == "other"
+        assert results["hf_paged"] == results["hf_paged_reference"]
+        assert results["hf_paged_other"]["output_tokens"] == results["hf_paged_reference"]["output_tokens"] > 0
+    assert get_backend(torch.device("cpu"), torch.float32).name == "reference"
+
+
 def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
     """bench/scale.py on CPU: a tiny checkpoint whose weights each rank draws at load time, one
     process vs TP=2 over gloo; the JSON has the issue's fields."""
