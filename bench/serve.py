@@ -156,12 +156,11 @@ def offline_throughput(model_dir: str, prompts: list[str], max_tokens: int, igno
     import torch
 
     from hf_paged import Engine, SamplingParams
+    from hf_paged.engine.input_processor import render_chat
     from hf_paged.loader import load_model
 
     model, tokenizer = load_model(model_dir)
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-           for p in prompts]
-    ids = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in ids]
+    ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]  # as the server renders them
     engine = Engine(model, tokenizer=tokenizer)
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     engine.generate(ids[:64], params)  # warm-up

@@ -108,8 +108,4 @@ def flash_attention(
         softmax_scale=scale, causal=True, softcap=float(softcap or 0.0),
         window_size=(int(sliding_window) - 1, 0) if sliding_window else (None, None), num_splits=num_splits,
     )
-    out = result[0] if isinstance(result, tuple) else result
-    if static_grid:  # padding rows after the last sequence (graphs of mixed steps) are left unwritten: zero them
-        rows = torch.arange(total_q, device=query.device)
-        out = out.masked_fill((rows >= cu_seqlens_q[-1])[:, None, None], 0.0)
-    return out
+    return result[0] if isinstance(result, tuple) else result
