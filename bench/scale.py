@@ -96,13 +96,18 @@ def build_checkpoint(shape: dict, path: str, dtype: torch.dtype, device: str, se
                      draw_weights: bool = False) -> float:
     """Save a random-weight Llama of ``shape`` to ``path`` (safetensors shards); returns seconds taken.
 
+    A word-level tokenizer covering the vocabulary is saved beside it, so that ``hf-paged serve`` loads it.
+
     ``draw_weights``: save the config and one norm weight only; loading initialises every missing
     weight (Transformers' random init), on each rank's own shard under tensor parallelism.
     """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from hf_paged.server.demo import build_demo_tokenizer
+
     started = time.perf_counter()
+    build_demo_tokenizer(shape["vocab_size"]).save_pretrained(path)
     config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=0, dtype=str(dtype).split(".")[1])
     if draw_weights:
         os.makedirs(path, exist_ok=True)
@@ -320,6 +325,9 @@ def summarize(runs: dict, args) -> dict:
         "tp2_tok_s": tok_s("tp2", "uniform"),
         "tp2_over_tp1": _ratio(tok_s("tp2", "uniform"), tok_s("tp1", "uniform")),
         "tp4_tok_s": tok_s("tp4", "uniform"),
+        "tp4_mixed_tok_s": tok_s("tp4", "mixed"),
+        "tp4_load_s": runs.get("tp4", {}).get("load_s"),  # the 70B shape's: loading and drawing its shards
+        "tp4_batch1_ms_per_token": latency("tp4"),
         "tp1_mixed_tok_s": tok_s("tp1", "mixed"),
         "tp2_mixed_tok_s": tok_s("tp2", "mixed"),
         "dp2_tok_s": tok_s("dp2", "mixed"),

@@ -41,9 +41,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import multiprocessing
 import os
+import queue
 import socket
 import threading
+import time
 from typing import Any
 
 import torch
@@ -146,27 +149,31 @@ class DriverEngine(Engine):
         self._channel.send(("step", ops))
         return super().step()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the worker ranks (idempotent) and tear down the process group this engine created."""
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop the worker ranks (idempotent) and tear down the process group this engine created.
+
+        Bounded: workers still alive ``timeout`` seconds after being told to stop are terminated, then
+        killed, so a server's shutdown never waits on a stuck rank.
+        """
         if self._workers_stopped:
             return
         self._workers_stopped = True
         self._channel.send(("stop",))
+        deadline = time.monotonic() + timeout
         # Every rank leaves the group at once: NCCL's teardown waits for its peers, so joining the
         # workers first would leave them waiting for this rank until the join timed out.
-        leaving = None
         if self._owns_process_group and dist.is_initialized():
-            leaving = threading.Thread(target=dist.destroy_process_group, name="hf-paged-tp-teardown", daemon=True)
-            leaving.start()
+            _leave_process_group(max(deadline - time.monotonic(), 1.0))
         for p in self._processes:
-            p.join(timeout)
+            p.join(max(deadline - time.monotonic(), 0.0))
+        for p in self._processes:
             if p.is_alive():
-                logger.warning("tensor-parallel worker pid %s did not stop; terminating it", p.pid)
+                logger.warning("tensor-parallel worker pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
                 p.terminate()
-        if leaving is not None:
-            leaving.join(timeout)
-            if leaving.is_alive():
-                logger.warning("the tensor-parallel process group did not shut down in %.0f s", timeout)
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
 
     def close(self) -> None:
         """Abort what is in flight, free this rank's KV pool and graphs, and stop the worker ranks
@@ -232,6 +239,29 @@ def _load_rank(model_path, tp_size, tokenizer, model_kwargs):
     return model, load_tokenizer(tokenizer, model_path, trust_remote_code=trust)
 
 
+def _leave_process_group(timeout: float) -> bool:
+    """``destroy_process_group`` with a bound: a peer that died must not keep this rank from exiting."""
+    leaving = threading.Thread(target=dist.destroy_process_group, name="hf-paged-tp-teardown", daemon=True)
+    leaving.start()
+    leaving.join(timeout)
+    if leaving.is_alive():
+        logger.warning("the tensor-parallel process group did not shut down in %.0f s", timeout)
+    return not leaving.is_alive()
+
+
+def _receive_while_driver_lives(inbox, poll_s: float = 1.0):
+    """The driver's next message; ``("stop",)`` once the driver process is gone (killed, crashed), so
+    that no worker outlives it holding a GPU."""
+    driver = multiprocessing.parent_process()
+    while True:
+        try:
+            return inbox.get(timeout=poll_s)
+        except queue.Empty:
+            if driver is not None and not driver.is_alive():
+                logger.warning("tensor-parallel driver exited; worker pid %s stops", os.getpid())
+                return ("stop",)
+
+
 def _worker_main(rank, world_size, port, backend, timeout_s, model_path, tokenizer, model_kwargs, engine_kwargs,
                  inbox, ready):
     try:
@@ -242,8 +272,11 @@ def _worker_main(rank, world_size, port, backend, timeout_s, model_path, tokeniz
     except BaseException as e:  # reported to the driver, which raises it
         ready.put((rank, f"{type(e).__name__}: {e}"))
         raise
-    run_worker(engine, inbox.get)
-    dist.destroy_process_group()
+    run_worker(engine, lambda: _receive_while_driver_lives(inbox))
+    # Graphs first: they hold the communicator's captured collectives, which NCCL's teardown waits on.
+    engine.close()
+    left = _leave_process_group(15.0)
+    os._exit(0 if left else 1)  # no interpreter teardown of CUDA/NCCL state that could block the exit
 
 
 def start_tensor_parallel_engine(

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,8 +90,14 @@ def single_process(tiny_llama):
     }
 
 
+def _env() -> dict:
+    # The checkout and tests/ importable in the rank processes.
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+
+
 def _run(cmd: list[str]) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = _env()
     # A new session, so that a hung run is ended with all the ranks it started.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -140,3 +147,27 @@ def test_driver_engine_over_spawned_ranks(tiny_llama, single_process, tmp_path):
     assert r["finished"] == ["length", "abort"]
     assert r["blocks_free_end"] == r["num_blocks"]
     assert r["group_destroyed"]
+    # The worker left on its own (no terminate after the join timeout), promptly.
+    assert r["worker_exitcodes"] == [0] and r["shutdown_s"] < 15, r
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" in f.read()  # a zombie waiting for its new parent to reap it has exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_exit_when_the_driver_is_killed(tiny_llama, tmp_path):
+    """A server killed with SIGKILL runs no shutdown: its worker ranks must not live on holding GPUs."""
+    out = tmp_path / "pids.json"
+    proc = subprocess.run([sys.executable, str(HERE / "tp_driver_script.py"), str(tiny_llama), str(out), "die"],
+                          env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    pids = json.loads(out.read_text())["worker_pids"]
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in pids), f"worker ranks {pids} outlived their driver"

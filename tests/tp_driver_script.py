@@ -4,7 +4,10 @@ argv: model_dir out_json. This process is rank 0 and drives the engine; rank 1 i
 """
 
 import json
+import os
+import signal
 import sys
+import time
 
 import torch.distributed as dist
 
@@ -13,6 +16,14 @@ from hf_paged.distributed import DriverEngine, start_tensor_parallel_engine
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from tp_cases import engine_cases  # noqa: E402
+
+
+def die_with_workers_running(model_dir: str, out_json: str) -> None:
+    """Write the workers' pids, then die as a killed server does: no shutdown runs."""
+    engine = start_tensor_parallel_engine(model_dir, 2, tokenizer=None, num_blocks=64, max_num_seqs=4)
+    with open(out_json, "w") as f:
+        json.dump({"worker_pids": [p.pid for p in engine._processes]}, f)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(model_dir: str, out_json: str) -> None:
@@ -39,10 +50,14 @@ def main(model_dir: str, out_json: str) -> None:
             "blocks_free_end": engine.kv_pool.blocks.num_free,
             "num_blocks": engine.kv_pool.num_blocks,
         }
+        workers = engine._processes
+        started = time.monotonic()
+    result["shutdown_s"] = time.monotonic() - started
+    result["worker_exitcodes"] = [p.exitcode for p in workers]
     result["group_destroyed"] = not dist.is_initialized()
     with open(out_json, "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    (die_with_workers_running if sys.argv[3:] == ["die"] else main)(sys.argv[1], sys.argv[2])

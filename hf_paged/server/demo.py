@@ -36,9 +36,15 @@ DEMO_CHAT_TEMPLATE = (
 )
 
 
-def build_demo_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over a few hundred English words (unknown words: ``<unk>``)."""
+def build_demo_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over a few hundred English words (unknown words: ``<unk>``).
+
+    ``vocab_size``: pad the vocabulary with ``w<id>`` words up to that size, so that every id of a
+    random model with a larger vocabulary (a benchmark's 8B or 70B shape) decodes to text.
+    """
     words = list(dict.fromkeys(_SPECIALS + _WORDS))
+    if vocab_size is not None:
+        words += [f"w{i}" for i in range(len(words), vocab_size)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     # Words and punctuation runs apart; role tags are special tokens, matched before this split.
