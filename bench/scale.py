@@ -104,10 +104,13 @@ def build_checkpoint(shape: dict, path: str, dtype: torch.dtype, device: str, se
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hf_paged.server.demo import build_demo_tokenizer
-
     started = time.perf_counter()
-    build_demo_tokenizer(shape["vocab_size"]).save_pretrained(path)
+    try:
+        from hf_paged.server.demo import build_demo_tokenizer
+    except ImportError as e:  # the serve extra: only `hf-paged serve` on this checkpoint needs the tokenizer
+        print(f"no tokenizer saved: {e}", flush=True)
+    else:
+        build_demo_tokenizer(shape["vocab_size"]).save_pretrained(path)
     config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=0, dtype=str(dtype).split(".")[1])
     if draw_weights:
         os.makedirs(path, exist_ok=True)
