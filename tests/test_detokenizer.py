@@ -6,10 +6,10 @@ import random
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tiny_models import continuation_text
+from tiny_models import continuation_text, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from hf_paged.engine.detokenizer import IncrementalDetokenizer
+from hf_paged.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,21 @@ def test_client_detokenizer_matches_the_engine(byte_tokenizer):
     assert client_deltas == engine_deltas and client_texts == engine_texts
     assert any(d == "" for ds in engine_deltas.values() for d in ds)  # an incomplete character waited
     assert all(t for texts in engine_texts.values() for t in texts)
+
+
+def test_fast_decoder_gives_what_decode_gives(byte_tokenizer):
+    """The backend's decode is used only where it equals ``tokenizer.decode``, special tokens included."""
+    rng = random.Random(3)
+    for tok in (byte_tokenizer, make_tokenizer()):
+        decode = fast_decoder(tok)
+        assert decode is not tok.decode  # the fast path is taken
+        for _ in range(50):
+            ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 12))]
+            for skip in (True, False):
+                assert decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_fast_decoder_keeps_decode_where_it_cleans_up_spaces(byte_tokenizer):
+    tok = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer.backend_tokenizer, eos_token="<eos>",
+                                  clean_up_tokenization_spaces=True)
+    assert fast_decoder(tok) == tok.decode

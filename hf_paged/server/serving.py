@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -141,17 +142,19 @@ class OpenAIServing:
             return []
         return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    async def _completion_chunks(self, job: _Job, created: int, include_usage: bool) -> AsyncIterator[BaseModel]:
+    async def _completion_chunks(self, job: _Job, created: int, include_usage: bool
+                                 ) -> AsyncIterator[BaseModel | str]:
         name = self._config.model_name
 
         def chunk(choice: CompletionStreamChoice) -> CompletionStreamResponse:
             return CompletionStreamResponse(id=job.base_id, created=created, model=name, choices=[choice])
 
+        text_chunk = _TextChunks(lambda index, text: chunk(CompletionStreamChoice(index=index, text=text)))
         outputs: list[GenerationOutput] = []
         async with aclosing(self._choice_events(job, outputs)) as events:  # closing it aborts what still runs
             async for index, text, sample in events:
                 if sample is None:
-                    yield chunk(CompletionStreamChoice(index=index, text=text))
+                    yield text_chunk(index, text)
                     continue
                 yield chunk(CompletionStreamChoice(
                     index=index, text="", finish_reason=sample.finish_reason,
@@ -219,19 +222,21 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 
-    async def _chat_chunks(self, job: _Job, created: int, include_usage: bool) -> AsyncIterator[BaseModel]:
+    async def _chat_chunks(self, job: _Job, created: int, include_usage: bool) -> AsyncIterator[BaseModel | str]:
         name = self._config.model_name
 
         def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=job.base_id, created=created, model=name, choices=[choice])
 
+        text_chunk = _TextChunks(lambda index, text: chunk(ChatStreamChoice(index=index,
+                                                                             delta=DeltaMessage(content=text))))
         for index in range(job.n):
             yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
         outputs: list[GenerationOutput] = []
         async with aclosing(self._choice_events(job, outputs)) as events:  # closing it aborts what still runs
             async for index, text, sample in events:
                 if sample is None:
-                    yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(content=text)))
+                    yield text_chunk(index, text)
                     continue
                 yield chunk(ChatStreamChoice(
                     index=index, delta=DeltaMessage(content=None), finish_reason=sample.finish_reason,
@@ -389,11 +394,11 @@ class OpenAIServing:
                     self._client.abort(rid)
         return [outputs[i] for i in range(len(job.request_ids))]
 
-    def _sse(self, raw: Request, job: _Job, chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+    def _sse(self, raw: Request, job: _Job, chunks: AsyncIterator[BaseModel | str]) -> StreamingResponse:
         async def body() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
-                    yield f"data: {chunk.model_dump_json()}\n\n"
+                    yield f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
             except APIError as e:
                 # Headers are sent already: report the error in-stream, as OpenAI does.
                 yield f"data: {error_body(e.status, e.message, e.param, e.code).model_dump_json()}\n\n"
@@ -402,6 +407,28 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+class _TextChunks:
+    """The JSON of a stream's text-delta chunks (one per delta: the hot path of streaming) with no model
+    built per delta: ``make(index, text)``'s ``model_dump_json()`` is rendered once per choice with a
+    marker for the text, which each delta's JSON string then replaces (the same bytes: tests hold it)."""
+
+    _MARK = f"hf-paged-text-{uuid.uuid4().hex}"
+
+    __slots__ = ("_make", "_parts")
+
+    def __init__(self, make: Callable[[int, str], BaseModel]) -> None:
+        self._make = make
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            before, mark, after = self._make(index, self._MARK).model_dump_json().partition(f'"{self._MARK}"')
+            parts = self._parts[index] = (before, after)
+            assert mark, "the marker must appear in the chunk's JSON"
+        return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
+
 
 def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int) -> Callable[[object], None]:
     def put(event: object) -> None:
