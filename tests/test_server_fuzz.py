@@ -15,7 +15,7 @@ from server_harness import start_server, tiny_demo, wait_pool_whole  # noqa: E40
 
 # A short context keeps CI bounded: a generated request without max_tokens runs to the context's end
 # (256 tokens took ~1.2 s on a CI core); longer prompts are refused with 400s, which the test checks too.
-_SERVER = start_server(*tiny_demo(seed=5), num_blocks=512, max_num_seqs=64, max_model_len=96)
+_SERVER = start_server(*tiny_demo(seed=5), num_blocks=512, max_num_seqs=64, max_model_len=64)
 schema = schemathesis.openapi.from_url(f"{_SERVER.base_url}/openapi.json")
 
 
