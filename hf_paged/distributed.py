@@ -145,6 +145,11 @@ class DriverEngine(Engine):
     def step(self):
         if self._workers_stopped:
             raise RuntimeError("this tensor-parallel engine was shut down")
+        # A dead rank would leave this one waiting in its next collective until the group's timeout.
+        for rank, p in enumerate(self._processes, start=1):
+            if not p.is_alive():
+                raise RuntimeError(f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
+                                   "this engine cannot continue")
         ops, self._ops = self._ops, []
         self._channel.send(("step", ops))
         return super().step()

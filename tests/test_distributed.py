@@ -160,13 +160,17 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
-def test_workers_exit_when_the_driver_is_killed(tiny_llama, tmp_path):
-    """A server killed with SIGKILL runs no shutdown: its worker ranks must not live on holding GPUs."""
-    out = tmp_path / "pids.json"
-    proc = subprocess.run([sys.executable, str(HERE / "tp_driver_script.py"), str(tiny_llama), str(out), "die"],
+def test_lost_ranks_fail_the_engine_and_never_outlive_it(tiny_llama, tmp_path):
+    """A worker rank killed between steps: the driver's next step raises, naming the rank. A driver killed
+    with SIGKILL (a server killed) runs no shutdown: its worker ranks must not live on holding GPUs."""
+    out = tmp_path / "lost.json"
+    proc = subprocess.run([sys.executable, str(HERE / "tp_driver_script.py"), str(tiny_llama), str(out), "lose-ranks"],
                           env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    pids = json.loads(out.read_text())["worker_pids"]
+    r = json.loads(out.read_text())
+    assert r["error"] is not None and "rank 1" in r["error"] and "exited" in r["error"], r
+    assert r["raised_after_s"] < 5, r
+    pids = r["worker_pids"]
     deadline = time.monotonic() + 30
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)

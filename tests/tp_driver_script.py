@@ -18,11 +18,25 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from tp_cases import engine_cases  # noqa: E402
 
 
-def die_with_workers_running(model_dir: str, out_json: str) -> None:
-    """Write the workers' pids, then die as a killed server does: no shutdown runs."""
+def lose_ranks(model_dir: str, out_json: str) -> None:
+    """Two failures, one process: a worker rank killed while the engine idles (the next step must say so
+    rather than wait on the group), then this driver killed with workers running (no shutdown runs: the
+    workers must stop on their own). The test reads the JSON and watches the pids."""
+    with start_tensor_parallel_engine(model_dir, 2, tokenizer=None, num_blocks=64, max_num_seqs=4) as engine:
+        worker = engine._processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        started = time.monotonic()
+        try:
+            engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4), progress=False)
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        result = {"error": error, "raised_after_s": time.monotonic() - started}
     engine = start_tensor_parallel_engine(model_dir, 2, tokenizer=None, num_blocks=64, max_num_seqs=4)
+    result["worker_pids"] = [p.pid for p in engine._processes]
     with open(out_json, "w") as f:
-        json.dump({"worker_pids": [p.pid for p in engine._processes]}, f)
+        json.dump(result, f)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -60,4 +74,4 @@ def main(model_dir: str, out_json: str) -> None:
 
 
 if __name__ == "__main__":
-    (die_with_workers_running if sys.argv[3:] == ["die"] else main)(sys.argv[1], sys.argv[2])
+    (lose_ranks if sys.argv[3:] == ["lose-ranks"] else main)(sys.argv[1], sys.argv[2])
