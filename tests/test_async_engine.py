@@ -79,9 +79,14 @@ def test_max_waiting_refuses_with_queue_full(model):
     engine = Engine(model, num_blocks=64)
     client = AsyncEngine(engine, max_waiting=1)
     with client._cond:  # noqa: SLF001  hold the engine thread so the first request stays waiting
-        client.submit(PROMPTS[0], GREEDY, lambda u: None)
+        first = client.submit(PROMPTS[0], GREEDY, lambda u: None)
         with pytest.raises(QueueFullError, match="at most 1"):
             client.submit(PROMPTS[1], GREEDY, lambda u: None)
+        # An aborted request frees its slot at once, before the engine thread has seen either command
+        # (a server refusing one prompt of several aborts the others, and the next request must get in).
+        client.abort(first)
+        assert client.num_waiting == 0
+        client.submit(PROMPTS[1], GREEDY, lambda u: None)
     client.shutdown()
 
 

@@ -102,16 +102,18 @@ def test_serve_process_end_to_end(saved_model):
     assert "engine stopped" in out and "Traceback" not in out
 
 
-def test_serve_tensor_parallel(saved_model):
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_serve_tensor_parallel(saved_model, engine_process):
     """``serve DIR --tensor-parallel-size 2`` on CPU (gloo): the tokens of one process, and SIGINT
-    stops the worker rank too (no orphan, no forced termination)."""
+    stops the worker rank too (no orphan, no forced termination). With ``--engine-process`` the engine
+    process is rank 0 and starts rank 1."""
     from hf_paged import SamplingParams, generate_batch
 
     model, tok = load_model(str(saved_model), dtype="float32", device="cpu")
     want = generate_batch(model, ["hello"], SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True),
                           tokenizer=tok, progress=False)[0].text
     args = (str(saved_model), "--tensor-parallel-size", "2", "--num-blocks", "64", "--dtype", "float32",
-            "--shutdown-timeout", "0")
+            "--shutdown-timeout", "0", "--engine-process" if engine_process else "--no-engine-process")
     with serve_process(*args, timeout=180) as (proc, base):
         body = {"prompt": "hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)

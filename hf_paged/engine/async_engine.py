@@ -56,11 +56,10 @@ class AsyncEngine(EngineClient):
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._commands: list[tuple] = []  # guarded by _cond
-        self._num_waiting = 0  # submitted, no first token yet (guarded by _cond)
         self._accepting = True  # guarded by _cond
         self._stop_deadline: float | None = None  # guarded by _cond
         self._callbacks: dict[str, Callback] = {}  # engine thread only
-        self._waiting: set[str] = set()  # engine thread only
+        self._waiting: set[str] = set()  # submitted, no first token yet, not aborted (changed under _cond)
         self._sinks: list[Sink] = []
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -76,7 +75,7 @@ class AsyncEngine(EngineClient):
     @property
     def num_waiting(self) -> int:
         """Requests submitted that have no token yet."""
-        return self._num_waiting
+        return len(self._waiting)
 
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:
@@ -89,12 +88,12 @@ class AsyncEngine(EngineClient):
         with self._cond:
             if not self._accepting:
                 raise EngineDeadError(self.error or SHUTTING_DOWN)
-            if self._max_waiting is not None and self._num_waiting >= self._max_waiting:
+            if self._max_waiting is not None and len(self._waiting) >= self._max_waiting:
                 raise QueueFullError(
-                    f"too many waiting requests ({self._num_waiting} waiting, at most {self._max_waiting})"
+                    f"too many waiting requests ({len(self._waiting)} waiting, at most {self._max_waiting})"
                 )
             request_id = request_id or f"{self._name}-{next(self._ids)}"
-            self._num_waiting += 1
+            self._waiting.add(request_id)
             self._commands.append(("add", request_id, prompt, params, stream_text, callback))
             self._cond.notify()
         return request_id
@@ -102,6 +101,9 @@ class AsyncEngine(EngineClient):
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         with self._cond:
+            # Its waiting slot frees now, not when the engine thread gets to it: a server that refuses
+            # one prompt of several aborts the others, and the next request must find their slots free.
+            self._waiting.discard(request_id)
             self._commands.append(("abort", request_id))
             self._cond.notify()
 
@@ -151,7 +153,6 @@ class AsyncEngine(EngineClient):
             return
         _, request_id, prompt, params, stream_text, callback = command
         self._callbacks[request_id] = callback
-        self._waiting.add(request_id)
         try:
             self.engine.add_request(prompt, params, request_id, stream_text=stream_text)
         except ValueError as e:  # a request id already in flight
@@ -160,9 +161,8 @@ class AsyncEngine(EngineClient):
     def _deliver(self, updates: list[RequestUpdate]) -> None:
         for update in updates:
             if update.request_id in self._waiting and (update.new_token_ids or update.finished):
-                self._waiting.discard(update.request_id)
                 with self._cond:
-                    self._num_waiting -= 1
+                    self._waiting.discard(update.request_id)
             callback = self._callbacks.pop(update.request_id) if update.finished else \
                 self._callbacks.get(update.request_id)
             if callback is not None:
@@ -194,5 +194,4 @@ class AsyncEngine(EngineClient):
         for command in commands:
             if command[0] == "add":
                 self._callbacks[command[1]] = command[5]
-                self._waiting.add(command[1])
         self._deliver([error_update(request_id, message) for request_id in list(self._callbacks)])

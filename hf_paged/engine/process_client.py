@@ -18,6 +18,7 @@ Callbacks and sinks run on the receiver thread, as `AsyncEngine`'s run on its en
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
@@ -59,6 +60,9 @@ class EngineProcessClient(EngineClient):
             submitted as token ids with an explicit ``stream_text`` and no stop strings.
         ready_timeout: seconds the engine may take to build (model load included).
         log_level: logging level configured in the engine process (``None``: the root logger's here).
+        daemon: ``False`` for an engine that starts processes of its own (tensor-parallel ranks), which a
+            daemonic process may not; the engine process is then killed at this interpreter's exit if
+            `shutdown` did not stop it (its ranks stop when it is gone).
 
     After construction (which returns once the engine is built) ``vocab_size``,
     ``capacity_tokens``, ``max_model_len`` (the model's ``max_position_embeddings``),
@@ -73,7 +77,7 @@ class EngineProcessClient(EngineClient):
 
     def __init__(self, engine_factory: Callable, *, max_waiting: int | None = None,
                  name: str = "hf-paged-engine", ready_timeout: float = 900.0, log_level: int | None = None,
-                 tokenizer=None) -> None:
+                 tokenizer=None, daemon: bool = True) -> None:
         import msgspec
         import zmq
 
@@ -108,9 +112,11 @@ class EngineProcessClient(EngineClient):
         if log_level is None:
             log_level = logging.getLogger().getEffectiveLevel()
         self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(engine_factory, addresses, log_level), name=f"{name}-core", daemon=True,
+            target=run_engine_core, args=(engine_factory, addresses, log_level), name=f"{name}-core", daemon=daemon,
         )
         self._process.start()
+        if not daemon:  # multiprocessing would join it at exit, and it lives while this process does
+            atexit.register(self._kill_process)
         try:
             ready = self._wait_ready(ready_timeout)
         except BaseException:
@@ -191,6 +197,7 @@ class EngineProcessClient(EngineClient):
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         with self._lock:
+            self._waiting.discard(request_id)  # its waiting slot frees now (see `AsyncEngine.abort`)
             if self._process.is_alive() and not self._closing.is_set() and request_id in self._callbacks:
                 try:
                     self._send(self._wire.AbortRequest(request_id))
@@ -224,6 +231,7 @@ class EngineProcessClient(EngineClient):
         self._thread.join(5.0)
         self._fail_all(SHUTTING_DOWN if self.error is None else self.error)
         self._close_sockets()
+        atexit.unregister(self._kill_process)
 
     # -- internals ----------------------------------------------------------------------------------
 

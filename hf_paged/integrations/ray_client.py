@@ -118,6 +118,7 @@ class DataParallelClient(EngineClient):
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         with self._lock:
+            self._waiting.discard(request_id)  # its waiting slot frees now (see `AsyncEngine.abort`)
             task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()

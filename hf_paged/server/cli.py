@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "than in a thread of the server process (default: on for CUDA devices, off on CPU)")
     serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
                        help="shard MODEL over N local GPUs (N CPU processes over gloo without CUDA) with "
-                            "Transformers' tp_plan; this process is rank 0 and runs the engine in a thread")
+                            "Transformers' tp_plan; rank 0's engine runs in a thread of this process, or with "
+                            "--engine-process in the engine process, which starts the other ranks")
     serve.add_argument("--compile-model", action="store_true",
                        help="Engine(compile_model=True): torch.compile the model around the paged-attention op "
                             "(experimental; the first start compiles for minutes)")
@@ -105,13 +106,15 @@ def _serve(args: argparse.Namespace) -> int:
         parser.error(f"--device: {e}")
     if args.tensor_parallel_size > 1 and args.data_parallel_size > 1:
         parser.error("--tensor-parallel-size and --data-parallel-size cannot be combined yet")
-    if args.tensor_parallel_size > 1 or args.data_parallel_size > 1:
+    if args.data_parallel_size > 1:
         if args.engine_process:
-            parser.error("--engine-process is not supported with --tensor-parallel-size or --data-parallel-size "
-                         "(their engines run in processes of their own already)")
+            parser.error("--engine-process is not supported with --data-parallel-size (its engines run in Ray "
+                         "actors of their own already)")
         args.engine_process = False
-    if args.engine_process is None:  # measured on an H100: more requests/s and a steadier ITL in a process of its own
-        args.engine_process = device.type == "cuda"
+    if args.engine_process is None:
+        # Measured on an H100: more requests/s and a steadier ITL in a process of its own (one GPU; under
+        # tensor parallelism not measured yet, so rank 0's engine stays in a thread unless asked).
+        args.engine_process = device.type == "cuda" and args.tensor_parallel_size == 1
     _check_port_free(parser, args.host, args.port)
 
 
@@ -157,23 +160,34 @@ def _serve(args: argparse.Namespace) -> int:
         from ..engine.process_client import EngineProcessClient, EngineStartError
         from ..loader import load_tokenizer
 
+        tp = args.tensor_parallel_size
         if model_path is None:
+            if tp > 1:
+                parser.error("--tensor-parallel-size needs a MODEL directory (the random demo model is not sharded)")
             factory = functools.partial(_demo_engine, args.dtype, args.device, engine_kwargs)
             tokenizer = build_demo_tokenizer()
         else:
-            factory = engine_factory(model_path, {"dtype": dtype, "device": args.device}, engine_kwargs)
+            if tp > 1:  # the engine process is rank 0 and spawns the other ranks
+                from ..distributed import start_tensor_parallel_engine
+
+                factory = functools.partial(start_tensor_parallel_engine, model_path, tp,
+                                            model_kwargs={"dtype": dtype}, **engine_kwargs)
+            else:
+                factory = engine_factory(model_path, {"dtype": dtype, "device": args.device}, engine_kwargs)
             try:
                 tokenizer = load_tokenizer(True, model_path)
             except (OSError, ValueError, ImportError) as e:
                 parser.error(f"{load_error}: {_first_line(e)}")
         try:
-            engine = EngineProcessClient(factory, max_waiting=args.max_waiting, tokenizer=tokenizer)
+            engine = EngineProcessClient(factory, max_waiting=args.max_waiting, tokenizer=tokenizer, daemon=tp == 1)
         except EngineStartError as e:
             parser.error(f"{load_error if model_path else 'cannot build the demo model'}: {_first_line(e)}")
         info = engine.info
         model_class, param_dtype, param_device = info.model_class, info.dtype, info.device
         num_blocks, block_size, pool_bytes = info.num_blocks, info.block_size, info.kv_pool_bytes
         where = f" (engine process {info.pid})"
+        if tp > 1:
+            where = f" (engine process {info.pid}: rank 0 of tensor parallel over {tp} ranks; KV heads split)"
     elif args.tensor_parallel_size > 1:
         from ..distributed import start_tensor_parallel_engine
 
