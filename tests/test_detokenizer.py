@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tiny_models import continuation_text, make_tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from hf_paged.engine.detokenizer import IncrementalDetokenizer, fast_decoder
+from hf_paged.engine.detokenizer import IncrementalDetokenizer, _fast_decoder
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_fast_decoder_gives_what_decode_gives(byte_tokenizer):
     """The backend's decode is used only where it equals ``tokenizer.decode``, special tokens included."""
     rng = random.Random(3)
     for tok in (byte_tokenizer, make_tokenizer()):
-        decode = fast_decoder(tok)
+        decode = _fast_decoder(tok)
         assert decode is not tok.decode  # the fast path is taken
         for _ in range(50):
             ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(0, 12))]
@@ -139,4 +139,4 @@ def test_fast_decoder_gives_what_decode_gives(byte_tokenizer):
 def test_fast_decoder_keeps_decode_where_it_cleans_up_spaces(byte_tokenizer):
     tok = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer.backend_tokenizer, eos_token="<eos>",
                                   clean_up_tokenization_spaces=True)
-    assert fast_decoder(tok) == tok.decode
+    assert _fast_decoder(tok) == tok.decode

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientDetokenizer", "IncrementalDetokenizer", "fast_decoder"]
+__all__ = ["ClientDetokenizer", "IncrementalDetokenizer"]
 
-def fast_decoder(tokenizer):
+
+def _fast_decoder(tokenizer):
     """``tokenizer.decode`` or, where it gives the same text, the Rust ``tokenizers`` backend's decode.
 
     Transformers' ``decode`` first walks the ids in Python (``to_py_obj``), which was the front end's
@@ -53,7 +54,7 @@ class IncrementalDetokenizer:
     __slots__ = ("_decode", "_ids", "_prefix", "_read", "_stop", "_holdback", "text", "stop_index", "_sent")
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str] | None = None) -> None:
-        self._decode = fast_decoder(tokenizer)
+        self._decode = _fast_decoder(tokenizer)
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix = 0  # start of the decode window
         self._read = len(self._ids)  # tokens already turned into text
