@@ -96,7 +96,8 @@ def build_checkpoint(shape: dict, path: str, dtype: torch.dtype, device: str, se
                      draw_weights: bool = False) -> float:
     """Save a random-weight Llama of ``shape`` to ``path`` (safetensors shards); returns seconds taken.
 
-    A word-level tokenizer covering the vocabulary is saved beside it, so that ``hf-paged serve`` loads it.
+    With the serve extra, a word-level tokenizer covering the vocabulary is saved beside it, so that
+    ``hf-paged serve`` loads the checkpoint.
 
     ``draw_weights``: save the config and one norm weight only; loading initialises every missing
     weight (Transformers' random init), on each rank's own shard under tensor parallelism.
