@@ -23,6 +23,7 @@ import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import random
 import shlex
@@ -288,6 +289,8 @@ def print_table(res: dict) -> None:
         rows.append((f"{key[:-3].upper()} ms mean/p50/p99", f"{fmt(s['mean'])} / {fmt(s['p50'])} / {fmt(s['p99'])}"))
     if "goodput" in res:
         rows.append(("Goodput (req/s)", f"{res['goodput']['requests_per_s']:.2f} ({res['goodput']['good_requests']} good)"))
+    if "server_process_cpu_ms_per_output_token" in res:
+        rows.append(("Server process CPU ms/token", f"{res['server_process_cpu_ms_per_output_token']:.3f}"))
     if "offline" in res:
         rows.append(("Offline engine (tok/s)", f"{res['offline']['output_throughput']:.2f} (server: "
                      f"{100 * res['output_throughput_over_offline']:.0f}%)"))
@@ -296,6 +299,15 @@ def print_table(res: dict) -> None:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     print("=" * (width + 30))
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used, from /proc (Linux); ``None`` elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -357,11 +369,13 @@ def main(argv: list[str] | None = None) -> dict:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             model = httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         prompts = make_prompts(args.num_prompts, args.seed)
+        cpu_before = process_cpu_s(proc.pid) if proc is not None else None
         results, duration = asyncio.run(run_benchmark(
             base_url, model, prompts, endpoint=args.endpoint, request_rate=args.request_rate,
             max_concurrency=args.max_concurrency, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
             api_key=args.api_key, timeout=args.timeout, deadline=args.deadline, seed=args.seed,
             include_usage=not args.no_usage))
+        cpu_after = process_cpu_s(proc.pid) if proc is not None else None
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -378,6 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
            "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "seed": args.seed,
            **report(results, duration, slos), "versions": versions()}
+    if cpu_before is not None and cpu_after is not None and res["total_output_tokens"]:
+        # The launched process only: with --engine-process its front end (the engine process is a child
+        # and not counted); in a thread, front end and engine loop together. What a front end costs per token.
+        res["server_process_cpu_s"] = cpu_after - cpu_before
+        res["server_process_cpu_ms_per_output_token"] = 1e3 * (cpu_after - cpu_before) / res["total_output_tokens"]
     if offline is not None:
         res["offline"] = offline
         res["output_throughput_over_offline"] = res["output_throughput"] / offline["output_throughput"]

@@ -106,3 +106,17 @@ def test_offline_engine_beside_the_server(server, tmp_path):
                       "--deadline", "25", "--out", str(tmp_path / "serve.json")])
     assert res["completed"] == 12 and res["offline"]["output_tokens"] == 12 * 6
     assert res["output_throughput_over_offline"] == res["output_throughput"] / res["offline"]["output_throughput"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_process_cpu_counts_this_process_work():
+    import os
+    import time
+
+    before = serve.process_cpu_s(os.getpid())
+    end = time.process_time() + 0.2
+    while time.process_time() < end:  # 0.2 s of this process's CPU
+        pass
+    spent = serve.process_cpu_s(os.getpid()) - before
+    assert 0.1 <= spent <= 5.0, spent
+    assert serve.process_cpu_s(2**22 + 12345) is None  # no such process
