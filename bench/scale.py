@@ -203,8 +203,9 @@ def run_child(args) -> dict:
         size = int(kind[2:])
         with start_tensor_parallel_engine(args.model_dir, size, tokenizer=False, model_kwargs=dict(dtype=dtype),
                                           **_engine_kwargs(args)) as engine:
-            load_s = time.perf_counter() - started
-            return dict(load_s=load_s, tensor_parallel_size=size, **_measure_engine(engine, args))
+            start_s = time.perf_counter() - started  # the ranks' loading and rank 0's engine warm-up
+            return dict(load_s=start_s - engine.warmup_s, start_s=start_s, tensor_parallel_size=size,
+                        **_measure_engine(engine, args))
     if kind == "dp2":
         return _run_data_parallel(args, 2, started)
     raise SystemExit(f"unknown configuration {kind!r}")
@@ -330,7 +331,7 @@ def summarize(runs: dict, args) -> dict:
         "tp2_over_tp1": _ratio(tok_s("tp2", "uniform"), tok_s("tp1", "uniform")),
         "tp4_tok_s": tok_s("tp4", "uniform"),
         "tp4_mixed_tok_s": tok_s("tp4", "mixed"),
-        "tp4_load_s": runs.get("tp4", {}).get("load_s"),  # the 70B shape's: loading and drawing its shards
+        "tp4_load_s": runs.get("tp4", {}).get("load_s"),  # the 70B shape's: loading, drawing its shards
         "tp4_batch1_ms_per_token": latency("tp4"),
         "tp1_mixed_tok_s": tok_s("tp1", "mixed"),
         "tp2_mixed_tok_s": tok_s("tp2", "mixed"),
