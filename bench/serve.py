@@ -156,13 +156,12 @@ def offline_throughput(model_dir: str, prompts: list[str], max_tokens: int, igno
 
     import torch
 
-    from hf_paged import Engine, SamplingParams
+    from hf_paged import SamplingParams
+    from hf_paged.engine.core_process import load_engine
     from hf_paged.engine.input_processor import render_chat
-    from hf_paged.loader import load_model
 
-    model, tokenizer = load_model(model_dir)
-    ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]  # as the server renders them
-    engine = Engine(model, tokenizer=tokenizer)
+    engine = load_engine(model_dir)  # what `hf-paged serve DIR` builds
+    ids = [render_chat(engine.tokenizer, [{"role": "user", "content": p}]) for p in prompts]  # as the server does
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     engine.generate(ids[:64], params)  # warm-up
     if torch.cuda.is_available():
@@ -172,7 +171,7 @@ def offline_throughput(model_dir: str, prompts: list[str], max_tokens: int, igno
     elapsed = time.perf_counter() - start
     tokens = sum(len(s.token_ids) for o in outputs for s in o.samples)
     engine.close()
-    del engine, model
+    del engine
     gc.collect()
     return {"model": model_dir, "requests": len(ids), "output_tokens": tokens, "duration_s": elapsed,
             "output_throughput": tokens / elapsed, "engine_warmup_note": "Engine built and warmed up before timing"}

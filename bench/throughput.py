@@ -496,7 +496,7 @@ def main(argv=None) -> int:
     report = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=gpu, device=str(device),
                   model=dict(params=n_params, dtype=args.dtype, path=args.model,
                              shape=None if args.model else MODEL_TINY if args.tiny else MODEL_1B),
-                  kernel_backend=backend, kernel_backends=backends, versions=versions(), args={k: v for k, v in vars(args).items()},
+                  kernel_backend=backend, kernel_backends=backends, versions=versions(), args=dict(vars(args)),
                   note=(f"baselines run the first {args.baseline_requests} requests of each workload, hf_paged all "
                         f"{args.num_requests}; compare output tok/s (a rate), not times"),
                   workloads={})

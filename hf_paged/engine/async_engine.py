@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .client import SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError, error_update
+from .client import (SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError, WaitingRequests,
+                     error_update)
 from .engine import Engine
 from .input_processor import Prompt
 from .outputs import RequestUpdate
@@ -51,7 +52,6 @@ class AsyncEngine(EngineClient):
 
     def __init__(self, engine: Engine, *, max_waiting: int | None = None, name: str = "hf-paged-engine") -> None:
         self.engine = engine
-        self._max_waiting = max_waiting
         self._name = name
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -59,7 +59,7 @@ class AsyncEngine(EngineClient):
         self._accepting = True  # guarded by _cond
         self._stop_deadline: float | None = None  # guarded by _cond
         self._callbacks: dict[str, Callback] = {}  # engine thread only
-        self._waiting: set[str] = set()  # submitted, no first token yet, not aborted (changed under _cond)
+        self._waiting = WaitingRequests(max_waiting)  # changed under _cond
         self._sinks: list[Sink] = []
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -72,11 +72,6 @@ class AsyncEngine(EngineClient):
         """Whether new requests are taken (the thread runs and no shutdown began)."""
         return self._accepting and self._thread.is_alive()
 
-    @property
-    def num_waiting(self) -> int:
-        """Requests submitted that have no token yet."""
-        return len(self._waiting)
-
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:
         """Queue a request; ``callback`` gets its updates on the engine thread. Returns its id.
@@ -88,10 +83,7 @@ class AsyncEngine(EngineClient):
         with self._cond:
             if not self._accepting:
                 raise EngineDeadError(self.error or SHUTTING_DOWN)
-            if self._max_waiting is not None and len(self._waiting) >= self._max_waiting:
-                raise QueueFullError(
-                    f"too many waiting requests ({len(self._waiting)} waiting, at most {self._max_waiting})"
-                )
+            self._waiting.check_room()
             request_id = request_id or f"{self._name}-{next(self._ids)}"
             self._waiting.add(request_id)
             self._commands.append(("add", request_id, prompt, params, stream_text, callback))
@@ -101,8 +93,6 @@ class AsyncEngine(EngineClient):
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         with self._cond:
-            # Its waiting slot frees now, not when the engine thread gets to it: a server that refuses
-            # one prompt of several aborts the others, and the next request must find their slots free.
             self._waiting.discard(request_id)
             self._commands.append(("abort", request_id))
             self._cond.notify()
@@ -160,7 +150,7 @@ class AsyncEngine(EngineClient):
 
     def _deliver(self, updates: list[RequestUpdate]) -> None:
         for update in updates:
-            if update.request_id in self._waiting and (update.new_token_ids or update.finished):
+            if self._waiting.ends(update):
                 with self._cond:
                     self._waiting.discard(update.request_id)
             callback = self._callbacks.pop(update.request_id) if update.finished else \

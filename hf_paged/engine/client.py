@@ -16,7 +16,8 @@ from .input_processor import Prompt, per_prompt
 from .outputs import GenerationOutput, RequestUpdate
 from .sampling_params import SamplingParams
 
-__all__ = ["SHUTTING_DOWN", "Callback", "EngineClient", "EngineDeadError", "QueueFullError", "error_update"]
+__all__ = ["SHUTTING_DOWN", "Callback", "EngineClient", "EngineDeadError", "QueueFullError", "WaitingRequests",
+           "error_update"]
 
 # The error of a request that arrived after shutdown began.
 SHUTTING_DOWN = "the engine is shutting down"
@@ -32,6 +33,39 @@ class QueueFullError(RuntimeError):
     """More requests wait for their first token than ``max_waiting`` allows."""
 
 
+class WaitingRequests:
+    """The requests a client accepted that have no token yet, at most ``limit`` (``None``: unbounded).
+
+    Each client keeps one and changes it under its own lock. A request stops waiting at its first token
+    or its end, or when it is aborted: its slot frees then, not when the engine gets to the abort (a
+    server that refuses one prompt of several aborts the others, and the next request must get in).
+    """
+
+    __slots__ = ("limit", "_ids")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._ids: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def check_room(self) -> None:
+        """Raise `QueueFullError` when ``limit`` requests already wait."""
+        if self.limit is not None and len(self._ids) >= self.limit:
+            raise QueueFullError(f"too many waiting requests ({len(self._ids)} waiting, at most {self.limit})")
+
+    def add(self, request_id: str) -> None:
+        self._ids.add(request_id)
+
+    def discard(self, request_id: str) -> None:
+        self._ids.discard(request_id)
+
+    def ends(self, update: RequestUpdate) -> bool:
+        """Whether ``update`` ends the waiting of a request still counted here."""
+        return update.request_id in self._ids and bool(update.new_token_ids or update.finished)
+
+
 def error_update(request_id: str, message: str) -> RequestUpdate:
     """The one update of a request that ends with ``message`` before (or instead of) any step."""
     return RequestUpdate(request_id, 0, [], finish_reason="error",
@@ -39,9 +73,25 @@ def error_update(request_id: str, message: str) -> RequestUpdate:
 
 
 class EngineClient:
-    """Streaming and batch helpers over a client's ``submit`` and ``abort``; subclasses keep ``_sinks``."""
+    """Streaming and batch helpers over a client's ``submit`` and ``abort``; subclasses keep ``_sinks`` and
+    ``_waiting``."""
 
     _sinks: list
+    _waiting: WaitingRequests
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted that have no token yet."""
+        return len(self._waiting)
+
+    @property
+    def max_waiting(self) -> int | None:
+        """Requests allowed to wait for their first token (`QueueFullError` beyond; ``None``: unbounded)."""
+        return self._waiting.limit
+
+    @max_waiting.setter
+    def max_waiting(self, limit: int | None) -> None:
+        self._waiting.limit = limit
 
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .client import SHUTTING_DOWN, EngineClient, EngineDeadError, QueueFullError, error_update
+from .client import SHUTTING_DOWN, EngineClient, EngineDeadError, WaitingRequests, error_update
 from .core_process import CoreAddresses, params_to_wire, run_engine_core
 from .detokenizer import ClientDetokenizer
 from .input_processor import Prompt
@@ -85,13 +85,12 @@ class EngineProcessClient(EngineClient):
 
         self._wire = wire
         self._zmq = zmq
-        self.max_waiting = max_waiting
         self._tokenizer = tokenizer
         self._name = name
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards the command socket, _callbacks, _waiting, _accepting
         self._callbacks: dict[str, Callback] = {}
-        self._waiting: set[str] = set()  # submitted, no token yet
+        self._waiting = WaitingRequests(max_waiting)
         self._accepting = True
         self._sinks: list[Callable] = []
         self._closing = threading.Event()
@@ -141,11 +140,6 @@ class EngineProcessClient(EngineClient):
         """Whether new requests are taken (the process runs and no shutdown began)."""
         return self._accepting and self._process.is_alive()
 
-    @property
-    def num_waiting(self) -> int:
-        """Requests submitted that have no token yet."""
-        return len(self._waiting)
-
     def submit(self, prompt: Prompt, params: SamplingParams | dict | None, callback: Callback, *,
                request_id: str | None = None, stream_text: bool | None = None) -> str:
         """Queue a request; ``callback`` gets its updates on the receiver thread. Returns its id.
@@ -167,10 +161,7 @@ class EngineProcessClient(EngineClient):
         with self._lock:
             if not self.alive:
                 raise EngineDeadError(self.error or SHUTTING_DOWN)
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFullError(
-                    f"too many waiting requests ({len(self._waiting)} waiting, at most {self.max_waiting})"
-                )
+            self._waiting.check_room()
             request_id = request_id or f"{self._name}-{next(self._ids)}"
             duplicate = request_id in self._callbacks
             if not duplicate:
@@ -197,7 +188,7 @@ class EngineProcessClient(EngineClient):
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         with self._lock:
-            self._waiting.discard(request_id)  # its waiting slot frees now (see `AsyncEngine.abort`)
+            self._waiting.discard(request_id)
             if self._process.is_alive() and not self._closing.is_set() and request_id in self._callbacks:
                 try:
                     self._send(self._wire.AbortRequest(request_id))
@@ -323,7 +314,7 @@ class EngineProcessClient(EngineClient):
         for update in updates:
             rid = update.request_id
             with self._lock:
-                if rid in self._waiting and (update.new_token_ids or update.finished):
+                if self._waiting.ends(update):
                     self._waiting.discard(rid)
                 callback = self._callbacks.pop(rid, None) if update.finished else self._callbacks.get(rid)
             if callback is not None:

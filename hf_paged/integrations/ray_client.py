@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from ..engine import GenerationOutput, RequestUpdate, SamplingParams
-from ..engine.client import SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError, error_update
+from ..engine.client import SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, WaitingRequests, error_update
 from ..engine.input_processor import Prompt
 from .ray import ReplicaRouter
 
@@ -60,12 +60,11 @@ class DataParallelClient(EngineClient):
     def __init__(self, model_path: str, num_replicas: int, *, max_waiting: int | None = None,
                  **router_kwargs) -> None:
         self._sinks: list = []
-        self.max_waiting = max_waiting
         self.error: str | None = None
         self._accepting = True
         self._lock = threading.Lock()
         self._tasks: dict[str, Future] = {}
-        self._waiting: set[str] = set()
+        self._waiting = WaitingRequests(max_waiting)
         self._ids = itertools.count()
         self.router = ReplicaRouter(model_path, num_replicas, **router_kwargs)
         infos = self.router.infos
@@ -85,11 +84,6 @@ class DataParallelClient(EngineClient):
         return self._accepting and bool(self.router.table.alive())
 
     @property
-    def num_waiting(self) -> int:
-        """Requests submitted that have no token yet."""
-        return len(self._waiting)
-
-    @property
     def state(self) -> ReplicaPoolState:
         total, free = self.router.table.pool_totals()  # every update reads it: no per-replica dicts
         return ReplicaPoolState(total, total - free, free)
@@ -100,9 +94,7 @@ class DataParallelClient(EngineClient):
         with self._lock:
             if not self.alive:
                 raise EngineDeadError(self.error or SHUTTING_DOWN)
-            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise QueueFullError(
-                    f"too many waiting requests ({len(self._waiting)} waiting, at most {self.max_waiting})")
+            self._waiting.check_room()
             request_id = request_id or f"dp-client-{next(self._ids)}"
             if request_id in self._tasks:
                 duplicate = True
@@ -118,7 +110,7 @@ class DataParallelClient(EngineClient):
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op when it already finished); it ends with ``finish_reason="abort"``."""
         with self._lock:
-            self._waiting.discard(request_id)  # its waiting slot frees now (see `AsyncEngine.abort`)
+            self._waiting.discard(request_id)
             task = self._tasks.get(request_id)
         if task is not None:
             task.cancel()
