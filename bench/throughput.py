@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     p.add_argument("--no-async-scheduling", action="store_true", help="wait for each step's tokens before the next")
     p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True): torch.compile the model")
+    p.add_argument("--gc-baseline", action="store_true",
+                   help="also run each workload with Python's default garbage collection in the engine loop "
+                        "(hf_paged_default_gc; hf_paged freezes the heap and collects rarely: engine/gc_pauses.py)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -309,9 +312,14 @@ def run_hf_paged(engine: Engine, requests, args) -> dict:
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     engine.reset_stats()
+    pauses = _GcPauses()
+    gc.callbacks.append(pauses)
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params, progress=sys.stderr.isatty())
-    sync(args.device)
+    try:
+        outs = engine.generate(prompts, params, progress=sys.stderr.isatty())
+        sync(args.device)
+    finally:
+        gc.callbacks.remove(pauses)
     elapsed = time.perf_counter() - t0
     errors = [o.error for o in outs if o.error]
     if errors:
@@ -331,7 +339,34 @@ def run_hf_paged(engine: Engine, requests, args) -> dict:
         kv_waste=st.kv_waste, preemptions=st.preemptions, prefix_hit_rate=st.prefix_hit_rate, steps=st.steps,
         median_ttft_s=ttft[len(ttft) // 2] if ttft else None,
         engine_warmup_s=engine.warmup_s, first_requests_s=first_requests_s,
+        gc_pause_s=pauses.seconds, gc_collections=pauses.collections,
     )
+
+
+class _GcPauses:
+    """A `gc.callbacks` entry that adds up the time of the collections and counts them per generation."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self._start = 0.0, [0, 0, 0], 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.collections[info["generation"]] += 1
+
+
+def run_default_gc(engine: Engine, requests, args) -> dict:
+    """`run_hf_paged` with Python's default collection in the engine loop (the comparison for engine/gc_pauses.py)."""
+    from hf_paged.engine import engine as engine_module
+
+    quiet = engine_module.quiet_gc
+    engine_module.quiet_gc = contextlib.nullcontext
+    try:
+        return run_hf_paged(engine, requests, args)
+    finally:
+        engine_module.quiet_gc = quiet
 
 
 # -- profiling -----------------------------------------------------------------------------------------
@@ -536,6 +571,9 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results[label] = dict(error=f"{type(e).__name__}: {e}")
             _print_result(label, results[label])
+        if args.gc_baseline and engine is not None:
+            results["hf_paged_default_gc"] = dict(run_default_gc(engine, requests, args), kernel_backend=engine_backend)
+            _print_result("hf_paged_default_gc", results["hf_paged_default_gc"])
         if len(backends) > 1:
             results["hf_paged"] = results[f"hf_paged_{backend}"]
         ours = results["hf_paged"].get("output_tok_per_s")
@@ -568,7 +606,8 @@ def _print_result(label: str, r: dict) -> None:
     if "kv_waste" in r:
         extra = (f" | KV pool {r['kv_pool_gib']:.1f} GiB, peak used {r['kv_peak_used_gib']:.2f} GiB, "
                  f"waste {100 * r['kv_waste']:.1f}%, preemptions {r['preemptions']}, prefix hits {100 * r['prefix_hit_rate']:.1f}%"
-                 f" | engine warm-up {r['engine_warmup_s']:.1f} s, then 8 warm-up requests {r['first_requests_s']:.1f} s")
+                 f" | engine warm-up {r['engine_warmup_s']:.1f} s, then 8 warm-up requests {r['first_requests_s']:.1f} s"
+                 f" | GC pauses {r['gc_pause_s'] * 1e3:.0f} ms, collections per generation {r['gc_collections']}")
     print(f"  {label:34s} {r['output_tok_per_s']:10.1f} out tok/s  ({r['requests']} req, {r['output_tokens']} tok, "
           f"{r['elapsed_s']:.1f} s) | {mem}{extra}")
 

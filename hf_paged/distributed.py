@@ -54,6 +54,7 @@ import torch.distributed as dist
 
 from .cache.geometry import check_tensor_parallel
 from .engine.engine import Engine
+from .engine.gc_pauses import quiet_gc
 from .loader import load_causal_lm, load_tokenizer
 
 __all__ = [
@@ -198,19 +199,19 @@ def run_worker(engine: Engine, receive) -> None:
 
     ``receive()`` returns the driver's next message (blocking).
     """
-    while True:
-        message = receive()
-        if message[0] == "stop":
-            return
-        for op in message[1]:
-            if op[0] == "add":
-                Engine.add_request(engine, op[1], op[2], op[3])
-            elif op[0] == "abort":
-                Engine.abort(engine, op[1])
-            else:
-                Engine.reset_prefix_cache(engine)
-        engine.step()
-        # Updates are dropped here: only the driver reports. Still drain finished requests.
+    with quiet_gc():
+        while True:
+            message = receive()
+            if message[0] == "stop":
+                return
+            for op in message[1]:
+                if op[0] == "add":
+                    Engine.add_request(engine, op[1], op[2], op[3])
+                elif op[0] == "abort":
+                    Engine.abort(engine, op[1])
+                else:
+                    Engine.reset_prefix_cache(engine)
+            engine.step()  # its updates are dropped: only the driver reports
 
 
 def _free_port() -> int:

@@ -81,3 +81,57 @@ def test_copy_on_write_of_a_shared_partial_block():
     bm.free(parent)
     bm.free(child)
     assert bm.pool.num_free == 8
+
+
+def _assert_rows_mirror(bm: BlockManager, seqs) -> None:
+    rows = bm.rows
+    held = [s for s in seqs if s.block_table]
+    assert len({s.table_row for s in held}) == len(held), "two sequences share a row"
+    for s in seqs:
+        if not s.block_table:
+            assert s.table_row == -1
+            continue
+        n = len(s.block_table)
+        assert rows.lens[s.table_row] == n
+        assert rows.tables[s.table_row, :n].tolist() == s.block_table
+        assert not rows.tables[s.table_row, n:].any()
+    for r in range(len(rows.lens)):  # rows no sequence holds are all zero
+        if r not in {s.table_row for s in held}:
+            assert rows.lens[r] == 0 and not rows.tables[r].any()
+
+
+def test_table_rows_mirror_admission_growth_forks_copies_and_frees():
+    bm = BlockManager(BlockPool(80), BS, enable_prefix_caching=True)
+    a = _seq(list(range(10, 23)))  # 3 full blocks + 1 token
+    _prefill(bm, a)
+    b = _seq(list(range(10, 21)), seq_id=1)  # prefix hits on a's blocks
+    _prefill(bm, b)
+    child = _seq(list(range(10, 21)), seq_id=2)
+    bm.fork(b, child)
+    seqs = [a, b, child]
+    _assert_rows_mirror(bm, seqs)
+    for step in range(40):  # decodes past several block boundaries; b's shared partial block is copied once
+        for s in seqs:
+            s.token_ids.append(100 + step)
+            assert bm.try_append(s, 1)
+            s.num_computed_tokens += 1
+        _assert_rows_mirror(bm, seqs)
+    assert bm.take_pending_copies(), "the forked partial block was never copied"
+    bm.free(b)
+    _assert_rows_mirror(bm, seqs)
+    d = _seq(list(range(300, 400)), seq_id=3)  # takes the row b gave back
+    _prefill(bm, d)
+    _assert_rows_mirror(bm, [a, b, child, d])
+
+
+def test_table_rows_grow_in_rows_and_columns():
+    bm = BlockManager(BlockPool(600), BS, enable_prefix_caching=False)
+    seqs = [_seq([7] * 5, seq_id=i) for i in range(70)]  # more sequences than the 64 initial rows
+    for s in seqs:
+        _prefill(bm, s)
+    wide = _seq(list(range(1000, 1000 + 4 * 70)), seq_id=99)  # 70 blocks: more than the 64 initial columns
+    _prefill(bm, wide)
+    _assert_rows_mirror(bm, [*seqs, wide])
+    for s in seqs[::2]:
+        bm.free(s)
+    _assert_rows_mirror(bm, [*seqs, wide])

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from .client import (SHUTTING_DOWN, Callback, EngineClient, EngineDeadError, QueueFullError, WaitingRequests,
                      error_update)
 from .engine import Engine
+from .gc_pauses import quiet_gc
 from .input_processor import Prompt
 from .outputs import RequestUpdate
 from .sampling_params import SamplingParams
@@ -120,19 +121,20 @@ class AsyncEngine(EngineClient):
     def _run(self) -> None:
         engine = self.engine
         try:
-            while True:
-                with self._cond:
-                    while not self._commands and not engine.has_unfinished() and self._stop_deadline is None:
-                        self._cond.wait()
-                    commands, self._commands = self._commands, []
-                    deadline = self._stop_deadline
-                for command in commands:
-                    self._execute(command)
-                if deadline is not None and (not engine.has_unfinished() or time.monotonic() >= deadline):
-                    self._abort_all()
-                    return
-                if engine.has_unfinished():
-                    self._deliver(engine.step())
+            with quiet_gc():
+                while True:
+                    with self._cond:
+                        while not self._commands and not engine.has_unfinished() and self._stop_deadline is None:
+                            self._cond.wait()
+                        commands, self._commands = self._commands, []
+                        deadline = self._stop_deadline
+                    for command in commands:
+                        self._execute(command)
+                    if deadline is not None and (not engine.has_unfinished() or time.monotonic() >= deadline):
+                        self._abort_all()
+                        return
+                    if engine.has_unfinished():
+                        self._deliver(engine.step())
         except BaseException as e:  # noqa: BLE001  the engine's state is unknown: stop and say why
             logger.exception("engine thread %s failed", self._name)
             self._stop(f"the engine stopped after an internal error: {type(e).__name__}: {e}")

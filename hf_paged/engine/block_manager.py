@@ -13,18 +13,63 @@ sequence's last token, so a cached block is never written. Blocks shared by fork
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..cache.block_pool import BlockPool
 from ..cache.geometry import cdiv
 from .sequence import Sequence
 
-__all__ = ["BlockManager"]
+__all__ = ["BlockManager", "BlockTableRows"]
 
 # The hash standing for "no block before this one".
 _ROOT_HASH = 0x5F3759DF
 
 
+class BlockTableRows:
+    """Every block table mirrored in one host array, a row per sequence that holds blocks.
+
+    The block manager writes a row where the table changes (new blocks, a copy-on-write, a fork), so a
+    step gathers its tables with one indexing operation instead of flattening hundreds of Python lists.
+    A row's entries past its table's length are 0.
+    """
+
+    def __init__(self, rows: int = 64, width: int = 64) -> None:
+        self.tables = np.zeros((rows, width), dtype=np.int64)
+        self.lens = np.zeros(rows, dtype=np.int64)
+        self._free_rows = list(range(rows - 1, -1, -1))
+
+    def write(self, seq: Sequence, start: int) -> None:
+        """Copy ``seq.block_table[start:]`` into its row (taking a row first if it has none)."""
+        if seq.table_row < 0:
+            if not self._free_rows:
+                self._grow(2 * len(self.lens), self.tables.shape[1])
+            seq.table_row = self._free_rows.pop()
+        table, row = seq.block_table, seq.table_row
+        if len(table) > self.tables.shape[1]:
+            self._grow(len(self.lens), max(len(table), 2 * self.tables.shape[1]))
+        self.tables[row, start : len(table)] = table[start:]
+        self.lens[row] = len(table)
+
+    def release(self, seq: Sequence) -> None:
+        """Give ``seq``'s row back (its table is empty now)."""
+        row = seq.table_row
+        if row >= 0:
+            self.tables[row, : self.lens[row]] = 0
+            self.lens[row] = 0
+            self._free_rows.append(row)
+            seq.table_row = -1
+
+    def _grow(self, rows: int, width: int) -> None:
+        old_rows, old_width = self.tables.shape
+        tables = np.zeros((rows, width), dtype=np.int64)
+        tables[:old_rows, :old_width] = self.tables
+        self.tables = tables
+        self.lens = np.concatenate([self.lens, np.zeros(rows - old_rows, dtype=np.int64)])
+        self._free_rows.extend(range(rows - 1, old_rows - 1, -1))
+
+
 class BlockManager:
-    """Allocates, shares and frees the KV blocks of sequences.
+    """Allocates, shares and frees the KV blocks of sequences (and mirrors their tables in `rows`).
 
     Args:
         pool: the block pool (free list and reference counts) of the engine's `KVPool`.
@@ -44,6 +89,7 @@ class BlockManager:
         self.pending_copies: list[tuple[int, int]] = []
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        self.rows = BlockTableRows()
 
     @property
     def num_free(self) -> int:
@@ -90,6 +136,7 @@ class BlockManager:
         seq.num_committed_blocks = len(hits)
         seq.num_computed_tokens = cached
         self._allocate_into(seq, cdiv(cached + num_new, self.block_size) - len(hits))
+        self.rows.write(seq, 0)
         if count_query:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += cached
@@ -136,10 +183,16 @@ class BlockManager:
 
     def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         """`append` when the pool has room (returns True), else change nothing and return False."""
+        computed, table = seq.num_computed_tokens, seq.block_table
+        # The common decode step, decided without `blocks_needed`: the tokens fit the table and the block
+        # they are written into is fresh or owned by this sequence alone.
+        if computed + num_new_tokens <= len(table) * self.block_size and (
+                computed % self.block_size == 0 or self.pool.refcount(table[computed // self.block_size]) == 1):
+            return True
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > self.pool.num_free:
             return False
-        if needed:  # the common decode step needs none: room in an unshared last block
+        if needed:
             self.append(seq, num_new_tokens)
         return True
 
@@ -153,6 +206,7 @@ class BlockManager:
             self.pending_copies.append((shared, fresh))
             self.pool.free([shared])
             seq.block_table[idx] = fresh
+            self.rows.write(seq, idx)
         more = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - len(seq.block_table)
         if more > 0:
             self._allocate_into(seq, more)
@@ -165,6 +219,7 @@ class BlockManager:
         """``child`` shares every block of ``parent`` (one more owner each)."""
         self.pool.fork(parent.block_table)
         child.block_table = list(parent.block_table)
+        self.rows.write(child, 0)
         child.block_hashes = list(parent.block_hashes)
         child.num_committed_blocks = parent.num_committed_blocks
         child.num_computed_tokens = parent.num_computed_tokens
@@ -197,6 +252,7 @@ class BlockManager:
         # before its head (the head is the part other requests are likeliest to share).
         self.pool.free(reversed(seq.block_table))
         seq.block_table = []
+        self.rows.release(seq)
         seq.num_committed_blocks = 0
         seq.num_computed_tokens = 0
 
@@ -205,7 +261,9 @@ class BlockManager:
         return copies
 
     def _allocate_into(self, seq: Sequence, n: int) -> None:
+        start = len(seq.block_table)
         seq.block_table.extend(self._allocate(n))
+        self.rows.write(seq, start)
 
     def _allocate(self, n: int) -> list[int]:
         blocks = self.pool.allocate(n)

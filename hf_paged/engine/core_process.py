@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from ..cache.geometry import max_model_len
 from .client import SHUTTING_DOWN, error_update
+from .gc_pauses import quiet_gc
 from .outputs import RequestUpdate
 
 __all__ = ["CoreAddresses", "engine_factory", "load_engine", "run_engine_core"]
@@ -114,7 +115,8 @@ def run_engine_core(engine_factory: Callable, addresses: CoreAddresses, log_leve
             dtype=str(param.dtype), device=str(param.device), state=wire.engine_state(engine),
         ))
         try:
-            _serve(engine, commands, decoder, send, parent)
+            with quiet_gc():
+                _serve(engine, commands, decoder, send, parent)
         except _Orphaned:
             raise
         except BaseException as e:

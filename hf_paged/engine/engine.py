@@ -12,6 +12,7 @@ import torch
 from ..cache.geometry import default_num_blocks, kv_geometry, tensor_parallel_size
 from ..cache.kv_pool import KVPool
 from .block_manager import BlockManager
+from .gc_pauses import quiet_gc
 from .input_processor import InputProcessor, Prompt, eos_token_ids, per_prompt
 from .model_runner import ModelRunner, prepare_model
 from .output_processor import OutputProcessor
@@ -95,7 +96,7 @@ class Engine:
         self.block_manager = BlockManager(self.kv_pool.blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         started = time.perf_counter()
-        self.runner = ModelRunner(model, self.kv_pool, max_num_seqs=max_num_seqs,
+        self.runner = ModelRunner(model, self.kv_pool, self.block_manager.rows, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs,
                                   compile_model=compile_model)
         if self.kv_pool.device.type == "cuda":
@@ -195,8 +196,10 @@ class Engine:
         rows = prompt_logprob_rows(out)
         samplers = [s for c in out.chunks for s in c.samplers]
         # Logprobs are turned into Python values at once; penalties read every token on the host.
-        on_host = bool(rows) or any(s.request.params.logprobs is not None for s in samplers)
-        overlap = self.async_scheduling and not on_host and not any(s.request.params.has_penalties for s in samplers)
+        if rows or any(s.request.sync_sampling for s in samplers):
+            on_host, overlap = bool(rows) or any(s.request.params.logprobs is not None for s in samplers), False
+        else:
+            on_host, overlap = False, self.async_scheduling
         if not overlap:  # this step reads host state the step in flight has not written yet
             updates += self._finish_in_flight()
         previous = self._in_flight.tokens if self._in_flight is not None else None
@@ -273,7 +276,8 @@ class Engine:
         wanted = set(ids)
         results: dict[str, GenerationOutput] = {}
         start = self._stats.output_tokens
-        with tqdm(total=len(ids), disable=not progress, desc="hf_paged", unit="req", dynamic_ncols=True) as bar:
+        with quiet_gc(), tqdm(total=len(ids), disable=not progress, desc="hf_paged", unit="req",
+                              dynamic_ncols=True) as bar:
             while len(results) < len(ids) and self.has_unfinished():
                 for update in self.step():
                     if update.output is not None and update.request_id in wanted:

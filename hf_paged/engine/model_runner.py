@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +13,7 @@ from ..cache.geometry import max_model_len
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
-from .block_manager import BlockManager
+from .block_manager import BlockManager, BlockTableRows
 from ..kernels import get_backend
 from .cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
 from .sampling_params import SamplingParams
@@ -97,6 +96,7 @@ class ModelRunner:
         self,
         model: torch.nn.Module,
         kv_pool: KVPool,
+        table_rows: BlockTableRows,
         *,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
@@ -109,6 +109,7 @@ class ModelRunner:
         # (`hf_paged.attention`); graphs then capture the compiled code.
         self._call = torch.compile(model) if compile_model else model
         self.kv_pool = kv_pool
+        self.table_rows = table_rows  # the block manager's mirror of the sequences' block tables
         self.block_size = kv_pool.block_size
         self.device = kv_pool.device
         self._pin = self.device.type == "cuda"
@@ -152,7 +153,7 @@ class ModelRunner:
         ids: list[int] = []
         starts: list[int] = []
         lens: list[int] = []
-        tables: list[list[int]] = []
+        rows: list[int] = []
         samples: list[int] = []
         fill_at: list[int] = []
         fill_from: list[int] = []
@@ -166,7 +167,7 @@ class ModelRunner:
                 ids.append(0)
             starts.append(c.start)
             lens.append(c.num_tokens)
-            tables.append(seq.block_table)
+            rows.append(seq.table_row)
             samples.append(len(c.samplers))
         # numpy, not torch, for these small host arrays: a fraction of the per-call cost.
         num_seqs = len(chunks)
@@ -178,16 +179,13 @@ class ModelRunner:
         total = len(ids)
         seq_of_token = np.repeat(np.arange(num_seqs), lens_a)
         positions = np.arange(total) - (cu[:-1] - starts_a)[seq_of_token]
-        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+        # The block manager keeps every table in a row of one array: one gather, no Python lists flattened.
+        mirror, rows_a = self.table_rows, np.array(rows, dtype=np.intp)
         # At least two columns (the spare one unread): a width of 1 would give a compiled model a shape it
         # specialises on, and a recompile when a batch of short sequences first comes.
-        width = max(2, int(table_lens.max()))
-        # np.fromiter reads the tables without building an intermediate list (the biggest host cost here).
-        flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(table_lens.sum()))
-        table_start = np.cumsum(table_lens) - table_lens
-        slots = flat[table_start[seq_of_token] + positions // bs] * bs + positions % bs
-        block_tables = np.zeros((num_seqs, width), dtype=np.int64)
-        block_tables[np.arange(width)[None, :] < table_lens[:, None]] = flat
+        width = max(2, int(mirror.lens[rows_a].max()))
+        block_tables = mirror.tables[rows_a, :width]
+        slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         logits_indices = np.repeat(cu[1:] - 1, np.array(samples, dtype=np.int64))
         if extra_rows:
             extra = [int(cu[c]) + off + i for c, off, count in extra_rows for i in range(count)]

@@ -6,7 +6,7 @@ import time
 
 from .detokenizer import IncrementalDetokenizer
 from .outputs import GenerationOutput, RequestUpdate, SampleOutput
-from .sequence import Request, Sequence
+from .sequence import Request, Sequence, SequenceStatus
 
 __all__ = ["OutputProcessor"]
 
@@ -44,9 +44,10 @@ class OutputProcessor:
         for seq in seqs:
             request = seq.request
             update = RequestUpdate(request.request_id, seq.sample_index, seq.token_ids[-1:])
+            finished = seq.status is SequenceStatus.FINISHED
             if request.stream_text and seq.detokenizer is not None:
-                update.text_delta = seq.detokenizer.take_delta(final=seq.is_finished)
-            if seq.is_finished:
+                update.text_delta = seq.detokenizer.take_delta(final=finished)
+            if finished:
                 update.finish_reason = seq.finish_reason.value
                 if request.finished:
                     last_of_finished[request.request_id] = (update, request)

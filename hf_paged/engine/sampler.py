@@ -74,9 +74,9 @@ class Sampler:
 
     def tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """The sampled token of each row, left on the logits' device (no host sync)."""
-        params = [s.request.params for s in seqs]
-        if all(p.greedy and not p.has_penalties for p in params):
+        if all(s.request.argmax_only for s in seqs):
             return logits.argmax(dim=-1)
+        params = [s.request.params for s in seqs]
         raw = logits.float()
         scores = self._apply_penalties(raw, seqs) if any(p.has_penalties for p in params) else raw
         return self._sample(scores, seqs)

@@ -119,7 +119,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if budget == 0:
                 break
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(len(seq.token_ids) + seq.num_pending - seq.num_computed_tokens, budget)
             while not bm.try_append(seq, num_new):
                 victim = self.running[-1]
                 budget += self._preempt(victim, chunks)
@@ -155,7 +155,7 @@ class Scheduler:
             if end > known:
                 chunk.placeholder_row = seq.pending_row
             if end == known + seq.num_pending:
-                chunk.samplers = [seq, *self._fork(seq)]
+                chunk.samplers = [seq, *self._fork(seq)] if seq.pending_forks else [seq]
             # Scheduled tokens count as computed from now on, so that the next step can be
             # scheduled before this one's tokens are known; each sampler gets a pending token.
             seq.num_computed_tokens = end
@@ -201,6 +201,7 @@ class Scheduler:
         advanced: list[Sequence] = []
         tokens, logprobs = sampled.token_ids, sampled.logprobs
         bm = self.block_manager
+        block_size = bm.block_size
         now = time.perf_counter()
         row = 0
         for chunk in out.chunks:
@@ -215,17 +216,19 @@ class Scheduler:
                 if seq.status is SequenceStatus.FINISHED:
                     continue
                 seq.num_pending -= 1
-                seq.token_ids.append(token)
+                token_ids = seq.token_ids
+                token_ids.append(token)
                 if seq.logprobs is not None and logprobs is not None:
                     seq.logprobs.append(logprobs[row - 1])
-                if seq.status is SequenceStatus.RUNNING:
+                # (`commit` has work only once a step fills a block: the check is inlined for the other steps.)
+                if seq.status is SequenceStatus.RUNNING and end // block_size > seq.num_committed_blocks:
                     bm.commit(seq, end)
                 request = seq.request
                 if request.first_token_time is None:
                     request.first_token_time = now
                 if token in request.stop_token_ids:
                     self.finish(seq, FinishReason.STOP)
-                elif seq.num_output_tokens >= request.params.max_new_tokens:
+                elif len(token_ids) - seq.num_prompt_tokens >= request.params.max_new_tokens:
                     self.finish(seq, FinishReason.LENGTH)
                 advanced.append(seq)
         for request, first, values in sampled.prompt_logprobs or ():

@@ -52,6 +52,7 @@ class Sequence:
         "detokenizer",
         "num_pending",
         "pending_row",
+        "table_row",
     )
 
     def __init__(self, seq_id: int, request: Request, sample_index: int, token_ids: list[int]) -> None:
@@ -79,6 +80,8 @@ class Sequence:
         # ``token_ids``. ``pending_row`` is the row of its step's sampled tokens that holds the newest.
         self.num_pending = 0
         self.pending_row = -1
+        # This sequence's row in its block manager's `BlockTableRows` (-1: it holds no blocks).
+        self.table_row = -1
 
     @property
     def num_tokens(self) -> int:
@@ -141,8 +144,15 @@ class Request:
     stream_text: bool = False
     # Whether output processing decodes text at all (off when the client decodes the token ids itself).
     detokenize: bool = True
+    # Read for every sample every step, so decided once: the sampler's plain arg-max applies (greedy, no
+    # penalties), and the step must wait for the host (logprobs are read there, penalties read its tokens).
+    argmax_only: bool = field(init=False)
+    sync_sampling: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        params = self.params
+        self.argmax_only = params.greedy and not params.has_penalties
+        self.sync_sampling = params.logprobs is not None or params.has_penalties
         if self.params.prompt_logprobs is not None and self.error is None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
             self.prompt_logprobs_next = min(max(1, self.params.prompt_logprobs_start), len(self.prompt_token_ids))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from ..engine.gc_pauses import quiet_gc
 from ..loader import load_model, resolve_device
 
 __all__ = ["build_parser", "main"]
@@ -245,7 +246,8 @@ def _serve(args: argparse.Namespace) -> int:
         on_exit=lambda: app.state.engine_client.request_shutdown(args.shutdown_timeout),
     )
     try:
-        server.run()
+        with quiet_gc():  # the front end's per-event objects, as the engine loop's (hf_paged.engine.gc_pauses)
+            server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
         pass
     return 0
