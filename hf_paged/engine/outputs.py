@@ -65,7 +65,7 @@ class GenerationOutput:
         return self.samples[0].logprobs if self.samples else None
 
 
-@dataclass
+@dataclass(slots=True)  # one per sample per step: the hot path of output processing
 class RequestUpdate:
     """New tokens of one sample after a step (what a streaming server forwards).
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .outputs import SamplerOutput
@@ -36,7 +36,7 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
-    samplers: list[Sequence] = field(default_factory=list)
+    samplers: list[Sequence] | tuple[()] = ()  # (no list built for the chunks that sample nothing)
     placeholder_row: int = -1
 
 
