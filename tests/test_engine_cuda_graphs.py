@@ -68,3 +68,24 @@ def test_compiled_model_with_graphs_matches_eager():
     fast, engine = _tokens(model, prompts, params, cuda_graphs=True, async_scheduling=True, compile_model=True)
     assert engine.runner._graphs._graphs and engine.runner._mixed_graphs._graphs, "no graph was captured"
     _assert_same(slow, fast)
+
+
+def test_sampling_launches_without_waiting_for_the_device():
+    """Sampled rows (temperature, top-k/p, min-p, a seed) build their parameters on the host: none of those copies
+    may synchronize, or async scheduling's overlap ends (torch's sync debug mode raises on one)."""
+    from hf_paged.engine.sampler import Sampler
+    from hf_paged.engine.sequence import Request, Sequence
+
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=7)]
+    seqs = [Sequence(i, Request(f"r{i}", [1, 2, 3], p, frozenset()), 0, [1, 2, 3]) for i, p in enumerate(params)]
+    logits = torch.randn(len(seqs), 1000, device="cuda")
+    sampler = Sampler()
+    sampler.tokens(logits, seqs)  # the seeded row's generator is made here (not a step's work)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sampler.tokens(logits, seqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.shape == (3,) and tokens.device.type == "cuda"

@@ -15,6 +15,7 @@ from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
 from .block_manager import BlockManager, BlockTableRows
 from ..kernels import get_backend
+from .host_copy import upload
 from .cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, SchedulerOutput
@@ -112,7 +113,6 @@ class ModelRunner:
         self.table_rows = table_rows  # the block manager's mirror of the sequences' block tables
         self.block_size = kv_pool.block_size
         self.device = kv_pool.device
-        self._pin = self.device.type == "cuda"
         # Passing a (never read) 4D mask makes Transformers' mask builders return it untouched.
         # With no mask and no cache they would instead inspect position_ids for packed sequences,
         # whose `.all()` is a device->host sync in the middle of every forward (and breaks graph
@@ -222,11 +222,7 @@ class ModelRunner:
         return StepInputs(input_ids[None], position_ids[None], logits_idx, metadata)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return host
-        if self._pin:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return host if self.device.type == "cpu" else upload(host, self.device)
 
     def warm_up(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
         """Compile every kernel specialisation a step may launch and capture the graphs, before

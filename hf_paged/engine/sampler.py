@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from .host_copy import upload
 from .outputs import SamplerOutput
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -116,13 +117,13 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy_tokens
         device, vocab = scores.device, scores.shape[1]
-        table = torch.tensor(
+        table = upload(torch.tensor(
             [
                 [p.temperature if not p.greedy else 1.0, p.top_k if p.top_k > 0 else vocab, p.top_p, p.min_p]
                 for p in params
             ],
             dtype=torch.float32,
-        ).to(device)
+        ), device)
         temperature, top_k, top_p, min_p = table.unbind(1)
         scores = scores / temperature[:, None]
         if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
@@ -132,19 +133,15 @@ class Sampler:
             threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             scores = scores.masked_fill(probs < threshold, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, p in enumerate(params) if p.seed is None]
-        if len(unseeded) == len(params):
-            noise.exponential_()
-        else:
-            if unseeded:
-                noise[unseeded] = torch.empty((len(unseeded), vocab), device=device).exponential_()
-            for i, s in enumerate(seqs):
-                if params[i].seed is not None:
-                    noise[i].exponential_(generator=self._generator(s, device))
+        # Every row draws from the default generator, then seeded rows redraw from their own (no index
+        # tensor built from a host list, whose copy would wait for the device).
+        noise = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if params[i].seed is not None:
+                noise[i].exponential_(generator=self._generator(s, device))
         # A zero draw over a zero probability would give NaN, which arg-max prefers.
         sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params]).to(device)
+        greedy = upload(torch.tensor([p.greedy for p in params]), device)
         return torch.where(greedy, greedy_tokens, sampled)
 
     @staticmethod
