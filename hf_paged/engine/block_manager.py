@@ -30,11 +30,11 @@ class BlockTableRows:
 
     The block manager writes a row where the table changes (new blocks, a copy-on-write, a fork), so a
     step gathers its tables with one indexing operation instead of flattening hundreds of Python lists.
-    A row's entries past its table's length are 0.
+    A row's entries past its table's length are 0. int32, as the kernels read block tables.
     """
 
     def __init__(self, rows: int = 64, width: int = 64) -> None:
-        self.tables = np.zeros((rows, width), dtype=np.int64)
+        self.tables = np.zeros((rows, width), dtype=np.int32)
         self.lens = np.zeros(rows, dtype=np.int64)
         self._free_rows = list(range(rows - 1, -1, -1))
 
@@ -61,7 +61,7 @@ class BlockTableRows:
 
     def _grow(self, rows: int, width: int) -> None:
         old_rows, old_width = self.tables.shape
-        tables = np.zeros((rows, width), dtype=np.int64)
+        tables = np.zeros((rows, width), dtype=np.int32)
         tables[:old_rows, :old_width] = self.tables
         self.tables = tables
         self.lens = np.concatenate([self.lens, np.zeros(rows - old_rows, dtype=np.int64)])

@@ -64,7 +64,7 @@ class StepInputs:
 
 
 class _HostStep(NamedTuple):
-    """A packed step on the host, before it travels to the device."""
+    """A packed step on the host, before it travels to the device (int64 token-wise, int32 sequence-wise)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -185,15 +185,15 @@ class ModelRunner:
         # specialises on, and a recompile when a batch of short sequences first comes.
         width = max(2, int(mirror.lens[rows_a].max()))
         block_tables = mirror.tables[rows_a, :width]
-        slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+        slots = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         logits_indices = np.repeat(cu[1:] - 1, np.array(samples, dtype=np.int64))
         if extra_rows:
             extra = [int(cu[c]) + off + i for c, off, count in extra_rows for i in range(count)]
             logits_indices = np.concatenate([logits_indices, np.array(extra, dtype=np.int64)])
         t = torch.from_numpy
         return _HostStep(
-            t(np.array(ids, dtype=np.int64)), t(positions), t(slots), t(logits_indices), t(cu), t(ctx),
-            t(block_tables), max(lens), t(np.array([fill_at, fill_from], dtype=np.int64).reshape(2, -1)),
+            t(np.array(ids, dtype=np.int64)), t(positions), t(slots), t(logits_indices), t(cu.astype(np.int32)),
+            t(ctx.astype(np.int32)), t(block_tables), max(lens), t(np.array([fill_at, fill_from], dtype=np.int64).reshape(2, -1)),
         )
 
     def _upload(self, host: _HostStep, last_tokens: torch.Tensor | None = None) -> StepInputs:
@@ -201,7 +201,7 @@ class ModelRunner:
         num_seqs, width = host.block_tables.shape
         num_fill = host.fill.shape[1]
         host64 = torch.cat([host.input_ids, host.positions, host.slots, host.logits_indices, host.fill.view(-1)])
-        host32 = torch.cat([host.cu_seqlens, host.context_lens, host.block_tables.view(-1)]).to(torch.int32)
+        host32 = torch.cat([host.cu_seqlens, host.context_lens, host.block_tables.view(-1)])
         dev64, dev32 = self._to_device(host64), self._to_device(host32)
         input_ids, position_ids, slot_mapping, logits_idx, fill_at, fill_from = dev64.split(
             [total, total, total, num_rows, num_fill, num_fill])
