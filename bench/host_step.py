@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hf_paged  # noqa: E402,F401  before transformers, as in throughput.py (bench/kernels.py shadows a package it probes)
+# hf_paged before transformers, as in throughput.py: bench/kernels.py shadows a package transformers probes.
+import hf_paged  # noqa: E402,F401
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 

@@ -193,7 +193,8 @@ class ModelRunner:
         t = torch.from_numpy
         return _HostStep(
             t(np.array(ids, dtype=np.int64)), t(positions), t(slots), t(logits_indices), t(cu.astype(np.int32)),
-            t(ctx.astype(np.int32)), t(block_tables), max(lens), t(np.array([fill_at, fill_from], dtype=np.int64).reshape(2, -1)),
+            t(ctx.astype(np.int32)), t(block_tables), max(lens),
+            t(np.array([fill_at, fill_from], dtype=np.int64).reshape(2, -1)),
         )
 
     def _upload(self, host: _HostStep, last_tokens: torch.Tensor | None = None) -> StepInputs:
@@ -202,7 +203,7 @@ class ModelRunner:
         num_fill = host.fill.shape[1]
         host64 = torch.cat([host.input_ids, host.positions, host.slots, host.logits_indices, host.fill.view(-1)])
         host32 = torch.cat([host.cu_seqlens, host.context_lens, host.block_tables.view(-1)])
-        dev64, dev32 = self._to_device(host64), self._to_device(host32)
+        dev64, dev32 = upload(host64, self.device), upload(host32, self.device)
         input_ids, position_ids, slot_mapping, logits_idx, fill_at, fill_from = dev64.split(
             [total, total, total, num_rows, num_fill, num_fill])
         if num_fill and last_tokens is not None:
@@ -220,9 +221,6 @@ class ModelRunner:
             kv_start=self._zeros[:num_seqs],
         )
         return StepInputs(input_ids[None], position_ids[None], logits_idx, metadata)
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        return host if self.device.type == "cpu" else upload(host, self.device)
 
     def warm_up(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
         """Compile every kernel specialisation a step may launch and capture the graphs, before
