@@ -5,14 +5,15 @@ the sampler launch, `update_from_output` and output processing cost per step, on
 
 ``--baseline-tree`` imports another checkout's ``hf_paged`` under another name and alternates steps between
 the two engines in this one process, so CPU frequency drift and neighbours hit both alike (on a shared
-2-core VM separate runs of the same code differed by 2x). The forward is replaced by packing and uploading
-the step's inputs and returning constant logits; async scheduling is on, as on CUDA.
+2-core VM separate runs of the same code differed by 2x). The forward is replaced by the runner's packing
+(`_pack`) and its eager upload (`_upload`: on the CPU only concatenations) and constant logits; on CUDA a
+decode step would instead stage its inputs into a graph's buffers and replay it, which is not timed here.
+Async scheduling is on, as on CUDA; the loop runs under the engine's `quiet_gc`, as `Engine.generate` does.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import random
 import shutil
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # hf_paged before transformers, as in throughput.py: bench/kernels.py shadows a package transformers probes.
 import hf_paged  # noqa: E402,F401
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+from hf_paged.engine.gc_pauses import quiet_gc  # noqa: E402
 
 
 def build_engine(package: str, num_seqs: int, prompt_len: int, max_new_tokens: int):
@@ -74,15 +77,14 @@ def main() -> None:
         sys.path.insert(0, str(tmp))
         engines["baseline"] = build_engine("hf_paged_baseline", args.num_seqs, args.prompt_len, args.steps + 8)
     engines["this tree"] = build_engine("hf_paged", args.num_seqs, args.prompt_len, args.steps + 8)
-    gc.collect()  # the engines' own loops tune the collector only inside generate(); here steps are called directly
-    gc.freeze()
     times: dict[str, list[float]] = {name: [] for name in engines}
     order = list(engines.items())
-    for i in range(args.steps):
-        for name, engine in order if i % 2 else order[::-1]:
-            t0 = time.perf_counter()
-            engine.step()
-            times[name].append(time.perf_counter() - t0)
+    with quiet_gc():  # steps are called directly here, not through generate(), which holds it
+        for i in range(args.steps):
+            for name, engine in order if i % 2 else order[::-1]:
+                t0 = time.perf_counter()
+                engine.step()
+                times[name].append(time.perf_counter() - t0)
     print(f"host ms per decode step, {args.num_seqs} sequences, model call stubbed ({args.steps} steps each):")
     for name, ts in times.items():
         ts.sort()

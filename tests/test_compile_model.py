@@ -39,7 +39,7 @@ def test_warm_up_leaves_nothing_to_compile_while_serving():
 
     model, _ = make_pair("llama-gqa")
     engine = Engine(model, compile_model=True, num_blocks=1024, max_num_seqs=300, max_num_batched_tokens=1024)
-    engine.runner.warm_up(engine.block_manager, 1024)  # Engine warms up on CUDA only
+    engine.runner.warm_up()  # Engine warms up on CUDA only
     compiled = counters["frames"]["total"]
     # The last: a step of more than 256 sequences (where the kv_start buffer was once reallocated).
     for lengths in ((300,), (700, 40, 3), (200, 300, 400), (2,) * 290):

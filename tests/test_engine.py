@@ -351,8 +351,8 @@ def test_warm_up_gives_back_every_block_and_caches_nothing(llama):
     ref, paged = llama
     prompts = _prompts(4, 20, 40)
     expected = [o.token_ids for o in _run(paged, prompts, num_blocks=64, block_size=4)[0]]
-    engine = Engine(paged, num_blocks=64, block_size=4)
-    engine.runner.warm_up(engine.block_manager, max_num_batched_tokens=64)
+    engine = Engine(paged, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+    engine.runner.warm_up()
     _assert_pool_whole(engine)
     assert engine.block_manager.num_cached_blocks == 0
     assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected

@@ -133,10 +133,10 @@ class BlockManager:
             else:
                 self.pool.fork([b])
         seq.block_table = list(hits)
+        self.rows.write(seq, 0)
         seq.num_committed_blocks = len(hits)
         seq.num_computed_tokens = cached
         self._allocate_into(seq, cdiv(cached + num_new, self.block_size) - len(hits))
-        self.rows.write(seq, 0)
         if count_query:
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += cached

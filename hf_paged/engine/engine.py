@@ -96,11 +96,11 @@ class Engine:
         self.block_manager = BlockManager(self.kv_pool.blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         started = time.perf_counter()
-        self.runner = ModelRunner(model, self.kv_pool, self.block_manager.rows, max_num_seqs=max_num_seqs,
+        self.runner = ModelRunner(model, self.kv_pool, self.block_manager, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, cuda_graphs=cuda_graphs,
                                   compile_model=compile_model)
         if self.kv_pool.device.type == "cuda":
-            self.runner.warm_up(self.block_manager, max_num_batched_tokens)
+            self.runner.warm_up()
         #: Seconds spent at construction compiling kernels and capturing CUDA graphs (CUDA only).
         self.warmup_s = time.perf_counter() - started
         self.sampler = Sampler() if self.tp is None else BroadcastSampler(Sampler(), self.tp)

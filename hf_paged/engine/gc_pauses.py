@@ -44,7 +44,7 @@ def quiet_gc() -> Iterator[None]:
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and _saved is not None:
+            if _depth == 0:
                 threshold, unfreeze = _saved
                 gc.set_threshold(*threshold)
                 if unfreeze:

@@ -13,7 +13,7 @@ from ..cache.geometry import max_model_len
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
-from .block_manager import BlockManager, BlockTableRows
+from .block_manager import BlockManager
 from ..kernels import get_backend
 from .host_copy import upload
 from .cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
@@ -97,7 +97,7 @@ class ModelRunner:
         self,
         model: torch.nn.Module,
         kv_pool: KVPool,
-        table_rows: BlockTableRows,
+        block_manager: BlockManager,
         *,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
@@ -110,7 +110,9 @@ class ModelRunner:
         # (`hf_paged.attention`); graphs then capture the compiled code.
         self._call = torch.compile(model) if compile_model else model
         self.kv_pool = kv_pool
-        self.table_rows = table_rows  # the block manager's mirror of the sequences' block tables
+        # Its `BlockTableRows` give each step's block tables; warm-up borrows its blocks.
+        self.block_manager = block_manager
+        self._max_num_batched_tokens = max_num_batched_tokens
         self.block_size = kv_pool.block_size
         self.device = kv_pool.device
         # Passing a (never read) 4D mask makes Transformers' mask builders return it untouched.
@@ -180,7 +182,7 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(num_seqs), lens_a)
         positions = np.arange(total) - (cu[:-1] - starts_a)[seq_of_token]
         # The block manager keeps every table in a row of one array: one gather, no Python lists flattened.
-        mirror, rows_a = self.table_rows, np.array(rows, dtype=np.intp)
+        mirror, rows_a = self.block_manager.rows, np.array(rows, dtype=np.intp)
         # At least two columns (the spare one unread): a width of 1 would give a compiled model a shape it
         # specialises on, and a recompile when a batch of short sequences first comes.
         width = max(2, int(mirror.lens[rows_a].max()))
@@ -222,18 +224,18 @@ class ModelRunner:
         )
         return StepInputs(input_ids[None], position_ids[None], logits_idx, metadata)
 
-    def warm_up(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
+    def warm_up(self) -> None:
         """Compile every kernel specialisation a step may launch and capture the graphs, before
         any request is served.
 
         Runs one sequence's eager forward at each power-of-two query length up to 128 (the kernels
         pick their tiles by query length) over a short and a long context (the long one splits the
-        keys), then two steps of several sequences, in blocks taken from ``block_manager`` and given
+        keys), then two steps of several sequences, in blocks taken from the block manager and given
         back; then captures the graphs.
         """
         graphs, self._graphs, self._mixed_graphs = (self._graphs, self._mixed_graphs), None, None  # eager first
         try:
-            self._warm_up_eager(block_manager, max_num_batched_tokens)
+            self._warm_up_eager()
         finally:
             self._graphs, self._mixed_graphs = graphs
         for g in graphs:
@@ -242,7 +244,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _warm_up_eager(self, block_manager: BlockManager, max_num_batched_tokens: int) -> None:
+    def _warm_up_eager(self) -> None:
+        block_manager, max_num_batched_tokens = self.block_manager, self._max_num_batched_tokens
         request = Request("warm-up", [0], SamplingParams(), frozenset())
         longest = min(block_manager.capacity_tokens // 2, max_model_len(self.model) or 4096, 8192)
         lengths = [q for q in (1, 2, 4, 8, 16, 32, 64, 128) if q <= max_num_batched_tokens]

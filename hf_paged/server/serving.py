@@ -408,6 +408,7 @@ class OpenAIServing:
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+
 class _TextChunks:
     """The JSON of a stream's text-delta chunks (one per delta: the hot path of streaming) with no model
     built per delta: ``make(index, text)``'s ``model_dump_json()`` is rendered once per choice with a
