@@ -290,6 +290,8 @@ def print_table(res: dict) -> None:
         rows.append(("Goodput (req/s)", f"{res['goodput']['requests_per_s']:.2f} ({res['goodput']['good_requests']} good)"))
     if "server_process_cpu_ms_per_output_token" in res:
         rows.append(("Server process CPU ms/token", f"{res['server_process_cpu_ms_per_output_token']:.3f}"))
+        rows.append(("Server processes busy (CPU/wall)",
+                     " ".join(f"{p['busy']:.2f}" for p in res["server_processes"] if p["busy"] >= 0.01)))
     if "offline" in res:
         rows.append(("Offline engine (tok/s)", f"{res['offline']['output_throughput']:.2f} (server: "
                      f"{100 * res['output_throughput_over_offline']:.0f}%)"))
@@ -307,6 +309,16 @@ def process_cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc; only ``pid`` elsewhere)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        with contextlib.suppress(OSError):
+            pids += [int(c) for c in Path(f"/proc/{pids[i]}/task/{pids[i]}/children").read_text().split()]
+        i += 1
+    return pids
 
 
 def free_port() -> int:
@@ -368,13 +380,14 @@ def main(argv: list[str] | None = None) -> dict:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             model = httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         prompts = make_prompts(args.num_prompts, args.seed)
-        cpu_before = process_cpu_s(proc.pid) if proc is not None else None
+        tree = process_tree(proc.pid) if proc is not None else []
+        cpu_before = {pid: process_cpu_s(pid) for pid in tree}
         results, duration = asyncio.run(run_benchmark(
             base_url, model, prompts, endpoint=args.endpoint, request_rate=args.request_rate,
             max_concurrency=args.max_concurrency, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
             api_key=args.api_key, timeout=args.timeout, deadline=args.deadline, seed=args.seed,
             include_usage=not args.no_usage))
-        cpu_after = process_cpu_s(proc.pid) if proc is not None else None
+        cpu_after = {pid: process_cpu_s(pid) for pid in tree}
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -391,11 +404,17 @@ def main(argv: list[str] | None = None) -> dict:
            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
            "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "seed": args.seed,
            **report(results, duration, slos), "versions": versions()}
-    if cpu_before is not None and cpu_after is not None and res["total_output_tokens"]:
+    used = {pid: cpu_after[pid] - cpu_before[pid] for pid in tree
+            if cpu_before.get(pid) is not None and cpu_after.get(pid) is not None}
+    if proc is not None and proc.pid in used and res["total_output_tokens"]:
         # The launched process only: with --engine-process its front end (the engine process is a child
         # and not counted); in a thread, front end and engine loop together. What a front end costs per token.
-        res["server_process_cpu_s"] = cpu_after - cpu_before
-        res["server_process_cpu_ms_per_output_token"] = 1e3 * (cpu_after - cpu_before) / res["total_output_tokens"]
+        res["server_process_cpu_s"] = used[proc.pid]
+        res["server_process_cpu_ms_per_output_token"] = 1e3 * used[proc.pid] / res["total_output_tokens"]
+        # Every process of the server (front ends, engine process, TP ranks, and multiprocessing's
+        # helpers): a busy fraction near 1.0 is a process that saturates its core.
+        res["server_processes"] = [{"pid": pid, "cpu_s": round(cpu, 3), "busy": round(cpu / duration, 3)}
+                                   for pid, cpu in used.items()]
     if offline is not None:
         res["offline"] = offline
         res["output_throughput_over_offline"] = res["output_throughput"] / offline["output_throughput"]

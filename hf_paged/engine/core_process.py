@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from ..cache.geometry import max_model_len
@@ -35,7 +36,8 @@ _LINGER_MS = 5000  # what is sent before exiting still reaches the front end
 
 @dataclass(frozen=True)
 class CoreAddresses:
-    """ZMQ endpoints: ``commands`` (front end → core), ``outputs`` (core → front end); the front end binds both."""
+    """One front end's ZMQ endpoints: ``commands`` (front end → core), ``outputs`` (core → front end);
+    the front end binds both, the core connects."""
 
     commands: str
     outputs: str
@@ -59,12 +61,15 @@ def engine_factory(model: str, load_kwargs: dict | None = None, engine_kwargs: d
     return functools.partial(load_engine, model, dict(load_kwargs or {}), dict(engine_kwargs or {}))
 
 
-def run_engine_core(engine_factory: Callable, addresses: CoreAddresses, log_level: int | None = None) -> None:
+def run_engine_core(engine_factory: Callable, front_ends: Sequence[CoreAddresses], log_level: int | None = None) -> None:
     """Process entry point: build the engine, then serve commands until shutdown, failure or orphaning.
 
-    Sends `Ready` once built (`Dead` if the factory raises), a `StepBatch` per step with updates,
-    `Dead` if an exception escapes `Engine.step` (failing forwards are already error outputs), and
-    `Stopped` after a `Shutdown` drained or aborted what was in flight.
+    ``front_ends`` are the channels of the front ends this core serves (one for an
+    `EngineProcessClient` that spawned it; N under ``hf-paged serve --api-server-count N``), in the
+    order of their ``front_end`` index. Each gets `Ready` once the engine is built (`Dead` if the
+    factory raises), a `StepBatch` per step with updates of its requests, `Dead` if an exception
+    escapes `Engine.step` (failing forwards are already error outputs), and `Stopped` after its
+    `Shutdown` drained or aborted its requests; the process ends once every front end has stopped.
     """
     import msgspec
     import zmq
@@ -78,26 +83,32 @@ def run_engine_core(engine_factory: Callable, addresses: CoreAddresses, log_leve
     parent = os.getppid()
     ctx = zmq.Context(1)
     commands = ctx.socket(zmq.PULL)
-    outputs = ctx.socket(zmq.PUSH)
-    outputs.setsockopt(zmq.LINGER, _LINGER_MS)
-    for sock in (commands, outputs):  # never block on a full queue (set before connecting to apply)
+    outputs = [ctx.socket(zmq.PUSH) for _ in front_ends]
+    for sock in (commands, *outputs):  # never block on a full queue (set before connecting to apply)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-    commands.connect(addresses.commands)
-    outputs.connect(addresses.outputs)
+    for sock, addresses in zip(outputs, front_ends):
+        sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        commands.connect(addresses.commands)  # one PULL socket fair-queues every front end's commands
+        sock.connect(addresses.outputs)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(wire.Command)
 
-    def send(message) -> None:
+    stopped: set[int] = set()  # front ends that left (`Shutdown` answered with `Stopped`)
+
+    def send(message, front_end: int | None = None) -> None:
+        """Push ``message`` to one front end (``None``: to every one that has not left)."""
         data = encoder.encode(message)
-        while True:
-            try:
-                outputs.send(data, zmq.NOBLOCK, copy=False)
-                return
-            except zmq.Again:  # the front end is not connected (yet, or any more)
-                if os.getppid() != parent:
-                    raise _Orphaned from None
-                outputs.poll(100, zmq.POLLOUT)
+        to = [outputs[front_end]] if front_end is not None else [s for i, s in enumerate(outputs) if i not in stopped]
+        for sock in to:
+            while True:
+                try:
+                    sock.send(data, zmq.NOBLOCK, copy=False)
+                    break
+                except zmq.Again:  # the front end is not connected (yet, or any more)
+                    if os.getppid() != parent:
+                        raise _Orphaned from None
+                    sock.poll(100, zmq.POLLOUT)
 
     engine = None
     try:
@@ -116,7 +127,7 @@ def run_engine_core(engine_factory: Callable, addresses: CoreAddresses, log_leve
         ))
         try:
             with quiet_gc():
-                _serve(engine, commands, decoder, send, parent)
+                _serve(engine, commands, decoder, send, len(front_ends), stopped, parent)
         except _Orphaned:
             raise
         except BaseException as e:
@@ -131,7 +142,8 @@ def run_engine_core(engine_factory: Callable, addresses: CoreAddresses, log_leve
             except Exception:  # pragma: no cover
                 logger.exception("closing the engine failed")
         commands.close(linger=0)
-        outputs.close()  # lingers until what was sent is delivered (at most _LINGER_MS)
+        for sock in outputs:
+            sock.close()  # lingers until what was sent is delivered (at most _LINGER_MS)
         ctx.term()
 
 
@@ -139,17 +151,17 @@ class _Orphaned(Exception):
     """The front end process is gone: nobody reads what this process would say."""
 
 
-def _serve(engine, commands, decoder, send, parent: int) -> None:
+def _serve(engine, commands, decoder, send, num_front_ends: int, stopped: set[int], parent: int) -> None:
     import zmq
 
     from . import wire
 
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
-    deadline: float | None = None
     state_sent = time.monotonic()
     state_dirty = False
-    known: set[str] = set()  # requests added and not yet reported finished
+    owner: dict[str, int] = {}  # request added and not yet reported finished -> its front end
+    deadlines: dict[int, float] = {}  # front end shutting down -> when its requests are aborted
 
     def deliver(updates: list[RequestUpdate], force_state: bool = False) -> None:
         nonlocal state_sent, state_dirty
@@ -159,22 +171,31 @@ def _serve(engine, commands, decoder, send, parent: int) -> None:
             state, state_sent, state_dirty = wire.engine_state(engine), now, False
         else:
             state_dirty = True
-        for update in updates:
-            if update.output is not None:
-                known.discard(update.request_id)
-        if updates or state is not None:
-            send(wire.StepBatch([wire.to_wire(u) for u in updates], state))
+        by_front_end: dict[int, list] = {}
+        if num_front_ends == 1:  # the common case, without a lookup per update
+            for update in updates:
+                if update.output is not None:
+                    owner.pop(update.request_id, None)
+            if updates:
+                by_front_end[0] = [wire.to_wire(u) for u in updates]
+        else:
+            for update in updates:
+                rid = update.request_id
+                front_end = owner.pop(rid, 0) if update.output is not None else owner.get(rid, 0)
+                by_front_end.setdefault(front_end, []).append(wire.to_wire(update))
+        for front_end in range(num_front_ends) if state is not None else by_front_end:
+            if front_end not in stopped:
+                send(wire.StepBatch(by_front_end.get(front_end, []), state), front_end)
 
     while True:
-        busy = engine.has_unfinished() or deadline is not None
-        if not busy:
+        if not (engine.has_unfinished() or deadlines):
             if state_dirty:
                 deliver([], force_state=True)
             if not poller.poll(_PARENT_CHECK_S * 1000):
                 if os.getppid() != parent:
                     raise _Orphaned
                 continue
-        immediate: list[RequestUpdate] = []
+        refused: dict[int, list] = {}  # front end -> errors of its commands, sent at once (no owner to track)
         while True:
             try:
                 raw = commands.recv(zmq.NOBLOCK, copy=False)
@@ -182,33 +203,40 @@ def _serve(engine, commands, decoder, send, parent: int) -> None:
                 break
             command = decoder.decode(raw.buffer)
             if isinstance(command, wire.AddRequest):
-                if deadline is not None:
-                    immediate.append(error_update(command.request_id, SHUTTING_DOWN))
+                rid, front_end = command.request_id, command.front_end
+                if front_end in deadlines or front_end in stopped:
+                    refused.setdefault(front_end, []).append(wire.to_wire(error_update(rid, SHUTTING_DOWN)))
                     continue
                 try:
-                    engine.add_request(command.prompt, command.params, command.request_id,
+                    engine.add_request(command.prompt, command.params, rid,
                                        stream_text=command.stream_text, detokenize=command.detokenize)
-                    known.add(command.request_id)
+                    owner[rid] = front_end
                 except ValueError as e:  # a request id already in flight
-                    immediate.append(error_update(command.request_id, str(e)))
+                    refused.setdefault(front_end, []).append(wire.to_wire(error_update(rid, str(e))))
             elif isinstance(command, wire.AbortRequest):
                 engine.abort(command.request_id)
-            else:  # Shutdown
+            elif command.front_end not in stopped:  # Shutdown
                 new = time.monotonic() + max(0.0, command.drain_timeout)
-                deadline = new if deadline is None else min(deadline, new)
-        if immediate:
-            deliver(immediate)
-        if deadline is not None and (not engine.has_unfinished() or time.monotonic() >= deadline):
-            for request_id in list(known):
-                engine.abort(request_id)
-            while engine.has_unfinished():  # aborts are reported by the next step, without a forward
-                deliver(engine.step())
-            deliver([], force_state=True)
-            send(wire.Stopped())
-            return
+                deadlines[command.front_end] = min(deadlines.get(command.front_end, new), new)
+        for front_end, errors in refused.items():
+            send(wire.StepBatch(errors), front_end)
+        if deadlines:
+            now = time.monotonic()
+            for front_end, deadline in list(deadlines.items()):
+                theirs = [rid for rid, fe in owner.items() if fe == front_end]
+                if not theirs:
+                    del deadlines[front_end]
+                    deliver([], force_state=True)
+                    send(wire.Stopped(), front_end)
+                    stopped.add(front_end)
+                elif now >= deadline:
+                    for rid in theirs:  # reported by the next step, without a forward
+                        engine.abort(rid)
+                    deadlines[front_end] = math.inf
+            if len(stopped) == num_front_ends:
+                return
         if engine.has_unfinished():
             deliver(engine.step())
-
 
 
 def params_to_wire(params) -> dict | None:

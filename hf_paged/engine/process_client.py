@@ -14,6 +14,10 @@ picklable factory, and talks to it over two pyzmq IPC channels with msgspec mess
   code N)"), `alive` turns False, `error` says why and `submit` raises `EngineDeadError`.
 
 Callbacks and sinks run on the receiver thread, as `AsyncEngine`'s run on its engine thread.
+
+One engine process may serve several front-end processes (``hf-paged serve --api-server-count N``:
+HTTP and text work spread over N interpreters): a supervisor starts an `EngineCoreProcess` for N
+front ends and each front end process connects with `EngineProcessClient.attach`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import os
+import select
 import shutil
 import tempfile
 import threading
@@ -35,7 +41,7 @@ from .input_processor import Prompt
 from .outputs import RequestUpdate
 from .sampling_params import SamplingParams
 
-__all__ = ["EngineProcessClient", "EngineStartError"]
+__all__ = ["EngineCoreProcess", "EngineProcessClient", "EngineStartError"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,34 @@ class EngineProcessClient(EngineClient):
     def __init__(self, engine_factory: Callable, *, max_waiting: int | None = None,
                  name: str = "hf-paged-engine", ready_timeout: float = 900.0, log_level: int | None = None,
                  tokenizer=None, daemon: bool = True) -> None:
+        core = EngineCoreProcess(engine_factory, 1, name=name, log_level=log_level, daemon=daemon)
+        try:
+            self._connect(core.front_ends[0], 0, core.process, owned=core, max_waiting=max_waiting, name=name,
+                          ready_timeout=ready_timeout, tokenizer=tokenizer)
+        except BaseException:
+            core.close()
+            raise
+
+    @classmethod
+    def attach(cls, addresses: CoreAddresses, pid: int, front_end: int, *, max_waiting: int | None = None,
+               ready_timeout: float = 900.0, tokenizer=None) -> EngineProcessClient:
+        """A client for front end ``front_end`` of an `EngineCoreProcess` another process started (its
+        ``front_ends[front_end]`` and ``pid``); returns once the engine is built. `shutdown` leaves
+        the engine (its requests drain, then the core forgets this front end); the engine process
+        stops once every front end has left. Its death is seen through a pidfd (Linux).
+
+        Example:
+            >>> client = EngineProcessClient.attach(core.front_ends[1], core.pid, 1)  # doctest: +SKIP
+        """
+        self = cls.__new__(cls)
+        self._connect(addresses, front_end, _ProcessWatch(pid), owned=None, max_waiting=max_waiting,
+                      name=f"hf-paged-fe{front_end}", ready_timeout=ready_timeout, tokenizer=tokenizer)
+        return self
+
+    def _connect(self, addresses: CoreAddresses, front_end: int, process, *, owned: EngineCoreProcess | None,
+                 max_waiting: int | None, name: str, ready_timeout: float, tokenizer) -> None:
+        """Bind this front end's channels and wait for the engine's `Ready` (``process``: the core's
+        `multiprocessing.Process`, or a `_ProcessWatch` of it)."""
         import msgspec
         import zmq
 
@@ -87,6 +121,9 @@ class EngineProcessClient(EngineClient):
         self._zmq = zmq
         self._tokenizer = tokenizer
         self._name = name
+        self._front_end = front_end
+        self._process = process
+        self._owned = owned
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards the command socket, _callbacks, _waiting, _accepting
         self._callbacks: dict[str, Callback] = {}
@@ -97,8 +134,6 @@ class EngineProcessClient(EngineClient):
         self.error: str | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(wire.CoreMessage)
-        self._dir = tempfile.mkdtemp(prefix="hf-paged-core-")
-        addresses = CoreAddresses(commands=f"ipc://{self._dir}/commands", outputs=f"ipc://{self._dir}/outputs")
         self._ctx = zmq.Context(1)
         self._commands = self._ctx.socket(zmq.PUSH)
         self._outputs = self._ctx.socket(zmq.PULL)
@@ -106,20 +141,11 @@ class EngineProcessClient(EngineClient):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
-        self._commands.bind(addresses.commands)
-        self._outputs.bind(addresses.outputs)
-        if log_level is None:
-            log_level = logging.getLogger().getEffectiveLevel()
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(engine_factory, addresses, log_level), name=f"{name}-core", daemon=daemon,
-        )
-        self._process.start()
-        if not daemon:  # multiprocessing would join it at exit, and it lives while this process does
-            atexit.register(self._kill_process)
         try:
+            self._commands.bind(addresses.commands)
+            self._outputs.bind(addresses.outputs)
             ready = self._wait_ready(ready_timeout)
         except BaseException:
-            self._kill_process()
             self._close_sockets()
             raise
         self.info = ready
@@ -170,7 +196,7 @@ class EngineProcessClient(EngineClient):
                 self._waiting.add(request_id)
                 if bad is None:
                     self._send(self._wire.AddRequest(request_id, prompt, wire_params, stream_text,
-                                                     detokenize=decode is None))
+                                                     detokenize=decode is None, front_end=self._front_end))
         if duplicate:
             _call(callback, error_update(request_id, f"request_id {request_id!r} is already in use"))
         elif bad is not None:  # pragma: no cover
@@ -202,7 +228,7 @@ class EngineProcessClient(EngineClient):
             self._accepting = False
             if self._process.is_alive() and not self._closing.is_set():
                 try:
-                    self._send(self._wire.Shutdown(float(max(0.0, drain_timeout))))
+                    self._send(self._wire.Shutdown(float(max(0.0, drain_timeout)), self._front_end))
                 except EngineDeadError:
                     pass
 
@@ -213,16 +239,20 @@ class EngineProcessClient(EngineClient):
             return
         self.request_shutdown(drain_timeout)
         deadline = time.monotonic() + max(0.0, drain_timeout) + join_timeout
-        self._process.join(max(0.0, deadline - time.monotonic()))
-        if self._process.is_alive():
-            logger.warning("engine process %s did not stop within %.1f s: killing it", self.pid, join_timeout)
-            self._kill_process()
-        self._thread.join(max(1.0, deadline - time.monotonic()))
+        if self._owned is not None:
+            self._process.join(max(0.0, deadline - time.monotonic()))
+            if self._process.is_alive():
+                logger.warning("engine process %s did not stop within %.1f s: killing it", self.pid, join_timeout)
+                self._owned.kill()
+        self._thread.join(max(1.0, deadline - time.monotonic()))  # an attached front end: until `Stopped`
         self._closing.set()
         self._thread.join(5.0)
         self._fail_all(SHUTTING_DOWN if self.error is None else self.error)
         self._close_sockets()
-        atexit.unregister(self._kill_process)
+        if self._owned is not None:
+            self._owned.close()
+        else:
+            os.close(self._process.sentinel)
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -267,7 +297,8 @@ class EngineProcessClient(EngineClient):
                 )
 
     def _death_message(self) -> str:
-        return f"the engine process died (exit code {self._process.exitcode})"
+        code = self._process.exitcode  # None: not this process's child
+        return "the engine process died" + ("" if code is None else f" (exit code {code})")
 
     def _receive(self) -> None:
         """The receiver thread: deliver step batches; on Dead, Stopped or the process' death, end requests."""
@@ -339,16 +370,71 @@ class EngineProcessClient(EngineClient):
         if pending:
             self._deliver([error_update(rid, message) for rid in pending])
 
-    def _kill_process(self) -> None:
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join(5.0)
-
     def _close_sockets(self) -> None:
         self._commands.close(linger=0)
         self._outputs.close(linger=0)
         self._ctx.term()
+
+
+class EngineCoreProcess:
+    """`run_engine_core` in a spawned process, for ``num_front_ends`` front ends.
+
+    ``front_ends[i]`` are front end i's channels (an `EngineProcessClient` binds them: the one that
+    started the core, or `EngineProcessClient.attach` in another process); ``process`` is the
+    `multiprocessing.Process`. ``daemon=False`` for an engine that starts processes of its own
+    (tensor-parallel ranks), which a daemonic process may not: the process is then killed at this
+    interpreter's exit unless `close` ran.
+
+    Example:
+        >>> core = EngineCoreProcess(engine_factory("path/to/model"), 2)  # doctest: +SKIP
+    """
+
+    def __init__(self, engine_factory: Callable, num_front_ends: int = 1, *, name: str = "hf-paged-engine",
+                 log_level: int | None = None, daemon: bool = True) -> None:
+        self._dir = tempfile.mkdtemp(prefix="hf-paged-core-")
+        self.front_ends = tuple(
+            CoreAddresses(commands=f"ipc://{self._dir}/commands-{i}", outputs=f"ipc://{self._dir}/outputs-{i}")
+            for i in range(num_front_ends)
+        )
+        if log_level is None:
+            log_level = logging.getLogger().getEffectiveLevel()
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(engine_factory, self.front_ends, log_level), name=f"{name}-core",
+            daemon=daemon,
+        )
+        self.process.start()
+        self.pid = self.process.pid
+        if not daemon:  # multiprocessing would join it at exit, and it lives while this process does
+            atexit.register(self.kill)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5.0)
+
+    def close(self) -> None:
+        """Kill the process if it still runs; remove the channels' directory."""
+        self.kill()
+        atexit.unregister(self.kill)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _ProcessWatch:
+    """The parts of `multiprocessing.Process` a client uses, for a process it did not start (a pidfd)."""
+
+    exitcode = None  # only the parent learns it
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self.sentinel = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise EngineStartError(f"the engine process {pid} is gone") from None
+
+    def is_alive(self) -> bool:
+        return not select.select([self.sentinel], [], [], 0)[0]
+
+    def join(self, timeout: float | None = None) -> None:
+        select.select([self.sentinel], [], [], timeout)
 
 
 def _decoded(callback: Callback, decode: ClientDetokenizer) -> Callback:

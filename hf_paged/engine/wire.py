@@ -5,8 +5,12 @@ Two one-way pyzmq channels carry msgpack (msgspec) messages, every one a tagged 
 
 * front end → core (`Command`): `AddRequest`, `AbortRequest`, `Shutdown`.
 * core → front end (`CoreMessage`): `Ready` once the engine is built (its static facts), then one
-  `StepBatch` per engine step with every update of the step (plus an `EngineState` now and then,
-  for the metrics), `Dead` when the engine failed (or could not be built), `Stopped` after a shutdown.
+  `StepBatch` per engine step with every update of the step for that front end's requests (plus an
+  `EngineState` now and then, for the metrics), `Dead` when the engine failed (or could not be
+  built), `Stopped` after its shutdown.
+
+A core may serve several front ends (``hf-paged serve --api-server-count N``): each has its own
+pair of channels, and commands name the front end they come from (``front_end``, its index).
 
 Updates travel as `WireUpdate` (array-like: no field names per token); a finished request's
 `GenerationOutput` travels as itself (msgspec encodes and rebuilds the dataclass).
@@ -32,6 +36,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     params: dict | None  # SamplingParams fields
     stream_text: bool | None
     detokenize: bool = True  # False: the client decodes the token ids (`ClientDetokenizer`)
+    front_end: int = 0  # which front end's output channel gets the request's updates
 
 
 class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
@@ -39,7 +44,11 @@ class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    """One front end leaves: its requests may run ``drain_timeout`` s more, then are aborted; it gets
+    `Stopped` once all of them were reported. The core exits when every front end has left."""
+
     drain_timeout: float
+    front_end: int = 0
 
 
 Command = AddRequest | AbortRequest | Shutdown

@@ -11,10 +11,9 @@ import socket
 import sys
 from collections.abc import Sequence
 
-import uvicorn
 
-from ..engine.gc_pauses import quiet_gc
 from ..loader import load_model, resolve_device
+from .api_servers import run_app
 
 __all__ = ["build_parser", "main"]
 
@@ -64,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine loop in a process of its own (its own GIL, fed over ZMQ IPC) rather "
                             "than in a thread of the server process (default: on for CUDA devices, off on CPU)")
+    serve.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+                       help="N front-end processes (HTTP, chat templates, detokenization, SSE) sharing the port "
+                            "and one engine process (implies --engine-process; Linux); one front end saturates "
+                            "a core at ~18k streamed tokens/s")
     serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
                        help="shard MODEL over N local GPUs (N CPU processes over gloo without CUDA) with "
                             "Transformers' tp_plan; rank 0's engine runs in a thread of this process, or with "
@@ -112,6 +115,11 @@ def _serve(args: argparse.Namespace) -> int:
             parser.error("--engine-process is not supported with --data-parallel-size (its engines run in Ray "
                          "actors of their own already)")
         args.engine_process = False
+    if args.api_server_count > 1:
+        if args.data_parallel_size > 1 or args.engine_process is False:
+            parser.error("--api-server-count > 1 needs the engine in a process of its own (not --no-engine-process "
+                         "or --data-parallel-size)")
+        args.engine_process = True
     if args.engine_process is None:
         # Measured on an H100: more requests/s and a steadier ITL in a process of its own (one GPU; under
         # tensor parallelism not measured yet, so rank 0's engine stays in a thread unless asked).
@@ -179,6 +187,15 @@ def _serve(args: argparse.Namespace) -> int:
                 tokenizer = load_tokenizer(True, model_path)
             except (OSError, ValueError, ImportError) as e:
                 parser.error(f"{load_error}: {_first_line(e)}")
+        where = " (engine process {pid})"
+        if tp > 1:
+            where = f" (engine process {{pid}}: rank 0 of tensor parallel over {tp} ranks; KV heads split)"
+        if args.api_server_count > 1:
+            from .api_servers import run_api_servers
+
+            where = where[:-1] + f"; {args.api_server_count} API server processes)"
+            describe = functools.partial(_log_engine_process, source, where, bool(args.api_key))
+            return run_api_servers(args, factory, tokenizer, config, daemon=tp == 1, describe=describe)
         try:
             engine = EngineProcessClient(factory, max_waiting=args.max_waiting, tokenizer=tokenizer, daemon=tp == 1)
         except EngineStartError as e:
@@ -186,9 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
         info = engine.info
         model_class, param_dtype, param_device = info.model_class, info.dtype, info.device
         num_blocks, block_size, pool_bytes = info.num_blocks, info.block_size, info.kv_pool_bytes
-        where = f" (engine process {info.pid})"
-        if tp > 1:
-            where = f" (engine process {info.pid}: rank 0 of tensor parallel over {tp} ranks; KV heads split)"
+        where = where.format(pid=info.pid)
     elif args.tensor_parallel_size > 1:
         from ..distributed import start_tensor_parallel_engine
 
@@ -231,26 +246,33 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         engine.close() if isinstance(engine, Engine) else engine.shutdown()
         parser.error(str(e))
+    _log_serving(source, where, bool(args.api_key), config, model_class, param_dtype, param_device, num_blocks,
+                 block_size, pool_bytes)
+    try:
+        run_app(app, args)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
+        pass
+    return 0
+
+
+def _log_serving(source: str, where: str, api_key: bool, config, model_class, dtype, device, num_blocks: int,
+                 block_size: int, pool_bytes: int) -> None:
     pool_tokens = num_blocks * block_size
-    logger.info("model %s (%s) as %r: dtype %s on %s%s", source, model_class, name, param_dtype, param_device, where)
+    logger.info("model %s (%s) as %r: dtype %s on %s%s", source, model_class, config.model_name, dtype, device, where)
     logger.info(
         "KV pool: %d blocks of %d tokens (%.1f MiB) = %d tokens, room for %d sequences of max_model_len %d",
         num_blocks, block_size, pool_bytes / 2**20, pool_tokens, pool_tokens // config.max_model_len,
         config.max_model_len,
     )
-    if args.api_key:
+    if api_key:
         logger.info("API key required on /v1")
-    server = _DrainingServer(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                       timeout_graceful_shutdown=args.shutdown_timeout + 5),
-        on_exit=lambda: app.state.engine_client.request_shutdown(args.shutdown_timeout),
-    )
-    try:
-        with quiet_gc():  # the front end's per-event objects, as the engine loop's (hf_paged.engine.gc_pauses)
-            server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
-        pass
-    return 0
+
+
+def _log_engine_process(source: str, where: str, api_key: bool, client, config) -> None:
+    """`_log_serving` for an engine process's client (``where`` has a ``{pid}`` field); picklable for a front end."""
+    info = client.info
+    _log_serving(source, where.format(pid=info.pid), api_key, config, info.model_class, info.dtype, info.device,
+                 info.num_blocks, info.block_size, info.kv_pool_bytes)
 
 
 def _start_scaled_out(parser, flag: str, size: int, model_path: str | None, load_error: str, demo_reason: str,
@@ -285,23 +307,6 @@ def _demo_engine(dtype: str, device: str | None, engine_kwargs: dict):
 
     model, tokenizer = _demo_model(dtype, device)
     return Engine(model, tokenizer=tokenizer, **engine_kwargs)
-
-
-class _DrainingServer(uvicorn.Server):
-    """A uvicorn server that, on SIGINT/SIGTERM, also tells the engine client to wind down.
-
-    Uvicorn waits for open connections before the lifespan shutdown runs; without this, a long
-    stream would hold it until its graceful timeout and then be cancelled mid-response. Finishing
-    or aborting the requests (``--shutdown-timeout``) ends their streams normally instead.
-    """
-
-    def __init__(self, config: uvicorn.Config, on_exit) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
-
-    def handle_exit(self, sig, frame) -> None:
-        self._on_exit()
-        super().handle_exit(sig, frame)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -1,10 +1,22 @@
-"""Prometheus metrics of the server, in a registry of their own (several servers may share a process)."""
+"""Prometheus metrics of the server.
+
+By default each `ServerMetrics` keeps a registry of its own (several servers may share a process).
+
+Multiprocess mode (several front-end processes over one engine, each with one `ServerMetrics`):
+on when ``PROMETHEUS_MULTIPROC_DIR`` names an existing, initially empty directory at the moment
+prometheus_client is first imported in the process; in practice, set it in the environment before
+the process starts (or at least before it imports this module): setting it later leaves that
+process single-process. Every front end then writes its values to files in that directory,
+`ServerMetrics.render` reports the totals over all of them, and whoever spawned the front ends
+calls `mark_front_end_dead` when one exits and removes the directory after the last one.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Literal, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,13 +25,20 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    values,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from ..engine import Engine, RequestUpdate
 
-__all__ = ["CONTENT_TYPE_LATEST", "EngineStateLike", "MetricsSink", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "EngineStateLike", "MetricsSink", "ServerMetrics", "mark_front_end_dead"]
 
+# prometheus_client picks where values live (memory, or per-process files in PROMETHEUS_MULTIPROC_DIR)
+# once, when first imported: follow that choice, so that render() reads where values are written.
+_MULTIPROCESS: bool = values.ValueClass is not values.MutexValue
 _PREFIX = "hf_paged_"
+_PREEMPTIONS = _PREFIX + "num_preemptions"
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
 )
@@ -28,8 +47,33 @@ _ITL_BUCKETS = (
 )
 
 
+class _FrontEndTotals(MultiProcessCollector):
+    """The metrics of every front end merged; preemptions (a gauge in the files) shown as the counter they are."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            if metric.name == _PREEMPTIONS:
+                metric.type = "counter"
+                metric.samples = [s._replace(name=s.name + "_total") for s in metric.samples]
+            yield metric
+
+
+def mark_front_end_dead(pid: int) -> None:
+    """Forget the live gauges (requests running and waiting) of front end ``pid``, which has exited.
+
+    Its counters and histograms stay in the totals. Reads ``PROMETHEUS_MULTIPROC_DIR`` when called
+    (the caller may have imported this module before setting it); a no-op without it.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        mark_process_dead(pid)
+
+
 class ServerMetrics:
     """Gauges, counters and histograms a `MetricsSink` updates and ``GET /metrics`` renders.
+
+    In multiprocess mode (see the module) the gauges say how front ends combine: queue sizes add up
+    over live front ends, the engine's KV and prefix-cache figures (every front end gets the same
+    ones) are the most recently set.
 
     Args:
         model_name: value of the ``model_name`` label on every metric.
@@ -40,8 +84,11 @@ class ServerMetrics:
         labels = ["model_name"]
         r = self.registry
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(_PREFIX + name, doc, labels, registry=r).labels(model_name)
+        # How front ends combine in multiprocess mode. The engine's figures reach each front end at
+        # its own times, so the latest is the truth ("mostrecent"; "max" would keep stale peaks),
+        # and a dead front end's last one stays valid until a newer one comes (not "live").
+        def gauge(name: str, doc: str, mode: Literal["livesum", "mostrecent", "max"] = "mostrecent") -> Gauge:
+            return Gauge(_PREFIX + name, doc, labels, registry=r, multiprocess_mode=mode).labels(model_name)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(_PREFIX + name, doc, labels, registry=r).labels(model_name)
@@ -49,14 +96,23 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets) -> Histogram:
             return Histogram(_PREFIX + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
 
-        self.requests_running = gauge("num_requests_running", "Requests that have produced tokens and not finished.")
-        self.requests_waiting = gauge("num_requests_waiting", "Requests accepted and waiting for their first token.")
+        self.requests_running = gauge(
+            "num_requests_running", "Requests that have produced tokens and not finished.", "livesum")
+        self.requests_waiting = gauge(
+            "num_requests_waiting", "Requests accepted and waiting for their first token.", "livesum")
         self.kv_blocks_total = gauge("kv_blocks_total", "KV blocks in the pool.")
         self.kv_blocks_used = gauge("kv_blocks_used", "KV blocks owned by sequences.")
         self.kv_blocks_free = gauge("kv_blocks_free", "KV blocks free (unowned prefix-cache blocks included).")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0 to 1).")
         self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache.")
-        self.preemptions = counter("num_preemptions", "Sequences preempted for lack of KV blocks.")
+        preemptions_doc = "Sequences preempted for lack of KV blocks."
+        # Each front end's count follows the one engine's cumulative count, so a sum over front ends
+        # would count every preemption once per front end: in the files it is a gauge merged by
+        # "max" (each copy only grows, a dead front end's stays), rendered as a counter.
+        self.preemptions: Counter | Gauge = (
+            gauge("num_preemptions", preemptions_doc, "max") if _MULTIPROCESS
+            else counter("num_preemptions", preemptions_doc)
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self._finished = Counter(
@@ -73,7 +129,11 @@ class ServerMetrics:
         self._finished.labels(self._model_name, reason).inc()
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric (in multiprocess mode: of every front end)."""
+        if _MULTIPROCESS:
+            registry = CollectorRegistry()
+            _FrontEndTotals(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)
 
 

@@ -1,0 +1,190 @@
+"""Running the app: one uvicorn server (`run_app`), or N front-end processes over one engine process
+(`run_api_servers`, ``hf-paged serve --api-server-count N``).
+
+One front-end process saturates one core on HTTP, SSE formatting and detokenization well before
+the engine does (an H100 streams ~17.6k tokens/s through one, against ~42k offline on the same
+chats). With N front ends the supervisor (the ``hf-paged serve`` process) binds the listening
+socket once, starts an `EngineCoreProcess` with a channel pair per front end, and spawns N
+processes that each serve the app on the shared socket (the kernel spreads connections over
+them) with an `EngineProcessClient.attach`-ed client. The supervisor forwards SIGINT/SIGTERM
+(each front end drains its requests, `--shutdown-timeout`, then leaves the engine, which exits
+once all have left) and stops everything, exiting non-zero, when the engine process or a front end
+dies. ``/metrics`` sums the front ends' counters through Prometheus' multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+
+import uvicorn
+
+from ..engine.gc_pauses import quiet_gc
+
+__all__ = ["run_api_servers", "run_app"]
+
+logger = logging.getLogger("hf_paged.server")
+
+_PARENT_CHECK_S = 1.0  # a front end looks this often whether the supervisor still lives
+_STOP_GRACE_S = 30.0  # beyond --shutdown-timeout, what a front end or the engine may take to stop
+
+
+def run_app(app, args: argparse.Namespace, sockets=None, *, watch_parent: int | None = None) -> None:
+    """Serve ``app`` with uvicorn on ``args.host:args.port`` (or the bound ``sockets``) until a signal.
+
+    On SIGINT/SIGTERM the engine client is told to wind down first (``--shutdown-timeout``), so
+    streams end with their requests rather than being cut when uvicorn's graceful timeout runs out.
+    ``watch_parent``: stop as on SIGTERM when the process of that pid is no longer this one's parent.
+    """
+    server = _DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                       timeout_graceful_shutdown=args.shutdown_timeout + 5),
+        on_exit=lambda: app.state.engine_client.request_shutdown(args.shutdown_timeout),
+    )
+    if watch_parent is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(server, watch_parent), daemon=True).start()
+    with quiet_gc():  # the front end's per-event objects, as the engine loop's (hf_paged.engine.gc_pauses)
+        server.run(sockets=sockets)
+
+
+class _DrainingServer(uvicorn.Server):
+    """A uvicorn server that, on SIGINT/SIGTERM, also tells the engine client to wind down.
+
+    Uvicorn waits for open connections before the lifespan shutdown runs; without this, a long
+    stream would hold it until its graceful timeout and then be cancelled mid-response. Finishing
+    or aborting the requests (``--shutdown-timeout``) ends their streams normally instead.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def _exit_when_orphaned(server: _DrainingServer, parent: int) -> None:
+    stop = threading.Event()
+    while not stop.wait(_PARENT_CHECK_S):
+        if os.getppid() != parent:
+            logger.warning("the supervisor process is gone: stopping this front end")
+            server.handle_exit(signal.SIGTERM, None)
+            return
+
+
+def run_api_servers(args: argparse.Namespace, engine_factory: Callable, tokenizer, config, *,
+                    daemon: bool, describe: Callable[..., None]) -> int:
+    """Supervise ``args.api_server_count`` front ends over one engine process; the exit status.
+
+    ``engine_factory`` builds the engine in its process (as for ``--engine-process``); ``tokenizer``
+    and ``config`` (a `ServerConfig`) are pickled to each front end; ``describe(client, config)`` logs what
+    is served (front end 0 calls it once its engine is ready); ``daemon``: as `EngineCoreProcess`'s.
+    """
+    from ..engine.process_client import EngineCoreProcess
+    from .metrics import mark_front_end_dead
+
+    count = args.api_server_count
+    sock = uvicorn.Config(None, host=args.host, port=args.port).bind_socket()
+    metrics_dir = tempfile.mkdtemp(prefix="hf-paged-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client when a front end imports it
+    stop = threading.Event()
+
+    def on_signal(sig, frame) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    core = EngineCoreProcess(engine_factory, count, log_level=logging.getLogger().getEffectiveLevel(),
+                             daemon=daemon)
+    spawn = multiprocessing.get_context("spawn")
+    front_ends = [
+        spawn.Process(target=_front_end_main, name=f"hf-paged-api-server-{i}", daemon=False,
+                      args=(args, i, core.front_ends[i], core.pid, tokenizer, config, sock, os.getpid(),
+                            describe if i == 0 else None))
+        for i in range(count)
+    ]
+    for process in front_ends:
+        process.start()
+    logger.info("%d API server processes over engine process %d", count, core.pid)
+    status = 0
+    try:
+        waiting = {core.process.sentinel: None, **{p.sentinel: p for p in front_ends}}
+        while not stop.is_set():
+            ended = multiprocessing.connection.wait(list(waiting), timeout=0.5)
+            if not ended:
+                continue
+            process = waiting[ended[0]]
+            if process is None:
+                core.process.join(1.0)
+                logger.error("the engine process died (exit code %s): stopping the server", core.process.exitcode)
+            else:
+                process.join(1.0)
+                logger.error("%s exited (exit code %s): stopping the server", process.name, process.exitcode)
+            status = process.exitcode if process is not None and process.exitcode not in (0, None) else 1
+            break
+        for process in front_ends:  # each drains its streams, then leaves the engine
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+        for process in front_ends:
+            process.join(args.shutdown_timeout + _STOP_GRACE_S)
+            if process.is_alive():
+                logger.warning("%s did not stop: killing it", process.name)
+                process.kill()
+                process.join(5.0)
+            mark_front_end_dead(process.pid)
+        core.process.join(_STOP_GRACE_S if status == 0 else 1.0)  # it exits once every front end has left
+        if core.process.is_alive():
+            if status == 0:
+                logger.warning("the engine process did not stop: killing it")
+            core.kill()
+    finally:
+        core.close()
+        for process in front_ends:
+            if process.is_alive():
+                process.kill()
+        sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status == 0:
+        logger.info("engine stopped")
+    return status
+
+
+def _front_end_main(args: argparse.Namespace, index: int, addresses, core_pid: int, tokenizer, config, sock,
+                    supervisor: int, describe: Callable[..., None] | None) -> None:
+    """A front-end process: attach to the engine, build the app, serve it on the shared socket."""
+    import sys
+
+    from ..engine.process_client import EngineProcessClient, EngineStartError
+    from .app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s [api {index}]: %(message)s")
+    # The supervisor forwards signals; uvicorn handles them while it runs and re-raises them after
+    # (ignored here: a drained front end exits 0).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        client = EngineProcessClient.attach(addresses, core_pid, index, max_waiting=args.max_waiting,
+                                            tokenizer=tokenizer)
+    except EngineStartError as e:
+        logger.error("%s", e)
+        sys.exit(2)
+    try:
+        app = build_app(client, tokenizer, config)  # resolves config.max_model_len
+    except ValueError as e:
+        logger.error("%s", e)
+        client.shutdown()
+        sys.exit(2)
+    if describe is not None:
+        describe(client, config)
+    run_app(app, args, sockets=[sock], watch_parent=supervisor)

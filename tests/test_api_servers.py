@@ -1,0 +1,121 @@
+"""``hf-paged serve --api-server-count N``: N front-end processes over one engine process."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("zmq")
+import httpx
+from server_harness import metrics, save_tiny_demo, serve_process, streamed_completion
+
+from hf_paged import SamplingParams, generate_batch
+from hf_paged.loader import load_model
+from hf_paged.server.cli import main
+
+ARGS = ("--api-server-count", "2", "--num-blocks", "64", "--dtype", "float32", "--shutdown-timeout", "0")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    return str(save_tiny_demo(tmp_path_factory.mktemp("saved") / "tiny-saved"))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [p for p in pids if os.path.exists(f"/proc/{p}") and "(Z)" not in _stat(p)]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _stat(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            status = f.read().split(") ", 1)[1][0]
+        return f"({status})"
+    except (FileNotFoundError, IndexError):
+        return "(Z)"
+
+
+def test_two_front_ends_serve_one_engine_and_stop_cleanly(saved_model):
+    """Concurrent streams through both front ends give one process's tokens; /metrics sums the front ends
+    and reads the engine's pool; SIGINT drains everything and exits 0 with no process left."""
+    model, tok = load_model(saved_model, dtype="float32", device="cpu")
+    prompts = [f"hello w{i}" for i in range(12)]
+    want = [o.text for o in generate_batch(model, prompts, SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                          ignore_eos=True),
+                                           tokenizer=tok, progress=False)]
+    with serve_process(saved_model, *ARGS, timeout=180) as (proc, base):
+        children = _children(proc.pid)
+        assert len(children) >= 3  # the engine process, two front ends (and multiprocessing's resource tracker)
+
+        def one(prompt: str) -> str:
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            return streamed_completion(base, body)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(one, prompts))
+        assert got == want
+        m = metrics(base)
+        assert m["hf_paged_generation_tokens_total"] == 6 * len(prompts)
+        assert m["hf_paged_request_success_total"] == len(prompts)
+        assert m["hf_paged_kv_blocks_used"] == 0 and m["hf_paged_kv_blocks_total"] == 64
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "(engine process " in out and "2 API server processes" in out and "Traceback" not in out
+    assert out.count("KV pool: 64 blocks of 16 tokens") == 1
+    assert _gone(children, 10)
+
+
+def test_engine_death_fails_streams_and_exits_non_zero(saved_model):
+    with serve_process(saved_model, *ARGS, timeout=180) as (proc, base):
+        children = _children(proc.pid)
+        head = ""
+        while "over engine process " not in head:
+            head += proc.stdout.readline()
+        engine_pid = int(head.split("over engine process ")[1].split()[0])
+        assert engine_pid in children
+        body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and not events:
+                    os.kill(engine_pid, signal.SIGKILL)
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert "error" in last and "engine process died" in last["error"]["message"], last
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out
+    assert "the engine process died (exit code -9): stopping the server" in out
+    assert _gone(children, 10)
+
+
+def test_killed_supervisor_leaves_no_process(saved_model):
+    with serve_process(saved_model, *ARGS, timeout=180) as (proc, base):
+        children = _children(proc.pid)
+        proc.kill()
+        proc.communicate(timeout=10)
+    assert _gone(children, 15), [(p, _stat(p)) for p in children]
+
+
+def test_api_server_count_needs_the_engine_process(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--demo", "--api-server-count", "2", "--no-engine-process"])
+    assert e.value.code == 2
+    assert "--api-server-count > 1 needs the engine in a process of its own" in capsys.readouterr().err
