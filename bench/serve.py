@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="after the run, the same chats through hf_paged's offline Engine in this process (greedy, "
                         "--max-tokens): records its output tok/s and the server's share of it. Takes the GPU's free "
                         "memory: use it with --launch (the server is stopped first) or a server on another GPU")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="pid of the server under --base-url: its processes' CPU time is recorded (as with --launch)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     slos = parse_goodput(args.goodput)
@@ -380,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
             headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             model = httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         prompts = make_prompts(args.num_prompts, args.seed)
-        tree = process_tree(proc.pid) if proc is not None else []
+        server_pid = proc.pid if proc is not None else args.server_pid
+        tree = process_tree(server_pid) if server_pid is not None else []
         cpu_before = {pid: process_cpu_s(pid) for pid in tree}
         results, duration = asyncio.run(run_benchmark(
             base_url, model, prompts, endpoint=args.endpoint, request_rate=args.request_rate,
@@ -406,11 +409,11 @@ def main(argv: list[str] | None = None) -> dict:
            **report(results, duration, slos), "versions": versions()}
     used = {pid: cpu_after[pid] - cpu_before[pid] for pid in tree
             if cpu_before.get(pid) is not None and cpu_after.get(pid) is not None}
-    if proc is not None and proc.pid in used and res["total_output_tokens"]:
+    if server_pid in used and res["total_output_tokens"]:
         # The launched process only: with --engine-process its front end (the engine process is a child
         # and not counted); in a thread, front end and engine loop together. What a front end costs per token.
-        res["server_process_cpu_s"] = used[proc.pid]
-        res["server_process_cpu_ms_per_output_token"] = 1e3 * used[proc.pid] / res["total_output_tokens"]
+        res["server_process_cpu_s"] = used[server_pid]
+        res["server_process_cpu_ms_per_output_token"] = 1e3 * used[server_pid] / res["total_output_tokens"]
         # Every process of the server (front ends, engine process, TP ranks, and multiprocessing's
         # helpers): a busy fraction near 1.0 is a process that saturates its core.
         res["server_processes"] = [{"pid": pid, "cpu_s": round(cpu, 3), "busy": round(cpu / duration, 3)}

@@ -6,7 +6,8 @@
 #   bash bench/serve_compare.sh MODEL_DIR OUT_DIR [more bench/serve.py arguments]
 #
 # Writes OUT_DIR/serve-<server>.json (hf-paged with the engine in a thread, then in its own process, then
-# transformers) and each server's log.
+# with N front-end processes for each N in API_SERVERS (e.g. API_SERVERS="2 4"), then transformers) and each
+# server's log.
 set -uo pipefail
 model=$1; out=$2; shift 2
 extra=("$@")
@@ -25,8 +26,9 @@ bench() {  # label, server command...
   done
   local common=(--base-url "http://127.0.0.1:$port" --model "$model_name" --server-label "$label" --max-tokens 128)
   python bench/serve.py "${common[@]}" --num-prompts 64 --max-concurrency 64 --seed 1 --out "$out/warmup-$label.json" > /dev/null
-  python bench/serve.py "${common[@]}" --num-prompts 1000 --max-concurrency 256 --out "$out/serve-$label.json" "${extra[@]}" \
-    | tail -14
+  python bench/serve.py "${common[@]}" --num-prompts 1000 --max-concurrency 256 --out "$out/serve-$label.json" \
+    --server-pid $pid "${extra[@]}" \
+    | tail -16
   kill -TERM $pid; wait $pid
 }
 
@@ -36,6 +38,10 @@ model_name=$name
 want hf-paged && bench hf-paged python -m hf_paged serve "$model" --port $port --served-model-name "$name" --log-level warning
 want hf-paged-engine-process && bench hf-paged-engine-process python -m hf_paged serve "$model" --port $port --served-model-name "$name" \
   --log-level warning --engine-process
+for n in ${API_SERVERS:-}; do
+  bench "hf-paged-api-servers-$n" python -m hf_paged serve "$model" --port $port --served-model-name "$name" \
+    --log-level warning --api-server-count "$n"
+done
 model_name=$model
 mkdir -p "${HF_HUB_CACHE:-$HOME/.cache/huggingface/hub}"  # transformers serve lists that cache on /v1/models
 want transformers && bench transformers transformers serve --continuous-batching --port $port
