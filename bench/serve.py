@@ -181,8 +181,11 @@ async def run_benchmark(base_url: str, model: str, prompts: list[str], *, endpoi
                         request_rate: float = math.inf, max_concurrency: int | None = None,
                         max_tokens: int = 128, ignore_eos: bool = False, api_key: str | None = None,
                         timeout: float = 600.0, deadline: float = 3600.0, seed: int = 0,
-                        include_usage: bool = True) -> tuple[list[Result], float]:
-    """Send every prompt; returns (per-request results, benchmark duration in seconds)."""
+                        include_usage: bool = True, start_at: float | None = None) -> tuple[list[Result], float]:
+    """Send every prompt; returns (per-request results, benchmark duration in seconds).
+
+    ``start_at``: a `time.monotonic()` instant to begin at (several client processes start together).
+    """
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     url = base_url.rstrip("/") + path
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -207,24 +210,54 @@ async def run_benchmark(base_url: str, model: str, prompts: list[str], *, endpoi
             async with sem:
                 return await one_request(client, url, payload(prompt), timeout)
 
-        start = time.perf_counter()
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        start = time.monotonic()
         tasks = []
         for prompt, delay in zip(prompts, delays):
             if delay:
                 await asyncio.sleep(delay)
-            if time.perf_counter() - start > deadline:
+            if time.monotonic() - start > deadline:
                 break
             tasks.append(asyncio.create_task(limited(prompt)))
-        remaining = max(0.0, deadline - (time.perf_counter() - start))
+        remaining = max(0.0, deadline - (time.monotonic() - start))
         finished, pending = await asyncio.wait(tasks, timeout=remaining) if tasks else (set(), set())
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        duration = time.perf_counter() - start
+        duration = time.monotonic() - (start if start_at is None else min(start, start_at))
     late = Result(error=f"overall deadline {deadline:g}s passed")
     results = [t.result() if t in finished else late for t in tasks]
     results += [late] * (len(prompts) - len(tasks))
     return results, duration
+
+
+def _client_process(prompts: list[str], kwargs: dict) -> tuple[list[Result], float, float]:
+    """One of ``--num-clients`` processes: its share of the prompts; (results, duration, CPU seconds)."""
+    cpu = time.process_time()
+    results, duration = asyncio.run(run_benchmark(prompts=prompts, **kwargs))
+    return results, duration, time.process_time() - cpu
+
+
+def run_clients(num_clients: int, prompts: list[str], *, max_concurrency: int | None, request_rate: float,
+                seed: int, **kwargs) -> tuple[list[Result], float, list[float]]:
+    """`run_benchmark` over ``num_clients`` processes that start together, each sending every
+    ``num_clients``-th prompt at its share of the concurrency and rate (one Python client tops out near
+    ~25k streamed tokens/s). Returns (results in prompt order, duration, each process's CPU seconds)."""
+    import concurrent.futures
+    import multiprocessing
+
+    shards = [prompts[i::num_clients] for i in range(num_clients)]
+    start_at = time.monotonic() + 3.0  # after every process has started and imported
+    jobs = [dict(kwargs, max_concurrency=max_concurrency and math.ceil(max_concurrency / num_clients),
+                 request_rate=request_rate / num_clients, seed=seed + i, start_at=start_at)
+            for i in range(num_clients)]
+    with concurrent.futures.ProcessPoolExecutor(num_clients, mp_context=multiprocessing.get_context("spawn")) as ex:
+        outs = list(ex.map(_client_process, shards, jobs))
+    results: list[Result] = [None] * len(prompts)  # type: ignore[list-item]
+    for i, (shard_results, _, _) in enumerate(outs):
+        results[i::num_clients] = shard_results
+    return results, max(d for _, d, _ in outs), [c for _, _, c in outs]
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
@@ -291,7 +324,10 @@ def print_table(res: dict) -> None:
     if "server_process_cpu_ms_per_output_token" in res:
         rows.append(("Server process CPU ms/token", f"{res['server_process_cpu_ms_per_output_token']:.3f}"))
         rows.append(("Server processes busy (CPU/wall)",
-                     " ".join(f"{p['busy']:.2f}" for p in res["server_processes"] if p["busy"] >= 0.01)))
+                     " ".join(f"{p['busy']:.2f}{' (GPU)' if p['gpu'] else ''}"
+                              for p in res["server_processes"] if p["busy"] >= 0.01)))
+    if "client_busy" in res:
+        rows.append(("Benchmark client busy (CPU/wall)", " ".join(f"{b:.2f}" for b in res["client_busy"])))
     if "offline" in res:
         rows.append(("Offline engine (tok/s)", f"{res['offline']['output_throughput']:.2f} (server: "
                      f"{100 * res['output_throughput_over_offline']:.0f}%)"))
@@ -312,13 +348,25 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux /proc; only ``pid`` elsewhere)."""
+    """``pid`` and its descendants (Linux: parents read from /proc/*/stat; only ``pid`` elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
     pids, i = [pid], 0
     while i < len(pids):
-        with contextlib.suppress(OSError):
-            pids += [int(c) for c in Path(f"/proc/{pids[i]}/task/{pids[i]}/children").read_text().split()]
+        pids += children.get(pids[i], [])
         i += 1
     return pids
+
+
+def gpu_pids() -> set[int]:
+    """Processes holding a CUDA context (the engine process, TP ranks), from ``nvidia-smi``; empty without it."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return {int(line) for line in out.split() if line.strip().isdigit()}
+    return set()
 
 
 def free_port() -> int:
@@ -350,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (inf: all at once)")
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--num-clients", type=int, default=1,
+                   help="client processes sharing the prompts, concurrency and rate (one Python process saturates "
+                        "near ~25k streamed tokens/s: see client_busy in the results)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true (not every server accepts it)")
     p.add_argument("--no-usage", action="store_true", help="don't send stream_options.include_usage; count chunks")
@@ -385,12 +436,21 @@ def main(argv: list[str] | None = None) -> dict:
         server_pid = proc.pid if proc is not None else args.server_pid
         tree = process_tree(server_pid) if server_pid is not None else []
         cpu_before = {pid: process_cpu_s(pid) for pid in tree}
-        results, duration = asyncio.run(run_benchmark(
-            base_url, model, prompts, endpoint=args.endpoint, request_rate=args.request_rate,
-            max_concurrency=args.max_concurrency, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
-            api_key=args.api_key, timeout=args.timeout, deadline=args.deadline, seed=args.seed,
-            include_usage=not args.no_usage))
+        bench_kwargs = dict(base_url=base_url, model=model, endpoint=args.endpoint, max_tokens=args.max_tokens,
+                            ignore_eos=args.ignore_eos, api_key=args.api_key, timeout=args.timeout,
+                            deadline=args.deadline, include_usage=not args.no_usage)
+        if args.num_clients > 1:
+            results, duration, client_cpu = run_clients(
+                args.num_clients, prompts, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+                seed=args.seed, **bench_kwargs)
+        else:
+            cpu = time.process_time()
+            results, duration = asyncio.run(run_benchmark(
+                prompts=prompts, max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+                seed=args.seed, **bench_kwargs))
+            client_cpu = [time.process_time() - cpu]
         cpu_after = {pid: process_cpu_s(pid) for pid in tree}
+        on_gpu = gpu_pids()
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -416,8 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
         res["server_process_cpu_ms_per_output_token"] = 1e3 * used[server_pid] / res["total_output_tokens"]
         # Every process of the server (front ends, engine process, TP ranks, and multiprocessing's
         # helpers): a busy fraction near 1.0 is a process that saturates its core.
-        res["server_processes"] = [{"pid": pid, "cpu_s": round(cpu, 3), "busy": round(cpu / duration, 3)}
-                                   for pid, cpu in used.items()]
+        res["server_processes"] = [{"pid": pid, "gpu": pid in on_gpu, "cpu_s": round(cpu, 3),
+                                    "busy": round(cpu / duration, 3)} for pid, cpu in used.items()]
+    # This benchmark's own processes: near 1.0 they, not the server, may be what limits the run.
+    res["num_clients"] = args.num_clients
+    res["client_busy"] = [round(cpu / duration, 3) for cpu in client_cpu]
     if offline is not None:
         res["offline"] = offline
         res["output_throughput_over_offline"] = res["output_throughput"] / offline["output_throughput"]

@@ -28,7 +28,7 @@ bench() {  # label, server command...
   python bench/serve.py "${common[@]}" --num-prompts 64 --max-concurrency 64 --seed 1 --out "$out/warmup-$label.json" > /dev/null
   python bench/serve.py "${common[@]}" --num-prompts 1000 --max-concurrency 256 --out "$out/serve-$label.json" \
     --server-pid $pid "${extra[@]}" \
-    | tail -16
+    | tail -18
   kill -TERM $pid; wait $pid
 }
 
@@ -40,7 +40,7 @@ want hf-paged-engine-process && bench hf-paged-engine-process python -m hf_paged
   --log-level warning --engine-process
 for n in ${API_SERVERS:-}; do
   bench "hf-paged-api-servers-$n" python -m hf_paged serve "$model" --port $port --served-model-name "$name" \
-    --log-level warning --api-server-count "$n"
+    --log-level "${LOG_LEVEL:-warning}" --api-server-count "$n"
 done
 model_name=$model
 mkdir -p "${HF_HUB_CACHE:-$HOME/.cache/huggingface/hub}"  # transformers serve lists that cache on /v1/models

@@ -78,8 +78,10 @@ def run_engine_core(engine_factory: Callable, front_ends: Sequence[CoreAddresses
 
     if log_level is not None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
-    # Ctrl-C reaches the whole process group: the front end decides when this process stops.
+    # Ctrl-C (or a service manager's SIGTERM) reaches every process of the group: the front ends
+    # decide when this process stops (`Shutdown`), after draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
     ctx = zmq.Context(1)
     commands = ctx.socket(zmq.PULL)
@@ -229,6 +231,7 @@ def _serve(engine, commands, decoder, send, num_front_ends: int, stopped: set[in
                     deliver([], force_state=True)
                     send(wire.Stopped(), front_end)
                     stopped.add(front_end)
+                    logger.info("front end %d left (%d of %d)", front_end, len(stopped), num_front_ends)
                 elif now >= deadline:
                     for rid in theirs:  # reported by the next step, without a forward
                         engine.abort(rid)

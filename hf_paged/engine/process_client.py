@@ -249,10 +249,7 @@ class EngineProcessClient(EngineClient):
         self._thread.join(5.0)
         self._fail_all(SHUTTING_DOWN if self.error is None else self.error)
         self._close_sockets()
-        if self._owned is not None:
-            self._owned.close()
-        else:
-            os.close(self._process.sentinel)
+        (self._owned or self._process).close()
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -431,10 +428,17 @@ class _ProcessWatch:
             raise EngineStartError(f"the engine process {pid} is gone") from None
 
     def is_alive(self) -> bool:
-        return not select.select([self.sentinel], [], [], 0)[0]
+        return self.sentinel >= 0 and not select.select([self.sentinel], [], [], 0)[0]
 
     def join(self, timeout: float | None = None) -> None:
-        select.select([self.sentinel], [], [], timeout)
+        if self.sentinel >= 0:
+            select.select([self.sentinel], [], [], timeout)
+
+    def close(self) -> None:
+        """Release the pidfd; the process counts as gone from then on."""
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
 
 
 def _decoded(callback: Callback, decode: ClientDetokenizer) -> Callback:

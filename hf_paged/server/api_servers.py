@@ -2,14 +2,15 @@
 (`run_api_servers`, ``hf-paged serve --api-server-count N``).
 
 One front-end process saturates one core on HTTP, SSE formatting and detokenization well before
-the engine does (an H100 streams ~17.6k tokens/s through one, against ~42k offline on the same
-chats). With N front ends the supervisor (the ``hf-paged serve`` process) binds the listening
-socket once, starts an `EngineCoreProcess` with a channel pair per front end, and spawns N
-processes that each serve the app on the shared socket (the kernel spreads connections over
-them) with an `EngineProcessClient.attach`-ed client. The supervisor forwards SIGINT/SIGTERM
-(each front end drains its requests, `--shutdown-timeout`, then leaves the engine, which exits
-once all have left) and stops everything, exiting non-zero, when the engine process or a front end
-dies. ``/metrics`` sums the front ends' counters through Prometheus' multiprocess mode.
+the engine does (an H100 streamed ~17k tokens/s through one, against ~43k offline on the same
+chats). With N front ends the supervisor (the ``hf-paged serve`` process) starts an
+`EngineCoreProcess` with a channel pair per front end and spawns N processes, each with an
+`EngineProcessClient.attach`-ed client and the app; once all are built, each listens on the port
+through a socket of its own (SO_REUSEPORT: the kernel spreads connections evenly). The supervisor
+forwards SIGINT/SIGTERM (each front end drains its requests, ``--shutdown-timeout``, then leaves
+the engine, which exits once all have left) and stops everything, exiting non-zero, when the
+engine process or a front end dies. ``/metrics`` sums the front ends' counters through
+Prometheus' multiprocess mode (`hf_paged.server.metrics`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
@@ -37,12 +39,14 @@ _PARENT_CHECK_S = 1.0  # a front end looks this often whether the supervisor sti
 _STOP_GRACE_S = 30.0  # beyond --shutdown-timeout, what a front end or the engine may take to stop
 
 
-def run_app(app, args: argparse.Namespace, sockets=None, *, watch_parent: int | None = None) -> None:
+def run_app(app, args: argparse.Namespace, sockets=None, *, watch_parent: int | None = None,
+            stop: threading.Event | None = None) -> None:
     """Serve ``app`` with uvicorn on ``args.host:args.port`` (or the bound ``sockets``) until a signal.
 
     On SIGINT/SIGTERM the engine client is told to wind down first (``--shutdown-timeout``), so
     streams end with their requests rather than being cut when uvicorn's graceful timeout runs out.
-    ``watch_parent``: stop as on SIGTERM when the process of that pid is no longer this one's parent.
+    ``watch_parent``: stop as on SIGTERM when the process of that pid is no longer this one's parent
+    or when ``stop`` is set (a signal that came before uvicorn took over the handlers).
     """
     server = _DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -50,7 +54,8 @@ def run_app(app, args: argparse.Namespace, sockets=None, *, watch_parent: int | 
         on_exit=lambda: app.state.engine_client.request_shutdown(args.shutdown_timeout),
     )
     if watch_parent is not None:
-        threading.Thread(target=_exit_when_orphaned, args=(server, watch_parent), daemon=True).start()
+        threading.Thread(target=_stop_when_told, args=(server, watch_parent, stop or threading.Event()),
+                         daemon=True).start()
     with quiet_gc():  # the front end's per-event objects, as the engine loop's (hf_paged.engine.gc_pauses)
         server.run(sockets=sockets)
 
@@ -72,28 +77,29 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _exit_when_orphaned(server: _DrainingServer, parent: int) -> None:
-    stop = threading.Event()
+def _stop_when_told(server: _DrainingServer, parent: int, stop: threading.Event) -> None:
     while not stop.wait(_PARENT_CHECK_S):
         if os.getppid() != parent:
             logger.warning("the supervisor process is gone: stopping this front end")
-            server.handle_exit(signal.SIGTERM, None)
-            return
+            break
+    if not server.should_exit:  # else uvicorn is stopping (or has stopped) already
+        server.handle_exit(signal.SIGTERM, None)
 
 
-def run_api_servers(args: argparse.Namespace, engine_factory: Callable, tokenizer, config, *,
+def run_api_servers(args: argparse.Namespace, engine_factory: Callable, load_tokenizer: Callable, config, *,
                     daemon: bool, describe: Callable[..., None]) -> int:
     """Supervise ``args.api_server_count`` front ends over one engine process; the exit status.
 
-    ``engine_factory`` builds the engine in its process (as for ``--engine-process``); ``tokenizer``
-    and ``config`` (a `ServerConfig`) are pickled to each front end; ``describe(client, config)`` logs what
-    is served (front end 0 calls it once its engine is ready); ``daemon``: as `EngineCoreProcess`'s.
+    ``engine_factory`` builds the engine in its process (as for ``--engine-process``);
+    ``load_tokenizer()`` gives each front end its tokenizer (a loader, not a tokenizer: what is pickled
+    to a spawned process must stay small, or starting each one waits for the previous to import
+    Transformers); ``config`` is a `ServerConfig`; ``describe(client, config)`` logs what is served
+    (front end 0 calls it); ``daemon``: as `EngineCoreProcess`'s.
     """
     from ..engine.process_client import EngineCoreProcess
     from .metrics import mark_front_end_dead
 
     count = args.api_server_count
-    sock = uvicorn.Config(None, host=args.host, port=args.port).bind_socket()
     metrics_dir = tempfile.mkdtemp(prefix="hf-paged-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by prometheus_client when a front end imports it
     stop = threading.Event()
@@ -105,9 +111,10 @@ def run_api_servers(args: argparse.Namespace, engine_factory: Callable, tokenize
     core = EngineCoreProcess(engine_factory, count, log_level=logging.getLogger().getEffectiveLevel(),
                              daemon=daemon)
     spawn = multiprocessing.get_context("spawn")
+    ready = spawn.Barrier(count)  # every front end listens once all are built: none takes every early connection
     front_ends = [
         spawn.Process(target=_front_end_main, name=f"hf-paged-api-server-{i}", daemon=False,
-                      args=(args, i, core.front_ends[i], core.pid, tokenizer, config, sock, os.getpid(),
+                      args=(args, i, core.front_ends[i], core.pid, load_tokenizer, config, ready, os.getpid(),
                             describe if i == 0 else None))
         for i in range(count)
     ]
@@ -130,11 +137,13 @@ def run_api_servers(args: argparse.Namespace, engine_factory: Callable, tokenize
                 logger.error("%s exited (exit code %s): stopping the server", process.name, process.exitcode)
             status = process.exitcode if process is not None and process.exitcode not in (0, None) else 1
             break
+        ready.abort()  # front ends still starting stop at the barrier (and leave the engine)
         for process in front_ends:  # each drains its streams, then leaves the engine
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
         for process in front_ends:
             process.join(args.shutdown_timeout + _STOP_GRACE_S)
+            logger.debug("%s exited (exit code %s)", process.name, process.exitcode)
             if process.is_alive():
                 logger.warning("%s did not stop: killing it", process.name)
                 process.kill()
@@ -150,7 +159,6 @@ def run_api_servers(args: argparse.Namespace, engine_factory: Callable, tokenize
         for process in front_ends:
             if process.is_alive():
                 process.kill()
-        sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -159,9 +167,9 @@ def run_api_servers(args: argparse.Namespace, engine_factory: Callable, tokenize
     return status
 
 
-def _front_end_main(args: argparse.Namespace, index: int, addresses, core_pid: int, tokenizer, config, sock,
-                    supervisor: int, describe: Callable[..., None] | None) -> None:
-    """A front-end process: attach to the engine, build the app, serve it on the shared socket."""
+def _front_end_main(args: argparse.Namespace, index: int, addresses, core_pid: int, load_tokenizer: Callable,
+                    config, ready, supervisor: int, describe: Callable[..., None] | None) -> None:
+    """A front-end process: attach to the engine, build the app, wait for the others, serve on the port."""
     import sys
 
     from ..engine.process_client import EngineProcessClient, EngineStartError
@@ -169,13 +177,14 @@ def _front_end_main(args: argparse.Namespace, index: int, addresses, core_pid: i
 
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s [api {index}]: %(message)s")
-    # The supervisor forwards signals; uvicorn handles them while it runs and re-raises them after
-    # (ignored here: a drained front end exits 0).
+    # The supervisor forwards signals. One that comes before uvicorn handles them (or after, when
+    # uvicorn re-raises what it caught) only marks the front end as stopping.
+    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda sig, frame: stop.set())
     try:
         client = EngineProcessClient.attach(addresses, core_pid, index, max_waiting=args.max_waiting,
-                                            tokenizer=tokenizer)
+                                            tokenizer=(tokenizer := load_tokenizer()))
     except EngineStartError as e:
         logger.error("%s", e)
         sys.exit(2)
@@ -185,6 +194,29 @@ def _front_end_main(args: argparse.Namespace, index: int, addresses, core_pid: i
         logger.error("%s", e)
         client.shutdown()
         sys.exit(2)
+    try:
+        ready.wait()
+        sock = _reuse_port_socket(args.host, args.port)
+    except threading.BrokenBarrierError:  # the server stops before it started
+        client.shutdown()
+        return
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+        client.shutdown()
+        sys.exit(2)
     if describe is not None:
         describe(client, config)
-    run_app(app, args, sockets=[sock], watch_parent=supervisor)
+    run_app(app, args, sockets=[sock], watch_parent=supervisor, stop=stop)
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` with SO_REUSEPORT: each front end listens on its own, and the
+    kernel spreads new connections evenly over them (one shared socket lets whichever front end wakes
+    first accept a whole burst of connections, which then stay with it)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    return sock

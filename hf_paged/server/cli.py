@@ -195,7 +195,8 @@ def _serve(args: argparse.Namespace) -> int:
 
             where = where[:-1] + f"; {args.api_server_count} API server processes)"
             describe = functools.partial(_log_engine_process, source, where, bool(args.api_key))
-            return run_api_servers(args, factory, tokenizer, config, daemon=tp == 1, describe=describe)
+            load = build_demo_tokenizer if model_path is None else functools.partial(load_tokenizer, True, model_path)
+            return run_api_servers(args, factory, load, config, daemon=tp == 1, describe=describe)
         try:
             engine = EngineProcessClient(factory, max_waiting=args.max_waiting, tokenizer=tokenizer, daemon=tp == 1)
         except EngineStartError as e:
