@@ -78,6 +78,20 @@ def test_main_against_server(server, tmp_path, capsys):
     assert "TTFT ms mean/p50/p99" in capsys.readouterr().out
 
 
+def test_client_processes_share_the_prompts(server):
+    """--num-clients 2: both processes' requests come back in prompt order, with each process's CPU share;
+    --server-pid records the server's processes (here this one, which runs the test server)."""
+    import os
+
+    res = serve.main(["--base-url", server.base_url, "--num-prompts", "10", "--max-concurrency", "4",
+                      "--max-tokens", "4", "--ignore-eos", "--num-clients", "2", "--server-pid", str(os.getpid()),
+                      "--timeout", "20", "--deadline", "25", "--out", os.devnull])
+    assert res["completed"] == 10 and res["failed"] == 0 and res["total_output_tokens"] == 40, res["errors"]
+    assert res["num_clients"] == 2 and len(res["client_busy"]) == 2
+    assert 0 < res["duration_s"] < 20  # from the common start, not from when the processes were spawned
+    assert [p["pid"] for p in res["server_processes"]][0] == os.getpid()
+
+
 def test_chunk_counting_without_usage_and_poisson_arrivals(server):
     prompts = serve.make_prompts(10, seed=5)
     results, duration = asyncio.run(serve.run_benchmark(

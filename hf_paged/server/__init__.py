@@ -7,7 +7,8 @@ imports it. Layout:
 - `serving`: the completion/chat handlers (validation, prompts, responses, SSE).
 - `app`: the FastAPI application (routes, auth, body limit, errors, lifespan).
 - `logprobs`: token logprobs in OpenAI's shapes.
-- `metrics`: Prometheus metrics (a sink of the engine's client); `cli`: ``hf-paged serve``; `demo`: an offline
+- `metrics`: Prometheus metrics (a sink of the engine's client); `cli`: ``hf-paged serve``; `api_servers`:
+  running the app (one uvicorn server, or N front-end processes over one engine process); `demo`: an offline
   random model.
 """
 

@@ -63,10 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                        help="run the engine loop in a process of its own (its own GIL, fed over ZMQ IPC) rather "
                             "than in a thread of the server process (default: on for CUDA devices, off on CPU)")
-    serve.add_argument("--api-server-count", type=_positive_int, default=1, metavar="N",
+    serve.add_argument("--api-server-count", type=_positive_int, default=None, metavar="N",
                        help="N front-end processes (HTTP, chat templates, detokenization, SSE) sharing the port "
                             "and one engine process (implies --engine-process; Linux); one front end saturates "
-                            "a core at ~18k streamed tokens/s")
+                            "a core near 17k streamed tokens/s. Default: on one CUDA GPU with the engine in its "
+                            "own process, min(4, CPU cores / 4); else 1")
     serve.add_argument("--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
                        help="shard MODEL over N local GPUs (N CPU processes over gloo without CUDA) with "
                             "Transformers' tp_plan; rank 0's engine runs in a thread of this process, or with "
@@ -115,6 +116,11 @@ def _serve(args: argparse.Namespace) -> int:
             parser.error("--engine-process is not supported with --data-parallel-size (its engines run in Ray "
                          "actors of their own already)")
         args.engine_process = False
+    if args.api_server_count is None:
+        # Measured on an H100 (16 cores, SmolLM2): 1 front end 122 req/s, 4 front ends 343 req/s.
+        auto = (device.type == "cuda" and args.tensor_parallel_size == 1 and args.data_parallel_size == 1
+                and args.engine_process is not False and sys.platform == "linux")
+        args.api_server_count = max(1, min(4, (os.cpu_count() or 1) // 4)) if auto else 1
     if args.api_server_count > 1:
         if args.data_parallel_size > 1 or args.engine_process is False:
             parser.error("--api-server-count > 1 needs the engine in a process of its own (not --no-engine-process "
