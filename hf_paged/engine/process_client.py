@@ -104,8 +104,13 @@ class EngineProcessClient(EngineClient):
             >>> client = EngineProcessClient.attach(core.front_ends[1], core.pid, 1)  # doctest: +SKIP
         """
         self = cls.__new__(cls)
-        self._connect(addresses, front_end, _ProcessWatch(pid), owned=None, max_waiting=max_waiting,
-                      name=f"hf-paged-fe{front_end}", ready_timeout=ready_timeout, tokenizer=tokenizer)
+        watch = _ProcessWatch(pid)
+        try:
+            self._connect(addresses, front_end, watch, owned=None, max_waiting=max_waiting,
+                          name=f"hf-paged-fe{front_end}", ready_timeout=ready_timeout, tokenizer=tokenizer)
+        except BaseException:
+            watch.close()
+            raise
         return self
 
     def _connect(self, addresses: CoreAddresses, front_end: int, process, *, owned: EngineCoreProcess | None,

@@ -160,6 +160,7 @@ def run_api_servers(args: argparse.Namespace, engine_factory: Callable, load_tok
             if process.is_alive():
                 process.kill()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if status == 0:
