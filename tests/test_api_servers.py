@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import time
 
@@ -92,13 +93,17 @@ def test_two_front_ends_serve_one_engine_and_stop_cleanly(saved_model):
     assert _gone(children, 10)
 
 
-def test_engine_death_fails_streams_and_exits_non_zero(saved_model):
-    with serve_process(saved_model, *ARGS, timeout=180) as (proc, base):
+@pytest.mark.parametrize("front_ends", [2, 1])
+def test_engine_death_fails_streams_and_exits_non_zero(saved_model, front_ends):
+    """A dead engine process ends the streams in flight with its error and the server with status 1, with
+    several front ends (the supervisor stops them) or one (it stops itself)."""
+    args = (*ARGS[2:], "--engine-process", "--api-server-count", str(front_ends))
+    with serve_process(saved_model, *args, timeout=180) as (proc, base):
         children = _children(proc.pid)
         head = ""
-        while "over engine process " not in head:
+        while not (found := re.search(r"engine process (\d+)", head)):
             head += proc.stdout.readline()
-        engine_pid = int(head.split("over engine process ")[1].split()[0])
+        engine_pid = int(found.group(1))
         assert engine_pid in children
         body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
         events = []
@@ -113,7 +118,10 @@ def test_engine_death_fails_streams_and_exits_non_zero(saved_model):
         assert "error" in last and "engine process died" in last["error"]["message"], last
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
-    assert "the engine process died (exit code -9): stopping the server" in out
+    if front_ends > 1:
+        assert "the engine process died (exit code -9): stopping the server" in out
+    else:
+        assert "stopping the server: the engine process died (exit code -9)" in out
     assert _gone(children, 10)
 
 

@@ -209,7 +209,7 @@ def test_max_model_len_above_the_model_needs_the_override(saved_model, monkeypat
     import hf_paged.server.cli as cli
 
     seen = {}
-    monkeypatch.setattr(cli, "run_app", lambda app, args: seen.update(app=app))
+    monkeypatch.setattr(cli, "run_app", lambda app, args: seen.update(app=app) or 0)
     base = ["serve", str(saved_model), "--num-blocks", "64", "--dtype", "float32", "--port", str(free_port())]
     msg = _exit_message(base + ["--max-model-len", "300"], capsys)  # the tiny model has 256 positions
     assert "max_position_embeddings (256)" in msg and "--allow-long-max-model-len" in msg

@@ -35,29 +35,35 @@ __all__ = ["run_api_servers", "run_app"]
 
 logger = logging.getLogger("hf_paged.server")
 
-_PARENT_CHECK_S = 1.0  # a front end looks this often whether the supervisor still lives
+_WATCH_S = 0.5  # how often a server looks whether its engine failed (or its supervisor is gone)
 _STOP_GRACE_S = 30.0  # beyond --shutdown-timeout, what a front end or the engine may take to stop
 
 
 def run_app(app, args: argparse.Namespace, sockets=None, *, watch_parent: int | None = None,
-            stop: threading.Event | None = None) -> None:
-    """Serve ``app`` with uvicorn on ``args.host:args.port`` (or the bound ``sockets``) until a signal.
+            stop: threading.Event | None = None) -> int:
+    """Serve ``app`` with uvicorn on ``args.host:args.port`` (or the bound ``sockets``) until a signal
+    or the engine's failure; the exit status (1 when the engine failed).
 
     On SIGINT/SIGTERM the engine client is told to wind down first (``--shutdown-timeout``), so
     streams end with their requests rather than being cut when uvicorn's graceful timeout runs out.
-    ``watch_parent``: stop as on SIGTERM when the process of that pid is no longer this one's parent
-    or when ``stop`` is set (a signal that came before uvicorn took over the handlers).
+    The server also stops when ``stop`` is set (a signal that came before uvicorn took over the
+    handlers), when the process ``watch_parent`` is no longer this one's parent, or when the engine
+    client reports an error (a dead engine process: its requests already ended with it).
     """
+    client = app.state.engine_client
     server = _DrainingServer(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                        timeout_graceful_shutdown=args.shutdown_timeout + 5),
-        on_exit=lambda: app.state.engine_client.request_shutdown(args.shutdown_timeout),
+        on_exit=lambda: client.request_shutdown(args.shutdown_timeout),
     )
-    if watch_parent is not None:
-        threading.Thread(target=_stop_when_told, args=(server, watch_parent, stop or threading.Event()),
-                         daemon=True).start()
-    with quiet_gc():  # the front end's per-event objects, as the engine loop's (hf_paged.engine.gc_pauses)
-        server.run(sockets=sockets)
+    stop = stop or threading.Event()
+    threading.Thread(target=_stop_when_told, args=(server, client, watch_parent, stop), daemon=True).start()
+    try:
+        with quiet_gc():  # the front end's per-event objects, as the engine loop's (hf_paged.engine.gc_pauses)
+            server.run(sockets=sockets)
+    finally:
+        stop.set()
+    return 0 if client.error is None else 1
 
 
 class _DrainingServer(uvicorn.Server):
@@ -76,14 +82,22 @@ class _DrainingServer(uvicorn.Server):
         self._on_exit()
         super().handle_exit(sig, frame)
 
+    def stop(self) -> None:
+        """Stop as on SIGTERM, from any thread, without a signal for uvicorn to re-raise at exit."""
+        if not self.should_exit:  # else uvicorn is stopping (or has stopped) already
+            self._on_exit()
+            self.should_exit = True
 
-def _stop_when_told(server: _DrainingServer, parent: int, stop: threading.Event) -> None:
-    while not stop.wait(_PARENT_CHECK_S):
-        if os.getppid() != parent:
+
+def _stop_when_told(server: _DrainingServer, client, parent: int | None, stop: threading.Event) -> None:
+    while not stop.wait(_WATCH_S):
+        if parent is not None and os.getppid() != parent:
             logger.warning("the supervisor process is gone: stopping this front end")
             break
-    if not server.should_exit:  # else uvicorn is stopping (or has stopped) already
-        server.handle_exit(signal.SIGTERM, None)
+        if client.error is not None:
+            logger.error("stopping the server: %s", client.error)
+            break
+    server.stop()
 
 
 def run_api_servers(args: argparse.Namespace, engine_factory: Callable, load_tokenizer: Callable, config, *,
@@ -207,7 +221,7 @@ def _front_end_main(args: argparse.Namespace, index: int, addresses, core_pid: i
         sys.exit(2)
     if describe is not None:
         describe(client, config)
-    run_app(app, args, sockets=[sock], watch_parent=supervisor, stop=stop)
+    sys.exit(run_app(app, args, sockets=[sock], watch_parent=supervisor, stop=stop))
 
 
 def _reuse_port_socket(host: str, port: int) -> socket.socket:

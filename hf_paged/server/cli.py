@@ -256,10 +256,9 @@ def _serve(args: argparse.Namespace) -> int:
     _log_serving(source, where, bool(args.api_key), config, model_class, param_dtype, param_device, num_blocks,
                  block_size, pool_bytes)
     try:
-        run_app(app, args)
+        return run_app(app, args)
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down
-        pass
-    return 0
+        return 1 if app.state.engine_client.error else 0
 
 
 def _log_serving(source: str, where: str, api_key: bool, config, model_class, dtype, device, num_blocks: int,
