@@ -194,9 +194,9 @@ class Engine:
             return updates + [self._fail(self.scheduler.waiting[0].request, "the request does not fit the KV pool")]
         self._stats.step_started()
         rows = prompt_logprob_rows(out)
-        samplers = [s for c in out.chunks for s in c.samplers]
+        samplers = out.samplers
         # Logprobs are turned into Python values at once; penalties read every token on the host.
-        if rows or any(s.request.sync_sampling for s in samplers):
+        if rows or out.sync_sampling:
             on_host, overlap = bool(rows) or any(s.request.params.logprobs is not None for s in samplers), False
         else:
             on_host, overlap = False, self.async_scheduling

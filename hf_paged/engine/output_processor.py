@@ -32,9 +32,10 @@ class OutputProcessor:
             return []
         stopped = []
         for seq in seqs:
-            detok = self._detokenizer(seq, incremental=True)
-            if detok is not None and detok.add(seq.token_ids[-1:]):
-                stopped.append(seq)
+            if seq.request.incremental_text:
+                detok = self._detokenizer(seq, incremental=True)
+                if detok is not None and detok.add(seq.token_ids[-1:]):
+                    stopped.append(seq)
         return stopped
 
     def updates(self, seqs: list[Sequence]) -> list[RequestUpdate]:
@@ -94,7 +95,7 @@ class OutputProcessor:
         samples whose text streams or may stop."""
         if seq.detokenizer is None and self.tokenizer is not None and seq.request.detokenize:
             request = seq.request
-            if not incremental or request.stream_text or request.params.stop:
+            if not incremental or request.incremental_text:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.stop)
                 # Created late (at the end): catch up on the whole output; while decoding, `add`
                 # feeds the first token right after.

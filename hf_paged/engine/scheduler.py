@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .outputs import SamplerOutput
@@ -42,9 +42,14 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
+    """A step's chunks; ``samplers`` (every chunk's, in row order) and whether any of their requests
+    needs host-synchronous sampling are gathered while scheduling (not by one more pass per step)."""
+
     chunks: list[ScheduledChunk]
     num_batched_tokens: int
     num_preempted: int = 0
+    samplers: list[Sequence] = field(default_factory=list)
+    sync_sampling: bool = False
 
     @property
     def empty(self) -> bool:
@@ -148,7 +153,8 @@ class Scheduler:
             budget -= num_new
 
         ordered = list(chunks.values())
-        row = 0
+        samplers: list[Sequence] = []
+        sync = False
         for chunk in ordered:
             seq, end = chunk.seq, chunk.start + chunk.num_tokens
             known = len(seq.token_ids)
@@ -156,15 +162,16 @@ class Scheduler:
                 chunk.placeholder_row = seq.pending_row
             if end == known + seq.num_pending:
                 chunk.samplers = [seq, *self._fork(seq)] if seq.pending_forks else [seq]
+                sync = sync or seq.request.sync_sampling
             # Scheduled tokens count as computed from now on, so that the next step can be
             # scheduled before this one's tokens are known; each sampler gets a pending token.
             seq.num_computed_tokens = end
             for sampler in chunk.samplers:
                 sampler.num_computed_tokens = end
                 sampler.num_pending += 1
-                sampler.pending_row = row
-                row += 1
-        return SchedulerOutput(ordered, self.max_num_batched_tokens - budget, preempted)
+                sampler.pending_row = len(samplers)
+                samplers.append(sampler)
+        return SchedulerOutput(ordered, self.max_num_batched_tokens - budget, preempted, samplers, sync)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Split the ``n - 1`` further samples off a sequence whose prompt completes this step."""

@@ -146,13 +146,16 @@ class Request:
     detokenize: bool = True
     # Read for every sample every step, so decided once: the sampler's plain arg-max applies (greedy, no
     # penalties), and the step must wait for the host (logprobs are read there, penalties read its tokens).
+    # And whether its samples are detokenized as they decode (streamed text, stop strings), not once at the end.
     argmax_only: bool = field(init=False)
     sync_sampling: bool = field(init=False)
+    incremental_text: bool = field(init=False)
 
     def __post_init__(self) -> None:
         params = self.params
         self.argmax_only = params.greedy and not params.has_penalties
         self.sync_sampling = params.logprobs is not None or params.has_penalties
+        self.incremental_text = self.detokenize and (self.stream_text or bool(params.stop))
         if self.params.prompt_logprobs is not None and self.error is None:
             self.prompt_logprobs = [None] * len(self.prompt_token_ids)
             self.prompt_logprobs_next = min(max(1, self.params.prompt_logprobs_start), len(self.prompt_token_ids))
