@@ -284,3 +284,37 @@ def test_serve_with_engine_process_end_to_end(model_dir):
     pid = int(out.split("(engine process ")[1].split(")")[0])
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_one_engine_process_serves_two_front_ends(model_dir):
+    """`EngineCoreProcess` for two front ends: each gets its own requests' updates only; one leaving (its
+    long request aborted at its drain deadline) does not disturb the other; the core exits once both left."""
+    from hf_paged.engine.process_client import EngineCoreProcess
+
+    with EngineProcessClient(engine_factory(model_dir, LOAD, ENGINE), ready_timeout=120) as alone:
+        want = [o.samples[0].token_ids for o in alone.generate(PROMPTS, GREEDY)]
+    core = EngineCoreProcess(engine_factory(model_dir, LOAD, ENGINE), 2)
+    try:
+        a = EngineProcessClient.attach(core.front_ends[0], core.pid, 0, ready_timeout=120)
+        b = EngineProcessClient.attach(core.front_ends[1], core.pid, 1, ready_timeout=120)
+        seen: dict[str, set[str]] = {"a": set(), "b": set()}
+        got_a: queue.SimpleQueue = queue.SimpleQueue()
+        long_a = a.submit("w4 w5", _long(), lambda u: (seen["a"].add(u.request_id), got_a.put(u)))
+        assert not _wait_first(got_a).finished
+        outs = b.generate(PROMPTS, GREEDY)  # while a's request runs
+        assert [o.samples[0].token_ids for o in outs] == want
+        b_ids = {o.request_id for o in outs}
+        assert seen["a"] == {long_a} and not b_ids & seen["a"]
+        a.shutdown(drain_timeout=0.2, join_timeout=10)  # a leaves; its request is aborted, b stays
+        last = None
+        while not got_a.empty():
+            last = got_a.get()
+        assert last.finished and last.output.finish_reason == "abort"
+        assert core.process.is_alive() and b.alive
+        assert b.generate(["w10 w11"], _long(5))[0].finish_reason == "length"
+        b.shutdown(join_timeout=10)
+        core.process.join(10)
+        assert core.process.exitcode == 0
+    finally:
+        core.close()
+    assert multiprocessing.active_children() == []
