@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gc-baseline", action="store_true",
                    help="also run each workload with Python's default garbage collection in the engine loop "
                         "(hf_paged_default_gc; hf_paged freezes the heap and collects rarely: engine/gc_pauses.py)")
+    p.add_argument("--sampling", action="store_true",
+                   help="also run each workload with temperature 0.8 and top_p 0.95 (hf_paged_sampled): the sampler's "
+                        "cost, and whether a sampled step still overlaps the next one's scheduling")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -294,13 +297,15 @@ def make_engine(model, args) -> Engine:
     )
 
 
-def _params(n_out: int) -> SamplingParams:
+def _params(n_out: int, sampled: bool = False) -> SamplingParams:
+    if sampled:  # what a chat server typically asks for
+        return SamplingParams(max_new_tokens=n_out, temperature=0.8, top_p=0.95, ignore_eos=True)
     return SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True)
 
 
-def run_hf_paged(engine: Engine, requests, args) -> dict:
+def run_hf_paged(engine: Engine, requests, args, sampled: bool = False) -> dict:
     prompts = [p for p, _ in requests]
-    params = [_params(n) for _, n in requests]
+    params = [_params(n, sampled) for _, n in requests]
     # Warm-up: Triton compiles/tunes for prefill and decode shapes; distinct random prompts so the
     # timed run gets no prefix-cache help from it.
     t_warm = time.perf_counter()
@@ -571,6 +576,10 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results[label] = dict(error=f"{type(e).__name__}: {e}")
             _print_result(label, results[label])
+        if args.sampling and engine is not None:
+            results["hf_paged_sampled"] = dict(run_hf_paged(engine, requests, args, sampled=True),
+                                               kernel_backend=engine_backend)
+            _print_result("hf_paged_sampled", results["hf_paged_sampled"])
         if args.gc_baseline and engine is not None:
             results["hf_paged_default_gc"] = dict(run_default_gc(engine, requests, args), kernel_backend=engine_backend)
             _print_result("hf_paged_default_gc", results["hf_paged_default_gc"])
