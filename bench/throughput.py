@@ -76,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run each workload with Python's default garbage collection in the engine loop "
                         "(hf_paged_default_gc; hf_paged freezes the heap and collects rarely: engine/gc_pauses.py)")
     p.add_argument("--sampling", action="store_true",
-                   help="also run each workload with temperature 0.8 and top_p 0.95 (hf_paged_sampled): the sampler's "
-                        "cost, and whether a sampled step still overlaps the next one's scheduling")
+                   help="also run each workload with temperature 0.8 (hf_paged_temperature) and with temperature 0.8 "
+                        "and top_p 0.95 (hf_paged_top_p): what sampling costs beside greedy decoding")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -297,13 +297,15 @@ def make_engine(model, args) -> Engine:
     )
 
 
-def _params(n_out: int, sampled: bool = False) -> SamplingParams:
-    if sampled:  # what a chat server typically asks for
-        return SamplingParams(max_new_tokens=n_out, temperature=0.8, top_p=0.95, ignore_eos=True)
-    return SamplingParams(max_new_tokens=n_out, temperature=0.0, ignore_eos=True)
+# --sampling: the draws a chat server typically asks for, beside greedy decoding.
+_SAMPLED = {"temperature": {"temperature": 0.8}, "top_p": {"temperature": 0.8, "top_p": 0.95}}
 
 
-def run_hf_paged(engine: Engine, requests, args, sampled: bool = False) -> dict:
+def _params(n_out: int, sampled: str | None = None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n_out, ignore_eos=True, **_SAMPLED.get(sampled, {"temperature": 0.0}))
+
+
+def run_hf_paged(engine: Engine, requests, args, sampled: str | None = None) -> dict:
     prompts = [p for p, _ in requests]
     params = [_params(n, sampled) for _, n in requests]
     # Warm-up: Triton compiles/tunes for prefill and decode shapes; distinct random prompts so the
@@ -576,10 +578,10 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results[label] = dict(error=f"{type(e).__name__}: {e}")
             _print_result(label, results[label])
-        if args.sampling and engine is not None:
-            results["hf_paged_sampled"] = dict(run_hf_paged(engine, requests, args, sampled=True),
-                                               kernel_backend=engine_backend)
-            _print_result("hf_paged_sampled", results["hf_paged_sampled"])
+        for sampled in _SAMPLED if args.sampling and engine is not None else ():
+            label = f"hf_paged_{sampled}"
+            results[label] = dict(run_hf_paged(engine, requests, args, sampled=sampled), kernel_backend=engine_backend)
+            _print_result(label, results[label])
         if args.gc_baseline and engine is not None:
             results["hf_paged_default_gc"] = dict(run_default_gc(engine, requests, args), kernel_backend=engine_backend)
             _print_result("hf_paged_default_gc", results["hf_paged_default_gc"])
