@@ -11,7 +11,6 @@ import socket
 import sys
 from collections.abc import Sequence
 
-
 from ..loader import load_model, resolve_device
 from .api_servers import run_app
 
