@@ -28,6 +28,15 @@ def saved_model(tmp_path_factory):
     return str(save_tiny_demo(tmp_path_factory.mktemp("saved") / "tiny-saved"))
 
 
+@pytest.fixture
+def free_port_args():
+    from argparse import Namespace
+
+    from server_harness import free_port
+
+    return Namespace(host="127.0.0.1", port=free_port(), log_level="warning", shutdown_timeout=0.0)
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -93,12 +102,10 @@ def test_two_front_ends_serve_one_engine_and_stop_cleanly(saved_model):
     assert _gone(children, 10)
 
 
-@pytest.mark.parametrize("front_ends", [2, 1])
-def test_engine_death_fails_streams_and_exits_non_zero(saved_model, front_ends):
-    """A dead engine process ends the streams in flight with its error and the server with status 1, with
-    several front ends (the supervisor stops them) or one (it stops itself)."""
-    args = (*ARGS[2:], "--engine-process", "--api-server-count", str(front_ends))
-    with serve_process(saved_model, *args, timeout=180) as (proc, base):
+def test_engine_death_fails_streams_and_exits_non_zero(saved_model):
+    """A dead engine process ends the streams in flight with its error, and the supervisor stops the front
+    ends and exits 1."""
+    with serve_process(saved_model, *ARGS, timeout=180) as (proc, base):
         children = _children(proc.pid)
         head = ""
         while not (found := re.search(r"engine process (\d+)", head)):
@@ -118,10 +125,7 @@ def test_engine_death_fails_streams_and_exits_non_zero(saved_model, front_ends):
         assert "error" in last and "engine process died" in last["error"]["message"], last
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
-    if front_ends > 1:
-        assert "the engine process died (exit code -9): stopping the server" in out
-    else:
-        assert "stopping the server: the engine process died (exit code -9)" in out
+    assert "the engine process died (exit code -9): stopping the server" in out
     assert _gone(children, 10)
 
 
@@ -138,3 +142,26 @@ def test_api_server_count_needs_the_engine_process(capsys):
         main(["serve", "--demo", "--api-server-count", "2", "--no-engine-process"])
     assert e.value.code == 2
     assert "--api-server-count > 1 needs the engine in a process of its own" in capsys.readouterr().err
+
+
+def test_a_server_whose_engine_failed_stops_with_status_1(free_port_args):
+    """`run_app` (one front end): once the engine client reports an error, uvicorn stops and the status is 1."""
+    import threading
+
+    from fastapi import FastAPI
+
+    from hf_paged.server.api_servers import run_app
+
+    class FailingClient:
+        error = None
+        shutdown_requested = False
+
+        def request_shutdown(self, drain_timeout: float) -> None:
+            self.shutdown_requested = True
+
+    app = FastAPI()
+    app.state.engine_client = client = FailingClient()
+    threading.Timer(0.5, lambda: setattr(client, "error", "the engine process died (exit code -9)")).start()
+    started = time.monotonic()
+    assert run_app(app, free_port_args) == 1
+    assert time.monotonic() - started < 10 and client.shutdown_requested

@@ -291,7 +291,7 @@ def test_one_engine_process_serves_two_front_ends(model_dir):
     long request aborted at its drain deadline) does not disturb the other; the core exits once both left."""
     from hf_paged.engine.process_client import EngineCoreProcess
 
-    with EngineProcessClient(engine_factory(model_dir, LOAD, ENGINE), ready_timeout=120) as alone:
+    with load_engine(model_dir, LOAD, ENGINE) as alone:  # the same engine in this process
         want = [o.samples[0].token_ids for o in alone.generate(PROMPTS, GREEDY)]
     core = EngineCoreProcess(engine_factory(model_dir, LOAD, ENGINE), 2)
     try:
