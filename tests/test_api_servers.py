@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 pytest.importorskip("fastapi")
 pytest.importorskip("zmq")
 import httpx

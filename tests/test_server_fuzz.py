@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 pytest.importorskip("fastapi")
 schemathesis = pytest.importorskip("schemathesis")
 

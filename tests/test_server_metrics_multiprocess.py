@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 pytest.importorskip("prometheus_client")
 pytest.importorskip("msgspec")
 

@@ -19,6 +19,8 @@ from typing import Self
 import httpx
 import pytest
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 pytest.importorskip("fastapi")
 psutil = pytest.importorskip("psutil")
 
