@@ -6,6 +6,7 @@
   achieved bandwidth = (K/V bytes read + q/out bytes) / time, as a fraction of the copy bandwidth;
   SDPA on contiguous K/V ([B, Hkv, L, D], enable_gqa) for comparison.
 * Prefill (all prompt tokens new, causal): TFLOP/s against SDPA's flash backend on contiguous K/V.
+  Ours is given the step's K/V beside the pages, as in the engine (read through TMA on SM90+).
 * A small sweep of launch configs on a few shapes (what NOTES.md reasons about).
 * ``--fa4``: FlashAttention-4 (flash-attn-4, paged) beside ours and SDPA at the shapes of issue 16,
   FA4 on our 16-token blocks and on 128-token pages (its TMA path on SM90), and a prefill config
@@ -76,6 +77,10 @@ def paged_inputs(batch, ctx, q_len, heads, kv_heads, d, block_size=16):
     meta = dict(cu_seqlens_q=torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * q_len,
                 context_lens=torch.full((batch,), ctx, device="cuda", dtype=torch.int32),
                 block_tables=tables, max_seqlen_q=q_len, max_context_len=ctx, scale=d**-0.5)
+    if q_len > 1:  # the step's own K/V, passed beside the caches as the engine does (its last q_len keys)
+        pos = ctx - q_len + torch.arange(q_len, device="cuda")
+        slots = (tables.long()[:, pos // block_size] * block_size + pos % block_size).flatten()
+        meta.update(key=k.flatten(0, 1)[slots], value=v.flatten(0, 1)[slots])
     return q, k, v, meta
 
 
@@ -276,6 +281,8 @@ def run_fa4(caps) -> dict:
             q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d, block_size=page)
             if page == 16:
                 row["ours"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **meta))
+                pages = {n: x for n, x in meta.items() if n not in ("key", "value")}
+                row["ours_pages_only"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **pages))
             row[f"fa4_page{page}"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}))
             del q, k, v
         qc = torch.randn(batch, 32, length, d, device="cuda", dtype=torch.bfloat16)
@@ -374,6 +381,7 @@ def main() -> None:
     parser.add_argument("--fa4", action="store_true", help="only FA4 vs ours vs SDPA at issue 16's shapes, "
                         "and a prefill config sweep of ours")
     parser.add_argument("--no-fa4-table", action="store_true", help="with --fa4: the prefill sweep only")
+    parser.add_argument("--no-prefill-tune", action="store_true", help="with --fa4: the table only")
     args = parser.parse_args()
     import transformers
 
@@ -405,9 +413,10 @@ def main() -> None:
         result = dict(env=env, ceilings=caps, **({} if args.no_fa4_table else run_fa4(caps)))
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        result["prefill_tune"] = run_prefill_tune(caps)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+        if not args.no_prefill_tune:
+            result["prefill_tune"] = run_prefill_tune(caps)
+            with open(path, "w") as f:
+                json.dump(result, f, indent=1)
         print(f"wrote {path}", flush=True)
         return
     if args.quick:

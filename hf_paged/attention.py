@@ -79,13 +79,15 @@ def _attention(
     """Store ``key``/``value`` (``[T, Hkv, D]``; ``None``: stored already) at ``slot_mapping``, then
     attend the ``[T, H, D]`` queries over the paged cache; ``-1``/``0.0``: no window/soft-cap."""
     backend = get_backend(query.device, query.dtype)
+    extra = {"static_grid": True} if static_grid else {}
     if key is not None:
         backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        if getattr(backend, "reads_step_kv", False):  # it may read this step's keys without the pages
+            extra.update(key=key, value=value)
     return backend.paged_attention(
         query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, block_tables=block_tables,
         kv_start=kv_start, scale=scale, sliding_window=None if sliding_window < 0 else sliding_window,
-        softcap=softcap or None, max_seqlen_q=max_seqlen_q, max_context_len=max_context_len,
-        **({"static_grid": True} if static_grid else {}),
+        softcap=softcap or None, max_seqlen_q=max_seqlen_q, max_context_len=max_context_len, **extra,
     )
 
 

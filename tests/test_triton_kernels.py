@@ -115,6 +115,8 @@ def test_split_heuristic_used_for_long_context():
     assert triton_attention.choose_num_splits(2, 4096, 64, 4, 2.0) == 4
     assert triton_attention.choose_num_splits(1, 256, 64, 132, 2.0) == 2  # >= 2 key tiles per split
     assert triton_attention.choose_num_splits(512, 4096, 64, 132, 2.0) == 1
+    assert triton_attention.choose_num_splits(256, 2048, 128, 132, 2.0) == 1  # one program per SM already
+    assert triton_attention.choose_num_splits(100, 8192, 128, 132, 2.0) == 3
     q, k, v, meta = make_problem([1], [300], heads=4, kv_heads=1, block_size=16, seed=4)
     check(q, k, v, meta, scale=0.2)
 
@@ -131,6 +133,14 @@ def test_decode_tile_refinement():
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, config=Config(16, 256, 4, 3), num_splits=2)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_prefill_tiles_for_step_kv():
+    """Prompt steps reading their own K/V through TMA take the tiles tuned for it (H100 sweep)."""
+    assert triton_attention.choose_config(128, 4, 2048, step_kv=True) == Config(64, 64, 4, 3)
+    assert triton_attention.choose_config(128, 4, 8192, step_kv=True) == Config(128, 128, 8, 3)
+    assert triton_attention.choose_config(128, 4, 2048) == Config(128, 64, 4, 3)  # from the pages
+    assert triton_attention.choose_config(64, 4, 2048, step_kv=True) == Config(128, 64, 8, 3)
 
 
 def test_prefill_ragged_gqa():
@@ -208,6 +218,64 @@ def test_dense_block_size_and_missing_hints():
     check(q, k, v, meta)
 
 
+def step_kv(k, v, meta):
+    """The keys/values the step wrote: each sequence's last ``q_len`` positions, gathered from its pages."""
+    cu, lens, tables = (meta[n].cpu() for n in ("cu_seqlens_q", "context_lens", "block_tables"))
+    bs = k.shape[1]
+    rows = []
+    for i in range(len(lens)):
+        q_len = int(cu[i + 1] - cu[i])
+        pos = torch.arange(int(lens[i]) - q_len, int(lens[i]))
+        rows.append(tables[i, pos // bs].long() * bs + pos % bs)
+    slots = torch.cat(rows).to(k.device)
+    return k.flatten(0, 1)[slots], v.flatten(0, 1)[slots]
+
+
+@pytest.mark.parametrize("case", ["prefill", "prefill, default tiles", "chunked+decode", "window+kv_start",
+                                  "softcap+split", "static_grid"])
+def test_step_kv_read_directly(case):
+    """Prompt steps given the step's own K/V read those keys through TMA descriptors (interpreted on CPU)
+    and the earlier ones from the pages: the same result as the pages alone."""
+    q_lens, kv_lens, extra, kw = [40, 23, 64], [40, 23, 64], {}, {}
+    if case == "chunked+decode":
+        q_lens, kv_lens = [1, 37, 1, 20], [50, 90, 17, 20]
+    if case == "window+kv_start":
+        q_lens, kv_lens, extra = [33, 40], [70, 40], {"sliding_window": 21}
+    q, k, v, meta = make_problem(q_lens, kv_lens, heads=8, kv_heads=2, head_dim=32, seed=15)
+    if case == "window+kv_start":
+        meta["kv_start"] = torch.tensor([5, 3], dtype=torch.int32, device=DEVICE)
+    if case == "softcap+split":
+        extra, kw = {"softcap": 3.0}, {"num_splits": 2}
+    if case == "static_grid":
+        meta, kw = dict(meta, max_seqlen_q=None), {"static_grid": True}
+    key, value = step_kv(k, v, meta)
+    want = reference.paged_attention(q, k, v, scale=0.125, **meta, **extra)
+    cfg = None if case == "prefill, default tiles" else Config(64, 16, 4, 1)
+    assert triton_attention._reads_step_kv(key, value, q, 64 * 4)
+    got = triton_attention.paged_attention(q, k, v, scale=0.125, **meta, **extra, **kw, config=cfg,
+                                           key=key, value=value)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_step_kv_layouts():
+    """Strided or unaligned step K/V are copied into a layout TMA reads; decode-like steps and head dims
+    that are not a power of two use the pages."""
+    q, k, v, meta = make_problem([40, 23], [40, 30], heads=8, kv_heads=2, head_dim=32, seed=16)
+    key, value = step_kv(k, v, meta)
+    reads = triton_attention._reads_step_kv
+    assert not reads(key, value, q, 16)  # decode-like: one key or two per sequence
+    q80, k80, v80, meta80 = make_problem([40], [40], heads=4, kv_heads=2, head_dim=80, block_size=32, seed=17)
+    assert not reads(*step_kv(k80, v80, meta80), q80, 256)
+    want = reference.paged_attention(q, k, v, scale=0.125, **meta)
+    strided = key.transpose(0, 1).contiguous().transpose(0, 1)  # [T, Hkv, D] over [Hkv, T, D] memory
+    unaligned = torch.empty(value.numel() + 1, dtype=value.dtype, device=value.device)[1:].view(value.shape)
+    unaligned.copy_(value)
+    assert reads(strided, unaligned, q, 256)
+    got = triton_attention.paged_attention(q, k, v, scale=0.125, **meta, config=Config(64, 16, 4, 1), key=strided,
+                                           value=unaligned)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_unsupported_inputs_raise():
     q, k, v, meta = make_problem([1], [5])
     with pytest.raises(ValueError):
@@ -255,15 +323,40 @@ def test_gpu_decode_and_prefill(dtype, head_dim, heads, kv_heads, block_size, ex
         q, k, v, meta = make_problem(q_lens, kv_lens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                      block_size=block_size, dtype=dtype, seed=head_dim)
         want = reference.paged_attention(q.float(), k.float(), v.float(), scale=head_dim**-0.5, **meta, **extra)
-        got = triton_backend.paged_attention(q, k, v, scale=head_dim**-0.5, **meta, **extra)
-        assert torch.isfinite(got).all()
-        assert _rel_err(got, want) < 1e-2, (q_lens, extra)
+        key, value = step_kv(k, v, meta)
+        for step in ({}, {"key": key, "value": value}):  # pages only; the step's K/V through TMA (SM90+)
+            got = triton_backend.paged_attention(q, k, v, scale=head_dim**-0.5, **meta, **extra, **step)
+            assert torch.isfinite(got).all()
+            assert _rel_err(got, want) < 1e-2, (q_lens, extra, list(step))
 
 
 @pytest.mark.gpu
 def test_gpu_fp32_exact():
     q, k, v, meta = make_problem([1, 5, 40], [700, 5, 90], heads=8, kv_heads=2, head_dim=64, seed=11)
     check(q, k, v, meta, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_step_kv_cuda_graph():
+    """A mixed step reading its own K/V through TMA captures into a graph (static grid) and replays."""
+    q, k, v, meta = make_problem([300, 1, 200, 1], [300, 900, 1000, 33], heads=32, kv_heads=8, head_dim=128,
+                                 dtype=torch.bfloat16, seed=18)
+    key, value = step_kv(k, v, meta)
+    meta = dict(meta, max_seqlen_q=None, max_context_len=1024)
+    fn = lambda: triton_backend.paged_attention(q, k, v, scale=0.088, **meta, static_grid=True,  # noqa: E731
+                                                key=key, value=value)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.088, **dict(meta, max_context_len=None))
+    assert _rel_err(out, want) < 1e-2
 
 
 @pytest.mark.gpu

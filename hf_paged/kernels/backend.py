@@ -22,7 +22,11 @@ __all__ = ["KernelBackend", "get_backend"]
 
 
 class KernelBackend(Protocol):
-    """What a kernel backend provides; `hf_paged.kernels.reference` defines the semantics."""
+    """What a kernel backend provides; `hf_paged.kernels.reference` defines the semantics.
+
+    Optional flags: ``supports_static_grid`` (``paged_attention`` takes ``static_grid=True``) and
+    ``reads_step_kv`` (it takes the step's new ``key``/``value`` beside the caches that also hold them).
+    """
 
     name: str
 

@@ -23,6 +23,7 @@ __all__ = ["name", "store_kv", "paged_attention", "flash_attention", "why_unavai
 
 name = "fa4"
 supports_static_grid = True
+reads_step_kv = True  # passed on to the Triton kernel where it serves
 _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
 
@@ -76,6 +77,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return triton_attention.paged_attention(query, k_cache, v_cache, **metadata)
     metadata.pop("kv_start", None)  # None here
     metadata.pop("max_context_len", None)  # FA4 reads the lengths from the device
+    metadata.pop("key", None)  # FA4 reads every key from the pages
+    metadata.pop("value", None)
     return flash_attention(query, k_cache, v_cache, **metadata)
 
 

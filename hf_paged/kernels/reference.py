@@ -65,11 +65,14 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     max_context_len: int | None = None,
     static_grid: bool = False,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries over their paged keys/values; returns ``[T, H, D]``.
 
-    ``max_seqlen_q``/``max_context_len``/``static_grid`` are launch-size hints other backends need;
-    the reference ignores them. Rows after the last sequence (padding of graphed mixed steps, which no
+    ``max_seqlen_q``/``max_context_len``/``static_grid`` are launch-size hints other backends need, and
+    ``key``/``value`` (``[T, Hkv, D]``) this step's new keys/values, which the caches hold as well (a
+    backend may read them from there faster); the reference ignores them all. Rows after the last sequence (padding of graphed mixed steps, which no
     one reads) are zeros here; other backends may leave them unwritten. Softmax is computed in float32
     and the result cast back to ``query.dtype``.
     """

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits", "refine_decode_tiles"]
 
@@ -45,62 +46,119 @@ def _attend_tiles(
     acc, l_i, m_i, q, q_pos, key_lo, key_hi, kv_hi,
     bt_row_ptr, k_base, v_base, block_size,
     stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
-    window, qk_scale, cap_in, cap_out,
+    window, qk_scale, cap_in, cap_out, new_k, new_v, new_row0, new_col,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    FRESH: tl.constexpr,
 ):
     """Online-softmax over key tiles starting at ``key_lo, key_lo + BLOCK_N, ... < key_hi``.
 
     ``MASKED`` tiles apply causality, the window and the range end ``kv_hi``; unmasked tiles are
-    known (from the caller's bounds) to be fully visible to every row.
+    known (from the caller's bounds) to be fully visible to every row. ``FRESH`` tiles are keys of
+    this step, read from the step's own K/V (TMA descriptors ``new_k``/``new_v``, key ``j`` at row
+    ``new_row0 + j``) instead of being gathered from the pages.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     for start in range(key_lo, key_hi, BLOCK_N):
         j = start + offs_n
-        if PAGE > 0:  # power-of-two block size known at compile time: shifts instead of divisions
+        if FRESH:
+            # Rows past this sequence's keys belong to the next sequence (or lie outside and read as
+            # zeros): causality or ``kv_hi`` masks them below.
+            in_range = j < kv_hi
+            k = new_k.load([new_row0 + start, new_col])
+            v = new_v.load([new_row0 + start, new_col])
+        elif PAGE > 0:  # power-of-two block size known at compile time: shifts instead of divisions
             page_idx = j // PAGE
             page_off = j % PAGE
         else:
             page_idx = j // block_size
             page_off = j % block_size
-        if MASKED:
-            in_range = j < kv_hi
-            blk = tl.load(bt_row_ptr + page_idx, mask=in_range, other=0).to(tl.int64)
-        else:
-            blk = tl.load(bt_row_ptr + page_idx).to(tl.int64)
-        k_off = blk * stride_kb + page_off * stride_ks
-        v_off = blk * stride_vb + page_off * stride_vs
-        k_ptrs = k_base + k_off[:, None] + offs_d[None, :] * stride_kd
-        v_ptrs = v_base + v_off[:, None] + offs_d[None, :] * stride_vd
-        if MASKED:
-            kv_mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        elif HEAD_DIM != D_PAD:
-            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        if not FRESH:
+            if MASKED:
+                in_range = j < kv_hi
+                blk = tl.load(bt_row_ptr + page_idx, mask=in_range, other=0).to(tl.int64)
+            else:
+                blk = tl.load(bt_row_ptr + page_idx).to(tl.int64)
+            k_off = blk * stride_kb + page_off * stride_ks
+            v_off = blk * stride_vb + page_off * stride_vs
+            k_ptrs = k_base + k_off[:, None] + offs_d[None, :] * stride_kd
+            v_ptrs = v_base + v_off[:, None] + offs_d[None, :] * stride_vd
+            if MASKED:
+                kv_mask = in_range[:, None] & (offs_d[None, :] < HEAD_DIM)
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+                v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            elif HEAD_DIM != D_PAD:
+                k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if USE_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh via exp2 (then into log2 units)
-            s = (1.0 - 2.0 / (tl.exp2(s * cap_in) + 1.0)) * cap_out
+        if FRESH and not MASKED and not USE_SOFTCAP:
+            # Every row sees every key here, so the running max is finite: the scale folds into one FMA
+            # and P @ V accumulates in place (measured faster with TMA-fed tiles).
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
         else:
-            s = s * qk_scale
-        if MASKED:
-            visible = (j[None, :] <= q_pos[:, None]) & in_range[None, :]
-            if USE_WINDOW:
-                visible = visible & ((q_pos[:, None] - j[None, :]) < window)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at 0
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+            if USE_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh via exp2 (then into log2 units)
+                s = (1.0 - 2.0 / (tl.exp2(s * cap_in) + 1.0)) * cap_out
+            else:
+                s = s * qk_scale
+            if MASKED:
+                visible = (j[None, :] <= q_pos[:, None]) & in_range[None, :]
+                if USE_WINDOW:
+                    visible = visible & ((q_pos[:, None] - j[None, :]) < window)
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at 0
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_range(
+    acc, l_i, m_i, q, q_pos, lo, hi, full_lo, full_hi,
+    bt_row_ptr, k_base, v_base, block_size,
+    stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd,
+    window, qk_scale, cap_in, cap_out, new_k, new_v, new_row0, new_col,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, FRESH: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` in tiles from ``lo``: the leading edge (window / kv_start not yet covering
+    every row), the tiles inside ``[full_lo, full_hi)`` (visible to every row: no mask) and the
+    trailing (causal) edge."""
+    n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    # Operands are clamped to >= 0 before dividing: integer division rounds differently on negatives
+    # in the compiled kernel and the interpreter.
+    k_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N), n_tiles)
+    k_b = tl.maximum(tl.minimum(tl.maximum(tl.minimum(full_hi, hi) - lo, 0) // BLOCK_N, n_tiles), k_a)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, lo, lo + k_a * BLOCK_N, hi, bt_row_ptr, k_base, v_base, block_size,
+        stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale, cap_in, cap_out,
+        new_k, new_v, new_row0, new_col, HEAD_DIM, D_PAD, BLOCK_N, PAGE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
+        FRESH,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, q_pos, lo + k_a * BLOCK_N, lo + k_b * BLOCK_N, hi, bt_row_ptr, k_base, v_base,
+        block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale,
+        cap_in, cap_out, new_k, new_v, new_row0, new_col, HEAD_DIM, D_PAD, BLOCK_N, PAGE, False, USE_WINDOW,
+        USE_SOFTCAP, DOT_PREC, FRESH,
+    )
+    return _attend_tiles(
+        acc, l_i, m_i, q, q_pos, lo + k_b * BLOCK_N, lo + n_tiles * BLOCK_N, hi, bt_row_ptr, k_base, v_base,
+        block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale,
+        cap_in, cap_out, new_k, new_v, new_row0, new_col, HEAD_DIM, D_PAD, BLOCK_N, PAGE, True, USE_WINDOW,
+        USE_SOFTCAP, DOT_PREC, FRESH,
+    )
 
 
 # Integer arguments that change from step to step are not specialised on (divisibility by 16, == 1):
@@ -108,7 +166,7 @@ def _attend_tiles(
 @triton.jit(do_not_specialize=["stride_bt", "tiles_per_seq", "num_splits", "num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr,
-    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr,
+    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr, new_k, new_v,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits, num_seqs,
@@ -116,6 +174,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+    HAS_NEW_KV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -176,34 +235,29 @@ def _paged_attention_kernel(
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
-    n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    # Operands are clamped to >= 0 before dividing: integer division rounds differently on negatives
-    # in the compiled kernel and the interpreter.
-    k_a = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N), n_tiles)
-    k_b = tl.maximum(tl.minimum(tl.maximum(tl.minimum(full_hi, hi) - lo, 0) // BLOCK_N, n_tiles), k_a)
-
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    # Leading edge (window / kv_start not yet covering every row), full tiles, trailing (causal) edge.
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, q_pos, lo, lo + k_a * BLOCK_N, hi, bt_row_ptr, k_base, v_base, block_size,
+    # With the step's own K/V at hand, the keys of this step (from ctx - q_len) are read from them and
+    # only the earlier ones from the pages.
+    paged_hi = hi
+    if HAS_NEW_KV:
+        paged_hi = tl.minimum(hi, ctx - q_len)
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, q_pos, lo, paged_hi, full_lo, full_hi, bt_row_ptr, k_base, v_base, block_size,
         stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale, cap_in, cap_out,
-        HEAD_DIM, D_PAD, BLOCK_N, PAGE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
+        new_k, new_v, 0, 0, HEAD_DIM, D_PAD, BLOCK_N, PAGE, USE_WINDOW, USE_SOFTCAP, DOT_PREC, False,
     )
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, q_pos, lo + k_a * BLOCK_N, lo + k_b * BLOCK_N, hi, bt_row_ptr, k_base, v_base,
-        block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale,
-        cap_in, cap_out, HEAD_DIM, D_PAD, BLOCK_N, PAGE, False, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
-    )
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, q_pos, lo + k_b * BLOCK_N, lo + n_tiles * BLOCK_N, hi, bt_row_ptr, k_base, v_base,
-        block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window, qk_scale,
-        cap_in, cap_out, HEAD_DIM, D_PAD, BLOCK_N, PAGE, True, USE_WINDOW, USE_SOFTCAP, DOT_PREC,
-    )
+    if HAS_NEW_KV:
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, q_pos, tl.maximum(lo, ctx - q_len), hi, full_lo, full_hi, bt_row_ptr, k_base,
+            v_base, block_size, stride_kb, stride_ks, stride_kd, stride_vb, stride_vs, stride_vd, window,
+            qk_scale, cap_in, cap_out, new_k, new_v, q_begin - (ctx - q_len), kvh * HEAD_DIM,
+            HEAD_DIM, D_PAD, BLOCK_N, PAGE, USE_WINDOW, USE_SOFTCAP, DOT_PREC, True,
+        )
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -254,11 +308,12 @@ class Config:
     longest_first: bool = True
 
 
-def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int) -> Config:
+def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int, step_kv: bool = False) -> Config:
     """Decode-like steps (all rows of a sequence fit one <= 64-row tile) get small tiles and may split;
-    prefill gets flash-attention tiles."""
-    # Defaults from the H200 sweep in bench/NOTES.md: decode wants long key tiles (more bytes in
-    # flight per program); prefill at head_dim 128 prefers 4 warps, at 64 eight.
+    prefill gets flash-attention tiles (``step_kv``: tuned for the step's keys read through TMA)."""
+    # Defaults from the sweeps in bench/NOTES.md: decode wants long key tiles (more bytes in flight
+    # per program); prefill from the pages at head_dim 128 prefers 4 warps, at 64 eight; through TMA
+    # at head_dim 128 (H100) 64-row tiles up to 4k tokens, 128 x 128 tiles on 8 warps beyond.
     rows = groups * max_seqlen_q
     if rows <= 64:
         block_m = max(16, triton.next_power_of_2(rows))
@@ -266,6 +321,10 @@ def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int) -> Config:
     block_m = max(128 if head_dim_pad <= 128 else 64, triton.next_power_of_2(groups))
     if head_dim_pad <= 64:
         return Config(block_m, 64, 8, 3)
+    if head_dim_pad <= 128 and step_kv:
+        if max_seqlen_q >= 4096:
+            return Config(block_m, 128, 8, 3)
+        return Config(max(64, triton.next_power_of_2(groups)), 64, 4, 3)
     if head_dim_pad <= 128:
         return Config(block_m, 64, 4, 3)
     return Config(block_m, 32, 8, 2)
@@ -289,8 +348,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def choose_num_splits(programs: int, max_context_len: int, block_n: int, num_sms: int, target: float) -> int:
-    """Split the key range only when the grid cannot fill the GPU, and keep >= 2 key tiles per split."""
+    """Split the key range only when the grid cannot fill the GPU, and keep >= 2 key tiles per split.
+
+    A grid with a program for every SM is not split (H100, batch 32 x 8 KV heads, 2k keys: 53 us
+    unsplit vs 62 us in two, at head_dim 128 96 vs 104 us; bench/NOTES.md)."""
+    if programs >= num_sms:
+        return 1
     want = math.ceil(target * num_sms / max(programs, 1))
     useful = max(1, max_context_len // (2 * block_n))
     return max(1, min(want, useful, MAX_SPLITS))
@@ -322,6 +391,8 @@ def paged_attention(
     config: Config | None = None,
     num_splits: int | None = None,
     static_grid: bool = False,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention with the reference's semantics; ``config``/``num_splits`` override the heuristics.
 
@@ -329,6 +400,10 @@ def paged_attention(
     absent); no tensor value is read on the host. With ``static_grid`` the launch depends on the
     shapes alone (so a CUDA graph can replay it for any query lengths): one program per query tile
     of the packed batch, mapped to its sequence on the device, and no key splitting.
+
+    ``key``/``value`` (``[T, Hkv, D]``, optional) are this step's new keys/values, which the cache
+    also holds at each sequence's last ``q_len`` positions: prompt steps on SM90+ then read them
+    through TMA descriptors instead of gathering them from the pages (see `_step_kv_descriptors`).
     """
     _check(query, k_cache, v_cache, block_tables)
     total_q, num_heads, head_dim = query.shape
@@ -344,7 +419,8 @@ def paged_attention(
         max_context_len = block_tables.shape[1] * block_size
     max_seqlen_q = total_q if static_grid else max(1, min(int(max_seqlen_q), total_q))
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    cfg = config or choose_config(d_pad, groups, max_seqlen_q)
+    step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
+    cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
         raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
     block_q = cfg.block_m // groups
@@ -371,11 +447,12 @@ def paged_attention(
     use_softcap = bool(softcap)
     use_window = bool(sliding_window)
     page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
+    new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n) if step_kv else (None, None)
     grid = (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, part_o, part_lse,
         cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
-        tile_map if static_grid else context_lens,
+        tile_map if static_grid else context_lens, new_k, new_v,
         *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
         block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
         scale * LOG2E,
@@ -386,7 +463,7 @@ def paged_attention(
         BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, PAGE=page,
         HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
         DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=static_grid,
-        LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1,
+        LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
@@ -396,6 +473,34 @@ def paged_attention(
             num_warps=4 if d_pad >= 128 else 2,
         )
     return out
+
+
+def _reads_step_kv(key, value, query, rows: int) -> bool:
+    """Whether the kernel reads the step's own keys/values (through TMA) instead of their pages: prompt
+    steps on SM90+ at power-of-two head dims. Decode-like steps (a key or two per sequence) read no
+    faster through TMA; GPUs before SM90 have none."""
+    if key is None or value is None or rows <= 64 or value.shape != key.shape or key.shape[0] != query.shape[0]:
+        return False
+    head_dim = key.shape[2]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        return False
+    return _interpreting() or _has_tma(query.device)
+
+
+def _step_kv_descriptors(key, value, dtype: torch.dtype, block_n: int) -> tuple:
+    """TMA descriptors of the step's keys/values viewed as ``[T, Hkv * D]``, in tiles of ``block_n`` keys
+    of one head. K/V in a layout TMA cannot address (inner dims not packed, base or row stride not
+    16-byte aligned) are copied first: one pass over this step's K/V, small beside its attention."""
+    total_q, num_kv_heads, head_dim = key.shape
+    descriptors = []
+    for t in (key, value):
+        t = t.to(dtype)
+        if (t.stride(2) != 1 or t.stride(1) != head_dim or t.data_ptr() % 16
+                or t.stride(0) * t.element_size() % 16):
+            t = t.clone(memory_format=torch.contiguous_format)
+        descriptors.append(TensorDescriptor(t, [total_q, num_kv_heads * head_dim], [t.stride(0), 1],
+                                            [block_n, head_dim]))
+    return tuple(descriptors)
 
 
 def _check(query, k_cache, v_cache, block_tables) -> None:

@@ -20,6 +20,8 @@ __all__ = ["name", "store_kv", "paged_attention"]
 name = "triton"
 # paged_attention takes ``static_grid=True`` (launches sized from shapes: graphs of mixed steps).
 supports_static_grid = True
+# paged_attention takes the step's new ``key``/``value`` (prompt steps read them through TMA on SM90+).
+reads_step_kv = True
 
 
 @hookimpl
