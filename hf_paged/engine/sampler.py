@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -63,7 +64,9 @@ class Sampler:
     draw. Greedy rows (``temperature == 0``) take the arg-max after penalties. A draw is
     ``argmax(probs / E)`` with ``E ~ Exp(1)`` (equivalent to sampling from ``probs``); seeded rows
     draw their ``E`` from their own generator, so their tokens do not depend on which other
-    requests share the batch.
+    requests share the batch. On CUDA the filters and the draw run in one Triton kernel without
+    sorting the vocabulary (`hf_paged.kernels.triton_sampling`): the same distribution from other
+    random numbers (a per-row Philox seed drawn from the request's generator).
     """
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -124,6 +127,16 @@ class Sampler:
             ],
             dtype=torch.float32,
         ), device)
+        greedy = upload(torch.tensor([p.greedy for p in params]), device)
+        fused = _fused_sample() if scores.is_cuda else None
+        if fused is not None:  # no sort, no [rows, vocab] temporaries (hf_paged/kernels/triton_sampling.py)
+            seeds = torch.randint(0, 2**62, (len(seqs),), device=device)
+            for i, s in enumerate(seqs):
+                if params[i].seed is not None:
+                    seeds[i : i + 1].random_(0, 2**62, generator=self._generator(s, device))
+            sampled = fused(scores, table, seeds, top_k=any(0 < p.top_k < vocab for p in params),
+                            top_p=any(p.top_p < 1.0 for p in params), min_p=any(p.min_p > 0 for p in params))
+            return torch.where(greedy, greedy_tokens, sampled)
         temperature, top_k, top_p, min_p = table.unbind(1)
         scores = scores / temperature[:, None]
         if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
@@ -141,7 +154,6 @@ class Sampler:
                 noise[i].exponential_(generator=self._generator(s, device))
         # A zero draw over a zero probability would give NaN, which arg-max prefers.
         sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-        greedy = upload(torch.tensor([p.greedy for p in params]), device)
         return torch.where(greedy, greedy_tokens, sampled)
 
     @staticmethod
@@ -182,6 +194,16 @@ class Sampler:
             top = dict(zip(top_ids[i][:n], top_vals[i][:n])) if n else {}
             result.append((chosen[i], top))
         return result
+
+
+@functools.cache
+def _fused_sample():
+    """The sort-free sampling kernel where Triton is installed (CUDA tensors), else ``None``."""
+    try:
+        from ..kernels.triton_sampling import sample
+    except ImportError:
+        return None
+    return sample
 
 
 def _prompt_logprobs(out: SchedulerOutput, rows: list[PromptLogprobRows], logits: torch.Tensor) -> list:
