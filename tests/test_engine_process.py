@@ -20,6 +20,8 @@ from hf_paged.engine.core_process import engine_factory, load_engine
 from hf_paged.engine.process_client import EngineProcessClient, EngineStartError
 from hf_paged.engine.wire import EngineState
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 LOAD = {"dtype": "float32", "device": "cpu"}
 ENGINE = {"num_blocks": 64, "max_num_seqs": 8}
 PROMPTS = ["w4 w5 w6 w7", "w10 w11", [1, 20, 30, 40, 50, 60], "w90 w91 w92 w93 w94 w95 w4"]

@@ -15,6 +15,8 @@ from hf_paged import SamplingParams  # noqa: E402
 from hf_paged.integrations.ray import ReplicaRouter, RoutingTable, generate_batch_dp  # noqa: E402
 from tiny_model_dir import save_tiny_model, words  # noqa: E402
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 ENGINE = dict(num_blocks=48, block_size=16, max_num_seqs=16, max_num_batched_tokens=256)
 
 

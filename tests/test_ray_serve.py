@@ -15,6 +15,8 @@ from hf_paged.loader import load_model  # noqa: E402
 from hf_paged.server.ray_serve import build, openai_deployment  # noqa: E402
 from server_harness import free_port, save_tiny_demo, streamed_completion  # noqa: E402
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):

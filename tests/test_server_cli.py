@@ -22,6 +22,8 @@ from hf_paged.server import _deps  # noqa: E402
 from hf_paged.loader import load_model  # noqa: E402
 from hf_paged.server.cli import build_parser, main  # noqa: E402
 
+pytestmark = pytest.mark.any_transformers  # .ci/run: newest Transformers only (see pyproject)
+
 
 def test_parser_defaults_and_options():
     args = build_parser().parse_args(["serve", "some/dir"])

@@ -27,9 +27,10 @@ def kept_probs(scores, temperature, top_k, top_p, min_p):
 pytestmark = pytest.mark.any_transformers
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 0.9, 0.0), (0.9, 40, 0.95, 0.02)])
-def test_draws_follow_the_kept_distribution(temperature, top_k, top_p, min_p):
-    vocab, draws = 200, 400
+def test_draws_follow_the_kept_distribution():
+    """Temperature, top-k, top-p and min-p together (each one alone is a special case of the same passes)."""
+    temperature, top_k, top_p, min_p = 0.9, 40, 0.95, 0.02
+    vocab, draws = 200, 300
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(vocab, generator=g) * 2.5
     want = kept_probs(scores, temperature, top_k or vocab, top_p, min_p)
@@ -39,20 +40,25 @@ def test_draws_follow_the_kept_distribution(temperature, top_k, top_p, min_p):
                                  top_k=bool(top_k), top_p=top_p < 1, min_p=min_p > 0).cpu()
     assert want[got].min() > 0, "a draw outside the kept set"
     freq = torch.bincount(got, minlength=vocab).float() / draws
-    # Total variation: ~0.1 expected from 400 draws; uniform draws over the kept set would give ~0.35 here.
+    # Total variation: ~0.1 expected from 300 draws; uniform draws over the 4 kept tokens would give 0.59 here.
     assert (freq - want).abs().sum() / 2 < 0.2
     assert (want > 0).sum() > 3  # the case keeps several tokens (the test could not pass by always taking one)
 
 
 def test_kept_set_boundaries_exactly():
-    """A nucleus on a distribution with known masses (0.4, 0.3, 0.2, 0.1), fixed seeds."""
+    """Known masses (0.4, 0.3, 0.2, 0.1), fixed seeds: each filter's boundary on both sides."""
     scores = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
-    rows = [(0.4, {0}), (0.41, {0, 1}), (0.69, {0, 1}), (0.71, {0, 1, 2}), (0.95, {0, 1, 2, 3})]
-    for top_p, allowed in rows:
-        params = torch.tensor([[1.0, 4.0, top_p, 0.0]]).repeat(48, 1)
-        got = triton_sampling.sample(scores.repeat(48, 1).to(DEVICE), params.to(DEVICE),
-                                     torch.arange(48).to(DEVICE), top_k=False, top_p=True, min_p=False)
-        assert set(got.tolist()) == allowed, top_p
+    rows = [  # (top_k, top_p, min_p, the tokens drawn)
+        (4, 0.39, 0.0, {0}), (4, 0.41, 0.0, {0, 1}), (4, 0.69, 0.0, {0, 1}), (4, 0.71, 0.0, {0, 1, 2}),
+        (4, 0.95, 0.0, {0, 1, 2, 3}), (2, 1.0, 0.0, {0, 1}),
+        (3, 0.7, 0.0, {0, 1}), (3, 0.8, 0.0, {0, 1, 2}),  # top-p over the renormalised top-3 (0.44, 0.33, 0.22)
+        (4, 1.0, 0.6, {0, 1}), (4, 1.0, 0.45, {0, 1, 2}),  # min-p: p >= 0.24 / p >= 0.18
+    ]
+    for top_k, top_p, min_p, allowed in rows:
+        params = torch.tensor([[1.0, float(top_k), top_p, min_p]]).repeat(24, 1)
+        got = triton_sampling.sample(scores.repeat(24, 1).to(DEVICE), params.to(DEVICE), torch.arange(24).to(DEVICE),
+                                     top_k=top_k < 4, top_p=top_p < 1, min_p=min_p > 0)
+        assert set(got.tolist()) == allowed, (top_k, top_p, min_p)
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():

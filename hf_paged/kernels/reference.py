@@ -72,9 +72,9 @@ def paged_attention(
 
     ``max_seqlen_q``/``max_context_len``/``static_grid`` are launch-size hints other backends need, and
     ``key``/``value`` (``[T, Hkv, D]``) this step's new keys/values, which the caches hold as well (a
-    backend may read them from there faster); the reference ignores them all. Rows after the last sequence (padding of graphed mixed steps, which no
-    one reads) are zeros here; other backends may leave them unwritten. Softmax is computed in float32
-    and the result cast back to ``query.dtype``.
+    backend may read them from there faster); the reference ignores them all. Rows after the last
+    sequence (padding of graphed mixed steps, which no one reads) are zeros here; other backends may
+    leave them unwritten. Softmax is computed in float32 and the result cast back to ``query.dtype``.
     """
     total_q, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
