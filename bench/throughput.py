@@ -514,6 +514,9 @@ def versions() -> dict:
     with contextlib.suppress(Exception):
         root = Path(__file__).resolve().parents[1]
         v["git_commit"] = subprocess.check_output(["git", "-C", str(root), "rev-parse", "HEAD"], text=True).strip()
+        # A copy of an uncommitted tree (the device tool's) keeps an older HEAD: say that the files differ from it.
+        v["git_dirty"] = bool(subprocess.check_output(["git", "-C", str(root), "status", "--porcelain",
+                                                        "--untracked-files=no"], text=True).strip())
     return v
 
 

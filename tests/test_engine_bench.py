@@ -72,6 +72,7 @@ def test_one_engine_per_kernel_backend(bench, tmp_path, monkeypatch):
     assert get_backend(torch.device("cpu"), torch.float32).name == "reference"
 
 
+@pytest.mark.any_transformers  # bench/scale.py's plumbing; TP itself is tested on both Transformers by test_distributed
 def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
     """bench/scale.py on CPU: a tiny checkpoint whose weights each rank draws at load time, one
     process vs TP=2 over gloo; the JSON has the issue's fields."""
