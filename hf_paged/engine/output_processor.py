@@ -31,11 +31,9 @@ class OutputProcessor:
         if self.tokenizer is None:
             return []
         stopped = []
-        for seq in seqs:
-            if seq.request.incremental_text:
-                detok = self._detokenizer(seq, incremental=True)
-                if detok is not None and detok.add(seq.token_ids[-1:]):
-                    stopped.append(seq)
+        for seq in seqs:  # only samples whose text streams or may stop decode as they go
+            if seq.request.incremental_text and self._detokenizer(seq, incremental=True).add(seq.token_ids[-1:]):
+                stopped.append(seq)
         return stopped
 
     def updates(self, seqs: list[Sequence]) -> list[RequestUpdate]:
@@ -91,14 +89,12 @@ class OutputProcessor:
         return detok.text
 
     def _detokenizer(self, seq: Sequence, *, incremental: bool) -> IncrementalDetokenizer | None:
-        """``seq``'s detokenizer, created on first need; while decoding (``incremental``), only for
-        samples whose text streams or may stop."""
+        """``seq``'s detokenizer, created on first need (while decoding, ``incremental``, or at the end)."""
         if seq.detokenizer is None and self.tokenizer is not None and seq.request.detokenize:
             request = seq.request
-            if not incremental or request.incremental_text:
-                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.stop)
-                # Created late (at the end): catch up on the whole output; while decoding, `add`
-                # feeds the first token right after.
-                if not incremental:
-                    seq.detokenizer.add(seq.output_token_ids)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params.stop)
+            # Created late (at the end): catch up on the whole output; while decoding, `add` feeds the
+            # first token right after.
+            if not incremental:
+                seq.detokenizer.add(seq.output_token_ids)
         return seq.detokenizer

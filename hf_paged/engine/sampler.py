@@ -120,28 +120,32 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy_tokens
         device, vocab = scores.device, scores.shape[1]
-        table = upload(torch.tensor(
-            [
-                [p.temperature if not p.greedy else 1.0, p.top_k if p.top_k > 0 else vocab, p.top_p, p.min_p]
-                for p in params
-            ],
-            dtype=torch.float32,
-        ), device)
-        greedy = upload(torch.tensor([p.greedy for p in params]), device)
+        # One pass over the rows: their parameters, and which filters and generators the step needs.
+        rows, greedy_rows, seeded = [], [], []
+        use_top_k = use_top_p = use_min_p = False
+        for i, p in enumerate(params):
+            top_k = p.top_k if 0 < p.top_k < vocab else vocab
+            rows.append((1.0 if p.greedy else p.temperature, top_k, p.top_p, p.min_p))
+            greedy_rows.append(p.greedy)
+            use_top_k |= top_k < vocab
+            use_top_p |= p.top_p < 1.0
+            use_min_p |= p.min_p > 0
+            if p.seed is not None:
+                seeded.append(i)
+        table = upload(torch.tensor(rows, dtype=torch.float32), device)
+        greedy = upload(torch.tensor(greedy_rows), device)
         fused = _fused_sample() if scores.is_cuda else None
         if fused is not None:  # no sort, no [rows, vocab] temporaries (hf_paged/kernels/triton_sampling.py)
             seeds = torch.randint(0, 2**62, (len(seqs),), device=device)
-            for i, s in enumerate(seqs):
-                if params[i].seed is not None:
-                    seeds[i : i + 1].random_(0, 2**62, generator=self._generator(s, device))
-            sampled = fused(scores, table, seeds, top_k=any(0 < p.top_k < vocab for p in params),
-                            top_p=any(p.top_p < 1.0 for p in params), min_p=any(p.min_p > 0 for p in params))
+            for i in seeded:
+                seeds[i : i + 1].random_(0, 2**62, generator=self._generator(seqs[i], device))
+            sampled = fused(scores, table, seeds, top_k=use_top_k, top_p=use_top_p, min_p=use_min_p)
             return torch.where(greedy, greedy_tokens, sampled)
         temperature, top_k, top_p, min_p = table.unbind(1)
         scores = scores / temperature[:, None]
-        if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
+        if use_top_k or use_top_p:
             scores = self._top_k_top_p(scores, top_k, top_p)
-        if any(p.min_p > 0 for p in params):
+        if use_min_p:
             probs = torch.softmax(scores, dim=-1)
             threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             scores = scores.masked_fill(probs < threshold, float("-inf"))
@@ -149,9 +153,8 @@ class Sampler:
         # Every row draws from the default generator, then seeded rows redraw from their own (no index
         # tensor built from a host list, whose copy would wait for the device).
         noise = torch.empty_like(probs).exponential_()
-        for i, s in enumerate(seqs):
-            if params[i].seed is not None:
-                noise[i].exponential_(generator=self._generator(s, device))
+        for i in seeded:
+            noise[i].exponential_(generator=self._generator(seqs[i], device))
         # A zero draw over a zero probability would give NaN, which arg-max prefers.
         sampled = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
         return torch.where(greedy, greedy_tokens, sampled)
