@@ -8,7 +8,8 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``dp2``: two `Engine` replicas as Ray actors behind `hf_paged.integrations.ray.ReplicaRouter`;
 * ``parity``: greedy tokens of TP=2 against one GPU in fp32, on a small shape;
 * ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
-  engine ran under TP before both were enabled there).
+  engine ran under TP before both were enabled there);
+* ``tp2-nccl``, ...: every all-reduce through NCCL (no one-shot all-reduce, `hf_paged.tp_all_reduce`).
 
 Each engine configuration measures output tokens/s on the ``uniform`` (512 in / 128 out) and
 ``mixed`` (in ~ U[16, 1024], out ~ U[16, 256]) workloads after a warm-up, and the batch-1 decode
@@ -41,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput import MODEL_TINY, RESULTS, make_workload, run_hf_paged, versions  # noqa: E402
+
+from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES  # noqa: E402
 
 SHAPES = {
     "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -77,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true")
     p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True) in every configuration")
+    p.add_argument("--one-shot-max-bytes", type=int, default=None,
+                   help="TP: largest all-reduce taking the one-shot path (0: NCCL for all; default: the library's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (TP over gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -201,7 +206,10 @@ def run_child(args) -> dict:
         from hf_paged.distributed import start_tensor_parallel_engine
 
         size = int(kind[2:])
-        with start_tensor_parallel_engine(args.model_dir, size, tokenizer=False, model_kwargs=dict(dtype=dtype),
+        model_kwargs = dict(dtype=dtype)
+        if args.one_shot_max_bytes is not None:
+            model_kwargs["one_shot_max_bytes"] = args.one_shot_max_bytes
+        with start_tensor_parallel_engine(args.model_dir, size, tokenizer=False, model_kwargs=model_kwargs,
                                           **_engine_kwargs(args)) as engine:
             start_s = time.perf_counter() - started  # the ranks' loading and rank 0's engine warm-up
             return dict(load_s=start_s - engine.warmup_s, start_s=start_s, tensor_parallel_size=size,
@@ -291,7 +299,11 @@ def _spawn(args, config: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", base, "--child-out", str(out)]
     if variant == "eager":
         cmd += ["--no-cuda-graphs", "--no-async-scheduling"]
+    elif variant == "nccl":
+        cmd += ["--one-shot-max-bytes", "0"]
     for name, value in vars(args).items():
+        if variant == "nccl" and name == "one_shot_max_bytes":
+            continue
         if name in ("child", "child_out", "build", "draw_weights", "configs", "out") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
@@ -346,6 +358,11 @@ def summarize(runs: dict, args) -> dict:
     if one and two:
         summary[f"{args.dtype}_tp2_identical_greedy"] = f"{sum(a == b for a, b in zip(one, two))}/{len(one)}"
         summary[f"{args.dtype}_tp2_first_divergence"] = [_first_divergence(a, b) for a, b in zip(one, two)]
+    nccl = runs.get("tp2-nccl", {}).get("greedy_tokens")
+    if two and nccl:  # two ranks' sums are a + b on either path: the tokens must be the same
+        summary["tp2_one_shot_vs_nccl_identical_greedy"] = f"{sum(a == b for a, b in zip(two, nccl))}/{len(two)}"
+        summary["tp2_nccl_tok_s"] = tok_s("tp2-nccl", "uniform")
+        summary["tp2_nccl_batch1_ms_per_token"] = latency("tp2-nccl")
     if "parity" in runs:
         summary["fp32_tp2_identical_greedy"] = f"{runs['parity'].get('identical')}/{runs['parity'].get('prompts')}"
     return summary
@@ -375,8 +392,9 @@ def main(argv=None) -> int:
     scratch = Path(args.model_dir).parent
     for config in args.configs.split(","):
         base, _, variant = config.partition("-")
-        if base not in CONFIGS or variant not in ("", "eager"):
-            raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, each maybe + '-eager')")
+        if base not in CONFIGS or variant not in ("", "eager", "nccl"):
+            raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, "
+                             "each maybe + '-eager' or, under TP, '-nccl')")
         needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(base, 1)
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
@@ -386,11 +404,12 @@ def main(argv=None) -> int:
         record = dict(
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,
             build_s=build_s, num_requests=args.num_requests, versions=versions(), engine_kwargs=_engine_kwargs(args),
+            one_shot_max_bytes=DEFAULT_MAX_BYTES if args.one_shot_max_bytes is None else args.one_shot_max_bytes,
             **summarize(runs, args), runs=runs,
         )
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish
     print(f"\nwrote {out}")
-    rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
+    rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=2, NCCL only", "tp2-nccl"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
             ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager")]
     print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:

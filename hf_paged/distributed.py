@@ -56,6 +56,7 @@ from .cache.geometry import check_tensor_parallel
 from .engine.engine import Engine
 from .engine.gc_pauses import quiet_gc
 from .loader import load_causal_lm, load_tokenizer
+from .tp_all_reduce import DEFAULT_MAX_BYTES, row_parallel_all_reduce
 
 __all__ = [
     "DriverEngine",
@@ -71,13 +72,16 @@ logger = logging.getLogger(__name__)
 # -- loading a sharded model ---------------------------------------------------------------------
 
 
-def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, **from_pretrained_kwargs):
+def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, *,
+                               one_shot_max_bytes: int = DEFAULT_MAX_BYTES, **from_pretrained_kwargs):
     """`hf_paged.loader.load_causal_lm` of ``model_path`` sharded by Transformers (``tp_plan="auto"``).
 
     Call it on every rank (under ``torchrun``, or after ``init_process_group``). ``tp_size``
     defaults to the world size. The config is checked first (`check_tensor_parallel`), so a model
     that cannot be sharded fails with a clear message instead of a shape error inside a layer.
     ``from_pretrained_kwargs`` take ``dtype`` as the loader does (``"auto"``: the checkpoint's).
+    On NCCL, row-parallel layers sum messages of up to ``one_shot_max_bytes`` with a one-shot
+    all-reduce over symmetric memory (`hf_paged.tp_all_reduce`; 0: NCCL's all-reduce for all).
 
     Example:
         >>> model = load_tensor_parallel_model("path/to/model", dtype="bfloat16")  # doctest: +SKIP
@@ -88,9 +92,11 @@ def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, **fr
         tp_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     trust = from_pretrained_kwargs.get("trust_remote_code", False)
     check_tensor_parallel(AutoConfig.from_pretrained(model_path, trust_remote_code=trust), tp_size)
-    if tp_size > 1:
-        from_pretrained_kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
-    return load_causal_lm(model_path, **from_pretrained_kwargs)
+    if tp_size <= 1:
+        return load_causal_lm(model_path, **from_pretrained_kwargs)
+    from_pretrained_kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
+    with row_parallel_all_reduce(one_shot_max_bytes):
+        return load_causal_lm(model_path, **from_pretrained_kwargs)
 
 
 # -- rank 0 as the driver of N-1 worker ranks -----------------------------------------------------
