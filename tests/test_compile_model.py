@@ -31,6 +31,31 @@ def test_compiled_model_matches_eager():
     assert engine.kv_pool.blocks.num_free == 256
 
 
+def test_layers_share_one_compiled_graph():
+    """Each decoder layer is compiled in place and all of them run the same code: a 12-layer model (more
+    layers than torch.compile's recompile limit of 8) compiles no more frames than a 2-layer one, and no
+    layer falls back to eager for lack of recompiles."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+    from tiny_models import make_config
+
+    frames = {}
+    for layers in (2, 12):
+        config = make_config("llama-gqa")
+        config.num_hidden_layers = layers
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="paged").eval()
+        prompts = [[5, 9, 11, 3] * k for k in (1, 3, 5)]
+        params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        want = [o.token_ids for o in Engine(model, num_blocks=64).generate(prompts, params)]
+        counters.clear()
+        got = [o.token_ids for o in Engine(model, num_blocks=64, compile_model=True).generate(prompts, params)]
+        assert got == want
+        assert not counters.get("recompile_limit")
+        frames[layers] = counters["frames"]["ok"]
+    assert 1 <= frames[12] <= frames[2]
+
+
 def test_warm_up_leaves_nothing_to_compile_while_serving():
     """Warm-up runs steps of one and of several sequences, so torch.compile has made the batch dimensions
     dynamic before the first request: larger, uncaptured steps (on the GPU: above the graph buckets) reuse

@@ -43,6 +43,11 @@ class KVPool:
         return self._storage.device
 
     @property
+    def storage(self) -> torch.Tensor:
+        """Every layer's K/V: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``."""
+        return self._storage
+
+    @property
     def num_blocks(self) -> int:
         return self.blocks.num_blocks
 

@@ -184,9 +184,9 @@ class MixedGraphs:
     """
 
     def __init__(self, model, kv_pool: KVPool, *, max_seqs: int, max_tokens: int, max_context: int,
-                 mask: torch.Tensor, decoder=None) -> None:
+                 mask: torch.Tensor) -> None:
         self._model = model
-        self._decoder = model.get_decoder() if decoder is None else decoder  # e.g. its torch.compile
+        self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
         self._kv_pool = kv_pool
         self._mask = mask

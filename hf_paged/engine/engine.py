@@ -58,11 +58,11 @@ class Engine:
             host learns step N's tokens one step later (for stop checks and streaming), and a
             request that stops at step N may compute one more token, which is dropped. Steps with
             penalties, logprobs or prompt logprobs run synchronously. Default: on for CUDA.
-        compile_model: run the model through ``torch.compile`` (the paged-attention step is one
-            opaque op, so norms, rotary, activations and residuals fuse around it); compiling adds
-            minutes to the first start (Inductor's on-disk caches serve later ones). Experimental:
-            fp32 tokens equal the eager engine's on CPU and GPU; on an H100 the 1.5B shape went from
-            28k to 38k output tok/s (bench/RESULTS.md).
+        compile_model: ``torch.compile`` the model's decoder layers, in place (the paged-attention
+            step is one opaque op, so norms, rotary, activations and residuals fuse around it; all
+            layers share one compiled graph, so warm-up compiles one layer). Experimental: fp32 tokens
+            equal the eager engine's on CPU and GPU; on an H100 the 1.5B shape went from 28k to 38k
+            output tok/s (bench/RESULTS.md).
 
     Example:
         >>> with Engine(model, num_blocks=1024, tokenizer=tok) as engine:  # doctest: +SKIP
