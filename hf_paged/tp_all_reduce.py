@@ -4,7 +4,7 @@ Transformers' row-parallel layers (``"rowwise"`` in a ``tp_plan``: Llama's ``o_p
 their ranks' partial outputs with ``dist.all_reduce``, two per layer. A decode step's messages are small
 (tokens x hidden x 2 bytes: 8 KB at batch 1, 2 MB at 256 sequences) and NCCL's protocol latency dominates
 them. With symmetric memory each rank reads its peers' partial sums directly
-(``torch.ops.symm_mem.one_shot_all_reduce_copy_out``: one kernel with a barrier on either side, capturable
+(``torch.ops.symm_mem.one_shot_all_reduce_copy``: one kernel with a barrier on either side, capturable
 in CUDA graphs, no multicast). `row_parallel_all_reduce` installs that for a model being loaded; messages
 over ``max_bytes`` (prefill), other groups and every group that is not NCCL keep ``dist.all_reduce``.
 

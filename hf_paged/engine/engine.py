@@ -61,8 +61,8 @@ class Engine:
         compile_model: ``torch.compile`` the model's decoder layers, in place (the paged-attention
             step is one opaque op, so norms, rotary, activations and residuals fuse around it; all
             layers share one compiled graph, so warm-up compiles one layer). Experimental: fp32 tokens
-            equal the eager engine's on CPU and GPU; on an H100 the 1.5B shape went from 28k to 38k
-            output tok/s (bench/RESULTS.md).
+            equal the eager engine's on CPU and GPU; on an H100 the 1.5B shape went from 35k to 44k
+            output tok/s on the uniform workload, with ~25 s more warm-up (README).
 
     Example:
         >>> with Engine(model, num_blocks=1024, tokenizer=tok) as engine:  # doctest: +SKIP
