@@ -18,6 +18,7 @@ latency (ms per output token after the first, median of 3 requests of 128 in / `
     python bench/scale.py --build --model-dir /tmp/llama-8b                 # save the checkpoint
     python bench/scale.py --model-dir /tmp/llama-8b --configs tp1,tp2,dp2,parity
     python bench/scale.py --shape tiny --build --model-dir /tmp/tiny --configs tp1,tp2 --device cpu   # smoke test
+    python bench/scale.py --model-dir /tmp/llama-8b --configs tp1,tp2 --workloads uniform --profile   # + top kernels
 
 Writes ``bench/results/scale-<gpus>-<date>.json``.
 """
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import MODEL_TINY, RESULTS, make_workload, run_hf_paged, versions  # noqa: E402
+from throughput import MODEL_TINY, RESULTS, make_workload, profile_engine, run_hf_paged, versions  # noqa: E402
 
 from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES  # noqa: E402
 
@@ -80,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true")
     p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True) in every configuration")
+    p.add_argument("--profile", action="store_true",
+                   help="engine configurations (rank 0 under TP): device busy and top kernels per step kind")
+    p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument("--one-shot-max-bytes", type=int, default=None,
                    help="TP: largest all-reduce taking the one-shot path (0: NCCL for all; default: the library's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -186,6 +190,10 @@ def _measure_engine(engine, args) -> dict:
     result["batch1_ms_per_token"] = statistics.median(per_token)
     result["batch1_ms_per_token_all"] = per_token
     result["greedy_tokens"] = [o.token_ids for o in engine.generate(prompts, _greedy(32))]
+    if args.profile:
+        first = next(iter(_workloads(args, engine.vocab_size).values()))
+        result["profile"] = profile_engine(engine, first[: args.max_num_seqs], SimpleNamespace(
+            device=args.device, profile_steps=args.profile_steps))
     return result
 
 

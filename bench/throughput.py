@@ -440,6 +440,10 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
             entry["steps"] += args.profile_steps
             entry["wall_ms"] += wall * 1e3
             entry["device_ms"] += sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3 if cuda else 0.0
+            if cuda and "top_kernels" not in entry:  # where one window's device time went, by kernel
+                top = sorted(events, key=lambda e: getattr(e, attr, 0.0) or 0.0, reverse=True)[:12]
+                entry["top_kernels"] = [dict(name=e.key[:90], device_ms=(getattr(e, attr, 0.0) or 0.0) / 1e3,
+                                             calls=e.count) for e in top]
             if cuda and k not in syncs and engine.has_unfinished():
                 syncs[k] = _syncs_of_one_step(engine)
             if cuda and table is None and k == "mixed":
@@ -462,6 +466,8 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
               f"{e['device_busy_pct'] or 0:.0f}%, device->host syncs in a step: {len(e['syncs'])}")
         for w in e["syncs"][:5]:
             print("     ", w)
+        for t in e.get("top_kernels", []):
+            print(f"      {t['device_ms']:9.3f} ms {t['calls']:6d}x  {t['name']}")
     if table:
         print("host ops of one mixed step (CPU time):")
         print(table)
