@@ -54,26 +54,24 @@ def paged_attention_forward(
         hkv = key.shape[1]
         step_key = key[0].transpose(0, 1).reshape(-1, hkv, head_dim)
         step_value = value[0].transpose(0, 1).reshape(-1, hkv, head_dim)
-        pool, m = kwargs["paged_kv"], metadata
-        if torch.compiler.is_compiling():
-            # One opaque op over the whole pool, its layer an argument: the compiler fuses the layer's other
-            # work around it, and every decoder layer shares one compiled graph (see `_pool_attention`).
-            out = _pool_attention(
-                query, step_key, step_value, pool.storage, module.layer_idx, m.slot_mapping, m.cu_seqlens_q,
-                m.context_lens, m.block_tables, m.kv_start, scale, window, softcap, m.max_seqlen_q,
-                m.max_context_len, m.static_grid,
-            )
-            return out.view(batch, q_len, num_heads, head_dim), None
-        key, value = pool.layer(module.layer_idx)
-    else:
-        step_key = step_value = None
-        metadata = take_published(key)
+        # Under torch.compile one opaque op over the whole pool, its layer an argument: the compiler fuses
+        # the layer's other work around it, and every decoder layer shares one compiled graph. Eager calls
+        # skip the dispatcher.
+        attend = _pool_attention_op if torch.compiler.is_compiling() else _pool_attention
+        m = metadata
+        out = attend(
+            query, step_key, step_value, kwargs["paged_kv"].storage, module.layer_idx, m.slot_mapping,
+            m.cu_seqlens_q, m.context_lens, m.block_tables, m.kv_start, scale, window, softcap, m.max_seqlen_q,
+            m.max_context_len, m.static_grid,
+        )
+        return out.view(batch, q_len, num_heads, head_dim), None
+    metadata = take_published(key)  # a `PagedCache` step (its `update` stored the new keys), else dense keys
     if metadata is None:
         key, value, metadata = _dense_as_paged(key, value, batch, q_len)
     if metadata.kv_start is None and attention_mask is not None:
         metadata.kv_start = _left_padding(attention_mask, metadata.max_context_len)
     out = _attention(
-        query, step_key, step_value, key, value, metadata.slot_mapping, metadata.cu_seqlens_q,
+        query, None, None, key, value, metadata.slot_mapping, metadata.cu_seqlens_q,
         metadata.context_lens, metadata.block_tables, metadata.kv_start, scale, window, softcap,
         metadata.max_seqlen_q, metadata.max_context_len, metadata.static_grid,
     )
@@ -101,22 +99,24 @@ def _attention(
     )
 
 
-@torch.library.custom_op("hf_paged::pool_attention", mutates_args=("kv",))
 def _pool_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv: torch.Tensor, layer: int,
     slot_mapping: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
     kv_start: torch.Tensor | None, scale: float, sliding_window: int, softcap: float, max_seqlen_q: int,
     max_context_len: int, static_grid: bool,
 ) -> torch.Tensor:
-    """`_attention` on layer ``layer`` of a `KVPool`'s storage ``kv`` (``[L, 2, blocks, ...]``): what
-    torch.compile sees of an engine step. The layer is an argument rather than a constant so that the
+    """`_attention` on layer ``layer`` of a `KVPool`'s storage ``kv`` (``[L, 2, blocks, ...]``): an engine
+    step. As the op torch.compile sees, the layer is an argument rather than a constant so that the
     compiled code of one decoder layer serves all of them (the engine makes module ints dynamic)."""
     return _attention(query, key, value, kv[layer, 0], kv[layer, 1], slot_mapping, cu_seqlens_q, context_lens,
                       block_tables, kv_start, scale, sliding_window, softcap, max_seqlen_q, max_context_len,
                       static_grid)
 
 
-@_pool_attention.register_fake
+_pool_attention_op = torch.library.custom_op("hf_paged::pool_attention", mutates_args=("kv",))(_pool_attention)
+
+
+@_pool_attention_op.register_fake
 def _(query, key, value, kv, layer, slot_mapping, cu_seqlens_q, context_lens, block_tables, kv_start,
       scale, sliding_window, softcap, max_seqlen_q, max_context_len, static_grid):
     return torch.empty_like(query)

@@ -55,19 +55,28 @@ def enable_one_shot(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES
     return name in _buffers
 
 
-@torch.library.custom_op("hf_paged::one_shot_all_reduce", mutates_args=())
 def one_shot_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """``x`` summed over the group named ``group_name`` (after `enable_one_shot`; ``x`` contiguous and
-    within the group's buffer): every rank reads its peers' copies directly, one kernel.
+    within the group's buffer): every rank reads its peers' copies directly, one kernel. Under
+    torch.compile it is one opaque op; eager calls skip the dispatcher.
 
     Example:
         >>> total = one_shot_all_reduce(partial, dist.group.WORLD.group_name)  # doctest: +SKIP
     """
+    if torch.compiler.is_compiling():
+        return _one_shot_op(x, group_name)
+    return _one_shot(x, group_name)
+
+
+def _one_shot(x: torch.Tensor, group_name: str) -> torch.Tensor:
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", group_name)
 
 
-@one_shot_all_reduce.register_fake
+_one_shot_op = torch.library.custom_op("hf_paged::one_shot_all_reduce", mutates_args=())(_one_shot)
+
+
+@_one_shot_op.register_fake
 def _(x, group_name):
     return torch.empty_like(x)
 
