@@ -2,7 +2,7 @@
 
     python bench/step_breakdown.py [--num-requests 1024] [--max-num-seqs 512] [--tiny]
 
-Runs the uniform workload of `bench/throughput.py` (same model shape) through `Engine.step` with
+Runs a workload of `bench/throughput.py` (uniform unless ``--workload mixed``) (same model shape) through `Engine.step` with
 every phase timed on the host: schedule, runner (pack, upload, launch), sample (launch), wait (for
 the step's tokens: the one device->host copy), `update_from_output`, output processing and the rest
 (stats, bookkeeping). Without async scheduling the host phases other than "wait" are time the GPU
@@ -48,6 +48,7 @@ def instrument(engine: Engine, totals: dict[str, float]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--workload", choices=["uniform", "mixed"], default="uniform")
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--memory-fraction", type=float, default=0.6)
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/step-breakdown-<gpu>-<date>.json)")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,15 +65,16 @@ def main() -> None:
     engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     memory_fraction=args.memory_fraction if args.device == "cuda" else None,
                     num_blocks=None if args.device == "cuda" else 4096,
-                    async_scheduling=False if args.no_async_scheduling else None)
+                    async_scheduling=False if args.no_async_scheduling else None, compile_model=args.compile_model)
     scale = 0.05 if args.tiny else 1.0
     warm = make_workload("uniform", 16, engine.vocab_size, args.seed + 1000, scale)
     engine.generate([q for q, _ in warm], [_params(n) for _, n in warm])
     engine.reset_prefix_cache()
 
-    per_kind: dict[str, collections.Counter] = {"decode": collections.Counter(), "mixed": collections.Counter()}
+    # Mixed steps of up to 4,096 tokens replay graphs (`MixedGraphs`); larger ones run eagerly.
+    per_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     steps = collections.Counter()
-    for prompt, n in make_workload("uniform", args.num_requests, engine.vocab_size, args.seed, scale):
+    for prompt, n in make_workload(args.workload, args.num_requests, engine.vocab_size, args.seed, scale):
         engine.add_request(prompt, _params(n))
     kind, _ = classify_steps(engine)
     totals: dict[str, float] = collections.Counter()
@@ -82,8 +85,9 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - t0
-        per_kind[kind["now"]].update({**totals, "other": wall - sum(totals.values()), "wall": wall})
-        steps[kind["now"]] += 1
+        k = kind["now"] if kind["now"] == "decode" else f"mixed {'<=' if kind['tokens'] <= 4096 else '>'} 4096"
+        per_kind[k].update({**totals, "other": wall - sum(totals.values()), "wall": wall})
+        steps[k] += 1
     sync(args.device)
 
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"

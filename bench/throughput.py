@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_paged  # noqa: E402  registers "paged"
 from hf_paged import Engine, SamplingParams  # noqa: E402
+from hf_paged.engine.gc_pauses import quiet_gc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -395,7 +396,8 @@ def profile_engine(engine: Engine, requests, args) -> dict:
     for (obj, name), label in zip(wrapped, labels):
         wrap(obj, name, label)
     try:
-        return _profile_steps(engine, requests, args, profile, ProfilerActivity)
+        with quiet_gc():  # as in `Engine.generate`: a collection inside a window is not a step's cost
+            return _profile_steps(engine, requests, args, profile, ProfilerActivity)
     finally:
         for obj, name in wrapped:
             delattr(obj, name)
@@ -403,7 +405,11 @@ def profile_engine(engine: Engine, requests, args) -> dict:
 
 def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) -> dict:
     """Device-busy share per step kind (windows of consecutive steps of one kind, device activity
-    only, so the profiler adds little host time), the syncs of one step of each kind, one op table."""
+    only, so the profiler adds little host time), the syncs of one step of each kind, one op table.
+
+    Busy is kernel time over the span from a window's first kernel to its last: each window starts
+    from an idle device (a sync), so its first step's host work would otherwise count as idle time
+    that serving never has (async scheduling launches a step while the one before runs)."""
     engine.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
     for p, n in requests:
         engine.add_request(p, _params(n))
@@ -431,7 +437,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
             if len(kinds) != 1:
                 continue
             k = kinds.pop()
-            entry = per_kind.setdefault(k, dict(windows=0, steps=0, wall_ms=0.0, device_ms=0.0))
+            entry = per_kind.setdefault(k, dict(windows=0, steps=0, wall_ms=0.0, span_ms=0.0, device_ms=0.0))
             if entry["windows"] >= windows:
                 continue
             events = prof.key_averages()
@@ -440,6 +446,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
             entry["steps"] += args.profile_steps
             entry["wall_ms"] += wall * 1e3
             entry["device_ms"] += sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3 if cuda else 0.0
+            entry["span_ms"] += _device_span_ms(prof) if cuda else 0.0
             if cuda and "top_kernels" not in entry:  # where one window's device time went, by kernel
                 top = sorted(events, key=lambda e: getattr(e, attr, 0.0) or 0.0, reverse=True)[:12]
                 entry["top_kernels"] = [dict(name=e.key[:90], device_ms=(getattr(e, attr, 0.0) or 0.0) / 1e3,
@@ -459,11 +466,13 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
         engine.step()
     print(f"\n== profile: device busy per step kind (windows of {args.profile_steps} consecutive steps) ==")
     for k, e in per_kind.items():
-        e["device_busy_pct"] = 100 * e["device_ms"] / e["wall_ms"] if e["wall_ms"] else None
+        e["device_busy_pct"] = 100 * e["device_ms"] / e["span_ms"] if e["span_ms"] else None
+        e["window_busy_pct"] = 100 * e["device_ms"] / e["wall_ms"] if e["wall_ms"] else None
         e["wall_ms_per_step"] = e["wall_ms"] / max(e["steps"], 1)
         e["syncs"] = syncs.get(k, [])
         print(f"  {k:7s} {e['steps']} steps, {e['wall_ms_per_step']:.2f} ms/step, device busy "
-              f"{e['device_busy_pct'] or 0:.0f}%, device->host syncs in a step: {len(e['syncs'])}")
+              f"{e['device_busy_pct'] or 0:.0f}% ({e['window_busy_pct'] or 0:.0f}% of the windows' wall time), "
+              f"device->host syncs in a step: {len(e['syncs'])}")
         for w in e["syncs"][:5]:
             print("     ", w)
         for t in e.get("top_kernels", []):
@@ -474,15 +483,25 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     return per_kind
 
 
+def _device_span_ms(prof) -> float:
+    """Milliseconds from the start of a profile's first device activity to the end of its last."""
+    from torch.autograd import DeviceType
+
+    ranges = [e.time_range for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1e3 if ranges else 0.0
+
+
 def classify_steps(engine: Engine) -> tuple[dict, object]:
     """Make ``engine``'s scheduler record the kind of each step it schedules in ``kind["now"]``
-    ("decode": one token per sequence, else "mixed"); returns that dict and the original method."""
+    ("decode": one token per sequence, else "mixed") and its token count in ``kind["tokens"]``; returns that
+    dict and the original method."""
     schedule = engine.scheduler.schedule
     kind = {"now": "mixed"}
 
     def schedule_and_classify():
         out = schedule()
         kind["now"] = "decode" if out.is_decode_only else "mixed"
+        kind["tokens"] = out.num_batched_tokens
         return out
 
     engine.scheduler.schedule = schedule_and_classify

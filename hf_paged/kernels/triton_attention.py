@@ -174,7 +174,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-    HAS_NEW_KV: tl.constexpr,
+    HAS_NEW_KV: tl.constexpr, DECODES_ONLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -203,6 +203,9 @@ def _paged_attention_kernel(
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     if tile * BLOCK_Q >= q_len:  # the grid is sized by max_seqlen_q; shorter sequences stop here
         return
+    if DECODES_ONLY:  # the first launch of a mixed step in two (see `paged_attention`)
+        if q_len != 1:
+            return
     ctx = tl.load(ctx_ptr + seq)
 
     # Rows: token (tile * BLOCK_Q + r // G) of the sequence, query head (kvh * G + r % G).
@@ -427,11 +430,18 @@ def paged_attention(
     tiles_per_seq = triton.cdiv(max_seqlen_q, block_q)
     programs = num_seqs * tiles_per_seq * num_kv_heads
     tile_map = None
+    # A graph of a mixed step: its decodes (one query each) get a launch of their own with decode tiles; inside
+    # prompt tiles each would fill G of 64-128 rows (on an H100 the attention of 511 decodes beside a 520-token
+    # prompt took 1.5x as long in one launch as in two: bench/NOTES.md).
+    split_decodes = static_grid and config is None and block_q > 1
     if static_grid:
         # Each sequence ends at most one partial tile: cdiv(total_q, block_q) + num_seqs bounds the tiles.
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        tiles = torch.div(q_lens + (block_q - 1), block_q, rounding_mode="floor")
+        if split_decodes:  # no tile for them here: the programs past the last tile return at once
+            tiles.mul_(q_lens != 1)
         tile_map = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
-        torch.cumsum(torch.div(q_lens + (block_q - 1), block_q, rounding_mode="floor"), 0, out=tile_map[1:])
+        torch.cumsum(tiles, 0, out=tile_map[1:])
         programs, num_splits = triton.cdiv(total_q, block_q) + num_seqs, 1
     if num_splits is None:
         num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
@@ -447,25 +457,32 @@ def paged_attention(
     use_softcap = bool(softcap)
     use_window = bool(sliding_window)
     page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
+
+    def launch(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool) -> None:
+        _paged_attention_kernel[grid](
+            query, k_cache, v_cache, out, part_o, part_lse,
+            cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
+            context_lens if tile_map is None else tile_map, new_k, new_v,
+            *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
+            block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
+            scale * LOG2E,
+            2.0 * LOG2E * scale / softcap if use_softcap else 0.0,
+            softcap * LOG2E if use_softcap else 0.0,
+            tiles_per_seq, num_splits, num_seqs,
+            NUM_HEADS=num_heads, G=groups, HEAD_DIM=head_dim, D_PAD=d_pad,
+            BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // groups, BLOCK_N=cfg.block_n, PAGE=page,
+            HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
+            DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=tile_map is not None,
+            LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None,
+            DECODES_ONLY=decodes_only,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    if split_decodes:
+        launch(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, None, None, None, True)
     new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n) if step_kv else (None, None)
-    grid = (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits)
-    _paged_attention_kernel[grid](
-        query, k_cache, v_cache, out, part_o, part_lse,
-        cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
-        tile_map if static_grid else context_lens, new_k, new_v,
-        *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
-        block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
-        scale * LOG2E,
-        2.0 * LOG2E * scale / softcap if use_softcap else 0.0,
-        softcap * LOG2E if use_softcap else 0.0,
-        tiles_per_seq, num_splits, num_seqs,
-        NUM_HEADS=num_heads, G=groups, HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_M=cfg.block_m, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, PAGE=page,
-        HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
-        DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=static_grid,
-        LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch(cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
+           tile_map, new_k, new_v, False)
     if split:
         _reduce_kernel[(total_q, num_heads)](
             out, part_o, part_lse, *out.stride(), num_splits,
