@@ -298,6 +298,19 @@ def _reduce_kernel(
              out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+@triton.jit(do_not_specialize=["num_seqs", "block_q"])
+def _tile_map_kernel(cu_ptr, map_ptr, num_seqs, block_q, SKIP_DECODES: tl.constexpr, BLOCK: tl.constexpr):
+    """``map[s]``: the first query tile of sequence ``s`` (``map[num_seqs]``: their count), one launch."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < num_seqs
+    q_len = tl.load(cu_ptr + offs + 1, mask=ok, other=0) - tl.load(cu_ptr + offs, mask=ok, other=0)
+    tiles = (q_len + block_q - 1) // block_q
+    if SKIP_DECODES:
+        tiles = tl.where(q_len == 1, 0, tiles)
+    tl.store(map_ptr + offs + 1, tl.cumsum(tiles, 0), mask=ok)
+    tl.store(map_ptr + offs, tl.zeros_like(offs), mask=offs == 0)
+
+
 @dataclass(frozen=True)
 class Config:
     """Launch shape of the attention kernel. ``split_target`` is programs per SM that splitting aims for;
@@ -432,16 +445,14 @@ def paged_attention(
     tile_map = None
     # A graph of a mixed step: its decodes (one query each) get a launch of their own with decode tiles; inside
     # prompt tiles each would fill G of 64-128 rows (on an H100 the attention of 511 decodes beside a 520-token
-    # prompt took 1.5x as long in one launch as in two: bench/NOTES.md).
+    # prompt took 504 us in one launch, 311 us in two: bench/NOTES.md).
     split_decodes = static_grid and config is None and block_q > 1
     if static_grid:
-        # Each sequence ends at most one partial tile: cdiv(total_q, block_q) + num_seqs bounds the tiles.
-        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-        tiles = torch.div(q_lens + (block_q - 1), block_q, rounding_mode="floor")
-        if split_decodes:  # no tile for them here: the programs past the last tile return at once
-            tiles.mul_(q_lens != 1)
-        tile_map = torch.zeros(num_seqs + 1, dtype=torch.int32, device=query.device)
-        torch.cumsum(tiles, 0, out=tile_map[1:])
+        # Each sequence ends at most one partial tile: cdiv(total_q, block_q) + num_seqs bounds the tiles. Split,
+        # the decodes get no tile here (the programs past the last tile return at once).
+        tile_map = torch.empty(num_seqs + 1, dtype=torch.int32, device=query.device)
+        _tile_map_kernel[(1,)](cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=split_decodes,
+                               BLOCK=triton.next_power_of_2(num_seqs + 1))
         programs, num_splits = triton.cdiv(total_q, block_q) + num_seqs, 1
     if num_splits is None:
         num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
