@@ -8,13 +8,15 @@
 * Prefill (all prompt tokens new, causal): TFLOP/s against SDPA's flash backend on contiguous K/V.
   Ours is given the step's K/V beside the pages, as in the engine (read through TMA on SM90+).
 * A small sweep of launch configs on a few shapes (what NOTES.md reasons about).
+* ``--mixed-step``: a mixed step's attention (decodes beside a prompt, padded as a graph runs it) against
+  launches sized for its parts. Writes ``kernels-mixed-step-<gpu>-<date>.json``.
 * ``--fa4``: FlashAttention-4 (flash-attn-4, paged) beside ours and SDPA at the shapes of issue 16,
   FA4 on our 16-token blocks and on 128-token pages (its TMA path on SM90), and a prefill config
   sweep of ours. Writes ``kernels-fa4-<gpu>-<date>.json``.
 
 Times are medians of CUDA-graph replays (device time), plus the eager (Python launch) time of ours.
 
-    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--fa4]
+    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--fa4] [--mixed-step]
 """
 
 from __future__ import annotations
@@ -338,6 +340,75 @@ def run_prefill_tune(caps) -> list[dict]:
     return rows
 
 
+MIXED_STEPS = ((511, 520, 2048), (500, 200, 1024), (256, 2000, 4096))  # decodes, prompt tokens, graph bucket
+
+
+def mixed_step_inputs(n_dec: int, prompt: int, bucket: int, heads=32, kv_heads=8, d=64, block_size=16,
+                      max_seqs=512, max_context=4096, device="cuda"):
+    """A graph of a mixed step as `MixedGraphs` pads it: ``n_dec`` decodes over 100-1,300 cached keys, then one
+    new prompt; ``max_seqs`` sequence slots, ``bucket`` token rows (padding owned by no sequence), block tables of
+    ``max_context`` keys. Returns q, the caches, the static-grid arguments, the step's own K/V and the keys read."""
+    g = torch.Generator().manual_seed(0)
+    ctxs = torch.cat([torch.randint(100, 1300, (n_dec,), generator=g), torch.tensor([prompt])])
+    q_lens = torch.cat([torch.ones(n_dec, dtype=torch.long), torch.tensor([prompt])])
+    blocks = (ctxs + block_size - 1) // block_size
+    k = torch.randn(int(blocks.sum()), block_size, kv_heads, d, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    perm = torch.randperm(k.shape[0], device=device, dtype=torch.int32)
+    tables = torch.zeros(max_seqs, max_context // block_size, dtype=torch.int32, device=device)
+    starts = torch.cumsum(blocks, 0) - blocks
+    for i, (start, n) in enumerate(zip(starts.tolist(), blocks.tolist())):
+        tables[i, :n] = perm[start:start + n]
+    num_seqs, total = n_dec + 1, int(q_lens.sum())
+    cu = torch.full((max_seqs + 1,), total, dtype=torch.int32, device=device)
+    cu[0] = 0
+    cu[1:num_seqs + 1] = torch.cumsum(q_lens, 0).to(device)
+    context_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+    context_lens[:num_seqs] = ctxs.to(device)
+    q = torch.randn(bucket, heads, d, device=device, dtype=torch.bfloat16)
+    pos = torch.cat([torch.arange(c - n, c) for c, n in zip(ctxs.tolist(), q_lens.tolist())]).to(device)
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens.to(device))
+    slots = tables[seq_of, pos // block_size].long() * block_size + pos % block_size
+    key = torch.zeros(bucket, kv_heads, d, device=device, dtype=torch.bfloat16)
+    value = torch.zeros_like(key)
+    key[:total], value[:total] = k.flatten(0, 1)[slots], v.flatten(0, 1)[slots]
+    meta = dict(cu_seqlens_q=cu, context_lens=context_lens, block_tables=tables, scale=d**-0.5)
+    return q, k, v, meta, key, value, int(ctxs.sum())
+
+
+def run_mixed_step(caps) -> list[dict]:
+    """A mixed step's attention as its graph launches it (static grid over the padded step) against the same
+    step as two launches sized for its parts (the decodes; the prompt) and the decodes alone."""
+    rows = []
+    for n_dec, prompt, bucket in MIXED_STEPS:
+        q, k, v, meta, key, value, keys = mixed_step_inputs(n_dec, prompt, bucket)
+        cu, ctx, bt = meta["cu_seqlens_q"], meta["context_lens"], meta["block_tables"]
+        decodes = dict(cu_seqlens_q=cu[:n_dec + 1], context_lens=ctx[:n_dec], block_tables=bt[:n_dec],
+                       scale=meta["scale"], max_seqlen_q=1, max_context_len=bt.shape[1] * 16)
+        prompt_meta = dict(cu_seqlens_q=cu[n_dec:n_dec + 2] - n_dec, context_lens=ctx[n_dec:n_dec + 1],
+                           block_tables=bt[n_dec:n_dec + 1], scale=meta["scale"], max_seqlen_q=prompt,
+                           max_context_len=bt.shape[1] * 16, key=key[n_dec:n_dec + prompt],
+                           value=value[n_dec:n_dec + prompt])
+        static = lambda: triton_attention.paged_attention(  # noqa: E731
+            q, k, v, **meta, max_seqlen_q=bucket, max_context_len=bt.shape[1] * 16, static_grid=True, key=key,
+            value=value)
+        parts = lambda: (triton_attention.paged_attention(q[:n_dec], k, v, **decodes),  # noqa: E731
+                         triton_attention.paged_attention(q[n_dec:n_dec + prompt], k, v, **prompt_meta))
+        want = torch.cat(parts())
+        assert (static()[:n_dec + prompt] - want).abs().max().item() < 1e-2
+        floor = 2 * keys * k.shape[2] * k.shape[3] * 2 / (caps["copy_TBps"] * 1e9)
+        row = dict(decodes=n_dec, prompt=prompt, bucket=bucket, ms_static=bench_graph(static),
+                   ms_parts=bench_graph(parts),
+                   ms_decodes_only=bench_graph(lambda: triton_attention.paged_attention(q[:n_dec], k, v, **decodes)),
+                   kv_floor_ms=floor)
+        rows.append(row)
+        print(f"mixed step {n_dec} decodes + {prompt}-token prompt (bucket {bucket}): static grid "
+              f"{row['ms_static'] * 1e3:.1f} us, two launches sized for the parts {row['ms_parts'] * 1e3:.1f} us, "
+              f"decodes alone {row['ms_decodes_only'] * 1e3:.1f} us, K/V at copy bandwidth {floor * 1e3:.1f} us",
+              flush=True)
+    return rows
+
+
 def markdown(env, caps, decode, prefill, sweep) -> str:
     lines = [f"# Kernel benchmark ({env['gpu']}, {env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}. "
@@ -382,6 +453,8 @@ def main() -> None:
                         "and a prefill config sweep of ours")
     parser.add_argument("--no-fa4-table", action="store_true", help="with --fa4: the prefill sweep only")
     parser.add_argument("--no-prefill-tune", action="store_true", help="with --fa4: the table only")
+    parser.add_argument("--mixed-step", action="store_true", help="only a mixed step's attention as its graph "
+                        "launches it vs launches sized for its decodes and its prompt")
     args = parser.parse_args()
     import transformers
 
@@ -400,6 +473,13 @@ def main() -> None:
     print(env, flush=True)
     caps = ceilings()
     print(caps, flush=True)
+    if args.mixed_step:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"kernels-mixed-step-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
+        with open(path, "w") as f:
+            json.dump(dict(env=env, ceilings=caps, rows=run_mixed_step(caps)), f, indent=1)
+        print(f"wrote {path}", flush=True)
+        return
     if args.fa4:
         import importlib.metadata
 
