@@ -17,6 +17,9 @@ Design (semantics are those of `hf_paged.kernels.reference`):
   log-sum-exp) to scratch, and `_reduce_kernel` merges them. ``num_splits`` and the grid depend only
   on host ints (shapes and the ``max_seqlen_q``/``max_context_len`` hints), never on tensor values,
   so a launch can be captured in a CUDA graph.
+* A mixed step replayed from a graph (``static_grid``: decodes beside prompt chunks, any query lengths) runs
+  in two launches: the decodes with decode tiles (``DECODES_ONLY``: a program per sequence and KV head), the
+  others through a tile map built on the device in which decodes own no tile.
 * Softmax runs in fp32 in the exp2 domain; rows that see no key output 0 (like the reference's
   ``nan_to_num``).
 """
