@@ -1,8 +1,9 @@
-"""Where the wall time of an engine step goes, phase by phase, split by step kind (decode-only / mixed).
+"""Where the wall time of an engine step goes, phase by phase, by step kind (decode-only; mixed steps of up to
+4,096 tokens, which replay graphs; larger ones).
 
-    python bench/step_breakdown.py [--num-requests 1024] [--max-num-seqs 512] [--tiny]
+    python bench/step_breakdown.py [--num-requests 1024] [--max-num-seqs 512] [--workload mixed] [--compile-model]
 
-Runs a workload of `bench/throughput.py` (uniform unless ``--workload mixed``) (same model shape) through `Engine.step` with
+Runs the uniform (or mixed) workload of `bench/throughput.py` (same model shape) through `Engine.step` with
 every phase timed on the host: schedule, runner (pack, upload, launch), sample (launch), wait (for
 the step's tokens: the one device->host copy), `update_from_output`, output processing and the rest
 (stats, bookkeeping). Without async scheduling the host phases other than "wait" are time the GPU
