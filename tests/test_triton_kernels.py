@@ -171,6 +171,16 @@ def test_static_grid_matches_for_any_query_lengths(window):
     torch.testing.assert_close(got[: q.shape[0]], want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("skip_decodes,want", [(False, [0, 1, 6, 6, 7, 8, 8]), (True, [0, 0, 5, 5, 6, 6, 6])])
+def test_tile_map_gives_decodes_no_tile_when_they_launch_apart(skip_decodes, want):
+    """A static-grid step's map from program to sequence: first tile of each sequence, then the count (tiles of 8
+    queries); split from the decodes' launch, a one-query sequence owns no tile."""
+    cu = torch.tensor([0, 1, 38, 38, 43, 44, 44], dtype=torch.int32, device=DEVICE)  # q_lens 1, 37, 0, 5, 1, 0
+    tile_map = torch.full((7,), -1, dtype=torch.int32, device=DEVICE)
+    triton_attention._tile_map_kernel[(1,)](cu, tile_map, 6, 8, SKIP_DECODES=skip_decodes, BLOCK=8)
+    assert tile_map.tolist() == want
+
+
 @pytest.mark.parametrize("window,softcap", [(5, None), (None, 2.0), (12, 5.0)])
 def test_window_and_softcap(window, softcap):
     q, k, v, meta = make_problem([6, 1, 20], [22, 35, 20], heads=4, kv_heads=2, block_size=16, seed=7)
