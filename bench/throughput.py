@@ -516,7 +516,9 @@ def _syncs_of_one_step(engine: Engine) -> list[str]:
             engine.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message).splitlines()[0] for w in caught]
+    # (torch warns once per process that the mode is a prototype: that notice is no sync.)
+    return [str(w.message).splitlines()[0] for w in caught
+            if not str(w.message).startswith("Synchronization debug mode is a prototype")]
 
 
 def _labelled(record_function, label, fn, *a, **k):
