@@ -383,14 +383,15 @@ def run_mixed_step(caps) -> list[dict]:
     for n_dec, prompt, bucket in MIXED_STEPS:
         q, k, v, meta, key, value, keys = mixed_step_inputs(n_dec, prompt, bucket)
         cu, ctx, bt = meta["cu_seqlens_q"], meta["context_lens"], meta["block_tables"]
+        max_context = bt.shape[1] * k.shape[1]  # the graph's bound: table width x block size
         decodes = dict(cu_seqlens_q=cu[:n_dec + 1], context_lens=ctx[:n_dec], block_tables=bt[:n_dec],
-                       scale=meta["scale"], max_seqlen_q=1, max_context_len=bt.shape[1] * 16)
+                       scale=meta["scale"], max_seqlen_q=1, max_context_len=max_context)
         prompt_meta = dict(cu_seqlens_q=cu[n_dec:n_dec + 2] - n_dec, context_lens=ctx[n_dec:n_dec + 1],
                            block_tables=bt[n_dec:n_dec + 1], scale=meta["scale"], max_seqlen_q=prompt,
-                           max_context_len=bt.shape[1] * 16, key=key[n_dec:n_dec + prompt],
+                           max_context_len=max_context, key=key[n_dec:n_dec + prompt],
                            value=value[n_dec:n_dec + prompt])
         static = lambda: triton_attention.paged_attention(  # noqa: E731
-            q, k, v, **meta, max_seqlen_q=bucket, max_context_len=bt.shape[1] * 16, static_grid=True, key=key,
+            q, k, v, **meta, max_seqlen_q=bucket, max_context_len=max_context, static_grid=True, key=key,
             value=value)
         parts = lambda: (triton_attention.paged_attention(q[:n_dec], k, v, **decodes),  # noqa: E731
                          triton_attention.paged_attention(q[n_dec:n_dec + prompt], k, v, **prompt_meta))
