@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# hf_paged before transformers, as in throughput.py: bench/kernels.py shadows a package transformers probes.
+# registers attn_implementation="paged"
 import hf_paged  # noqa: E402,F401
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 

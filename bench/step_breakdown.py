@@ -1,5 +1,5 @@
-"""Where the wall time of an engine step goes, phase by phase, by step kind (decode-only; mixed steps of up to
-4,096 tokens, which replay graphs; larger ones).
+"""Where the wall time of an engine step goes, phase by phase, by step kind (`throughput.classify_steps`:
+decode-only; mixed steps of up to 4,096 tokens, which replay graphs; larger prefill steps).
 
     python bench/step_breakdown.py [--num-requests 1024] [--max-num-seqs 512] [--workload mixed] [--compile-model]
 
@@ -72,7 +72,6 @@ def main() -> None:
     engine.generate([q for q, _ in warm], [_params(n) for _, n in warm])
     engine.reset_prefix_cache()
 
-    # Mixed steps of up to 4,096 tokens replay graphs (`MixedGraphs`); larger ones run eagerly.
     per_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     steps = collections.Counter()
     for prompt, n in make_workload(args.workload, args.num_requests, engine.vocab_size, args.seed, scale):
@@ -86,7 +85,7 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.step()
         wall = time.perf_counter() - t0
-        k = kind["now"] if kind["now"] == "decode" else f"mixed {'<=' if kind['tokens'] <= 4096 else '>'} 4096"
+        k = kind["now"]
         per_kind[k].update({**totals, "other": wall - sum(totals.values()), "wall": wall})
         steps[k] += 1
     sync(args.device)

@@ -409,7 +409,9 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
 
     Busy is kernel time over the span from a window's first kernel to its last: each window starts
     from an idle device (a sync), so its first step's host work would otherwise count as idle time
-    that serving never has (async scheduling launches a step while the one before runs)."""
+    that serving never has (async scheduling launches a step while the one before runs). Prefill steps
+    come in runs at the start and decodes in runs later; mixed steps come one at a time between decodes,
+    so once the decodes have their windows, windows are one step long."""
     engine.reset_prefix_cache()  # the timed run cached these prompts: profile real prefills
     for p, n in requests:
         engine.add_request(p, _params(n))
@@ -419,17 +421,20 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     syncs: dict[str, list[str]] = {}
     table = None
     windows = 3  # per step kind
+
+    def have(k: str) -> bool:
+        return per_kind.get(k, {}).get("windows", 0) >= windows
+
     try:
-        while engine.has_unfinished() and not all(
-            per_kind.get(k, {}).get("windows", 0) >= windows for k in ("decode", "mixed")
-        ):
+        while engine.has_unfinished() and not (have("decode") and have("mixed")):  # prefill steps come first
             # A window of consecutive steps (so async scheduling overlaps as it does when serving),
             # counted for a kind when all its steps were of that kind.
             sync(args.device)
             kinds = set()
+            steps = 1 if have("decode") else args.profile_steps
             with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
                 t0 = time.perf_counter()
-                for _ in range(args.profile_steps):
+                for _ in range(steps):
                     engine.step()
                     kinds.add(kind["now"])
                 sync(args.device)
@@ -443,7 +448,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
             events = prof.key_averages()
             attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
             entry["windows"] += 1
-            entry["steps"] += args.profile_steps
+            entry["steps"] += steps
             entry["wall_ms"] += wall * 1e3
             entry["device_ms"] += sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3 if cuda else 0.0
             entry["span_ms"] += _device_span_ms(prof) if cuda else 0.0
@@ -453,7 +458,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
                                              calls=e.count) for e in top]
             if cuda and k not in syncs and engine.has_unfinished():
                 syncs[k] = _syncs_of_one_step(engine)
-            if cuda and table is None and k == "mixed":
+            if cuda and table is None and k == "prefill":  # the next step: most likely a prefill step too
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     engine.step()
                     sync(args.device)
@@ -464,7 +469,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     engine.abort_all()
     while engine.has_unfinished():
         engine.step()
-    print(f"\n== profile: device busy per step kind (windows of {args.profile_steps} consecutive steps) ==")
+    print(f"\n== profile: device busy per step kind (windows of {args.profile_steps} consecutive steps; mixed: one) ==")
     for k, e in per_kind.items():
         e["device_busy_pct"] = 100 * e["device_ms"] / e["span_ms"] if e["span_ms"] else None
         e["window_busy_pct"] = 100 * e["device_ms"] / e["wall_ms"] if e["wall_ms"] else None
@@ -478,7 +483,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
         for t in e.get("top_kernels", []):
             print(f"      {t['device_ms']:9.3f} ms {t['calls']:6d}x  {t['name']}")
     if table:
-        print("host ops of one mixed step (CPU time):")
+        print("host ops of the step after a prefill window (CPU time):")
         print(table)
     return per_kind
 
@@ -491,17 +496,23 @@ def _device_span_ms(prof) -> float:
     return (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1e3 if ranges else 0.0
 
 
+# Prompt-carrying steps of up to this many tokens replay graphs (`MixedGraphs`' largest bucket); larger ones run
+# eagerly.
+GRAPHED_TOKENS = 4096
+
+
 def classify_steps(engine: Engine) -> tuple[dict, object]:
-    """Make ``engine``'s scheduler record the kind of each step it schedules in ``kind["now"]``
-    ("decode": one token per sequence, else "mixed") and its token count in ``kind["tokens"]``; returns that
-    dict and the original method."""
+    """Make ``engine``'s scheduler record the kind of each step it schedules in ``kind["now"]`` ("decode": one
+    token per sequence; "mixed": prompt tokens too, at most `GRAPHED_TOKENS` in all; "prefill": more) and its
+    token count in ``kind["tokens"]``; returns that dict and the original method."""
     schedule = engine.scheduler.schedule
     kind = {"now": "mixed"}
 
     def schedule_and_classify():
         out = schedule()
-        kind["now"] = "decode" if out.is_decode_only else "mixed"
-        kind["tokens"] = out.num_batched_tokens
+        n = out.num_batched_tokens
+        kind["now"] = "decode" if out.is_decode_only else "mixed" if n <= GRAPHED_TOKENS else "prefill"
+        kind["tokens"] = n
         return out
 
     engine.scheduler.schedule = schedule_and_classify

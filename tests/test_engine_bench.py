@@ -30,7 +30,7 @@ def test_tiny_benchmark_writes_results(bench, tmp_path):
         assert results["transformers_generate"]["hf_paged_speedup"] > 0
         assert results["profile"], "no window of one step kind was profiled"
         for kind, entry in results["profile"].items():
-            assert kind in ("decode", "mixed") and entry["steps"] > 0 and "device_busy_pct" in entry
+            assert kind in ("decode", "mixed", "prefill") and entry["steps"] > 0 and "device_busy_pct" in entry
         assert ours["engine_warmup_s"] >= 0
     assert report["versions"]["transformers"]
 
@@ -96,3 +96,18 @@ def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
     assert report["runs"]["tp2"]["tensor_parallel_size"] == 2
     # Greedy tokens: TP=2 draws its own random weights, so only the shape of the answer is compared.
     assert len(report["runs"]["tp2"]["greedy_tokens"]) == len(report["runs"]["tp1"]["greedy_tokens"]) == 8
+
+
+def test_generate_speed_benchmark_runs(tmp_path):
+    """bench/generate_speed.py (model.generate, paged vs sdpa) in its tiny mode, in a process of its own."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "speed.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "generate_speed.py"
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtype", "float32", "--batches", "1,2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["paged_ms_per_token"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: same tokens

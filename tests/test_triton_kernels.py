@@ -128,7 +128,7 @@ def test_decode_tile_refinement():
     assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 5, 64, 132).block_n == 128  # batch 8: short ranges
     assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 1, 1024, 132).block_n == 128  # batch 128: many waves
     assert triton_attention.refine_decode_tiles(cfg, 128, 8192, 2, 256, 132).block_n == 128
-    # a 256-key tile over a ragged batch (compiled: checked on the H200 by bench/kernels.py --tune)
+    # a 256-key tile over a ragged batch (compiled: checked on the H200 by bench/kernel_bench.py --tune)
     q, k, v, meta = make_problem([1, 1], [600, 77], heads=8, kv_heads=2, head_dim=64, seed=14)
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, config=Config(16, 256, 4, 3), num_splits=2)

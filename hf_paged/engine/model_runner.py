@@ -34,6 +34,12 @@ def _compile_layers(model: torch.nn.Module) -> None:
     The paged-attention step inside is one opaque op (`hf_paged.attention`) that takes its layer
     as an argument; for that, torch.compile is told to treat ints on modules (each layer's
     ``layer_idx``) as inputs rather than constants: a process-wide setting.
+
+    The recompile limit is raised to 16: by the end of warm-up the layer holds eight compiled entries
+    (one-token steps, one-sequence steps and decode graphs each specialise a shape), so at torch's
+    default of 8 every mixed-step graph captured the layers running eagerly, silently. Compiling with
+    ``dynamic=True`` instead needs five entries but leaves the hidden sizes symbolic too (uniform
+    workload on an H100: 41.4k vs 43.5k output tok/s).
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     stacks = [m for m in decoder.children() if isinstance(m, torch.nn.ModuleList)]
@@ -41,6 +47,7 @@ def _compile_layers(model: torch.nn.Module) -> None:
         raise ValueError(f"compile_model=True needs the decoder's layers in an nn.ModuleList; "
                          f"{type(decoder).__name__} has none")
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for stack in stacks:
         for layer in stack:
             layer.compile()

@@ -16,7 +16,7 @@
 
 Times are medians of CUDA-graph replays (device time), plus the eager (Python launch) time of ours.
 
-    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--fa4] [--mixed-step]
+    PYTHONPATH=. python bench/kernel_bench.py [--out DIR] [--quick] [--fa4] [--mixed-step]
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""`model.generate` on ``attn_implementation="paged"`` against ``"sdpa"``: same weights, greedy, batch 1 and 8.
+
+The 1.5B shape of `throughput.py` (or ``--model DIR``), prompts of ``--prompt-len`` random tokens, ``--new-tokens``
+tokens each, no EOS. Each model generates once untimed (Triton compiles, cuBLAS initialises), then three timed
+runs, synchronised wall clock; the median is reported with the share of identical greedy tokens (bf16: the two
+attention kernels round differently, so long greedy runs may part at near-ties).
+
+    python bench/generate_speed.py [--tiny] [--batches 1,8] [--new-tokens 128] [--prompt-len 512]
+
+Writes ``bench/results/generate-speed-<gpu>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import RESULTS, build_models, sync  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,8", help="comma list of batch sizes")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default=None, help="a local model directory instead of the random 1.5B shape")
+    p.add_argument("--tiny", action="store_true", help="tiny model, short runs (a CPU smoke test)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/generate-speed-<gpu>-<date>.json)")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        args.new_tokens, args.prompt_len, args.repeats = min(args.new_tokens, 8), min(args.prompt_len, 16), 1
+    return args
+
+
+def time_generate(model, ids: torch.Tensor, args) -> tuple[float, torch.Tensor]:
+    """Median seconds of ``model.generate`` over ``args.repeats`` runs after one untimed run, and its tokens."""
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+        times = []
+        for _ in range(args.repeats):
+            sync(args.device)
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), out[:, ids.shape[1]:]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sdpa, paged, _ = build_models(args)
+    vocab = paged.config.vocab_size
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        g = torch.Generator().manual_seed(args.seed + batch)
+        ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g).to(args.device)
+        s_sdpa, t_sdpa = time_generate(sdpa, ids, args)
+        s_paged, t_paged = time_generate(paged, ids, args)
+        row = dict(batch=batch, sdpa_ms_per_token=1e3 * s_sdpa / args.new_tokens,
+                   paged_ms_per_token=1e3 * s_paged / args.new_tokens, paged_speedup=s_sdpa / s_paged,
+                   same_tokens=float((t_sdpa == t_paged).float().mean()))
+        rows.append(row)
+        print(f"batch {batch}: sdpa {row['sdpa_ms_per_token']:.2f} ms/token, paged {row['paged_ms_per_token']:.2f} "
+              f"ms/token ({row['paged_speedup']:.2f}x), same greedy tokens {100 * row['same_tokens']:.0f}%")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = dict(date=_dt.date.today().isoformat(), gpu=gpu, torch=torch.__version__,
+                  transformers=transformers.__version__, args=vars(args), rows=rows)
+    out = Path(args.out or RESULTS / f"generate-speed-{gpu.replace(' ', '_')}-{result['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
