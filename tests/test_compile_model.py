@@ -12,8 +12,10 @@ from hf_paged import Engine, SamplingParams
 
 @pytest.fixture(autouse=True)
 def _fail_at_recompile_limit(monkeypatch):
-    """Past the recompile limit torch.compile runs a frame eagerly with a log line; here it raises instead."""
+    """Past the recompile limit torch.compile runs a frame eagerly with a log line; here it raises instead. Every
+    model's decoder layers share one code object, so each test starts with no compiled entries."""
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
 
 
 def test_compiled_model_matches_eager():
@@ -54,7 +56,7 @@ def test_layers_share_one_compiled_graph():
         prompts = [[5, 9, 11, 3] * k for k in (1, 3, 5)]
         params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
         want = [o.token_ids for o in Engine(model, num_blocks=64).generate(prompts, params)]
-        torch._dynamo.reset()  # layers of every model share one code object: compile each model afresh
+        torch._dynamo.reset()  # the 20-layer model compiles afresh, not from the 2-layer one's entries
         counters.clear()
         got = [o.token_ids for o in Engine(model, num_blocks=64, compile_model=True).generate(prompts, params)]
         assert got == want
@@ -93,7 +95,6 @@ def test_graph_captures_after_warm_up_stay_compiled(monkeypatch):
     model, _ = make_pair("llama-gqa")
     engine = Engine(model, compile_model=True, num_blocks=512, max_num_seqs=64, max_num_batched_tokens=1024)
     runner = engine.runner
-    torch._dynamo.reset()
     counters.clear()
     runner.warm_up()  # Engine warms up on CUDA only
     graphs = [DecodeGraphs(model, runner.kv_pool, max_batch=64, max_context=256, mask=runner._mask),
