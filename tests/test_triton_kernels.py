@@ -1,7 +1,8 @@
 """Triton kernels against the torch reference.
 
 On CPU they run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), in fp32 at small
-shapes; the ``gpu``-marked tests run the compiled kernels at real shapes in bf16/fp16.
+shapes; the ``gpu``-marked tests run the compiled kernels at real shapes in bf16/fp16. Marked
+``any_transformers``: the kernels use nothing of Transformers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.any_transformers
 
 from hf_paged.kernels import reference, triton_attention, triton_backend  # noqa: E402
 from hf_paged.kernels.triton_attention import Config  # noqa: E402
