@@ -5,7 +5,9 @@ tokens each, no EOS. Each model generates once untimed (Triton compiles, cuBLAS 
 runs, synchronised wall clock; the median is reported with the share of identical greedy tokens (bf16: the two
 attention kernels round differently, so long greedy runs may part at near-ties).
 
-    python bench/generate_speed.py [--tiny] [--batches 1,8] [--new-tokens 128] [--prompt-len 512]
+    python bench/generate_speed.py [--tiny] [--batches 1,8] [--new-tokens 128] [--prompt-len 512] [--profile]
+
+``--profile`` then profiles one paged ``generate`` per batch size with cProfile: where its host time goes.
 
 Writes ``bench/results/generate-speed-<gpu>-<date>.json``.
 """
@@ -13,8 +15,10 @@ Writes ``bench/results/generate-speed-<gpu>-<date>.json``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime as _dt
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -39,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="profile one paged generate per batch size")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/generate-speed-<gpu>-<date>.json)")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +67,22 @@ def time_generate(model, ids: torch.Tensor, args) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out[:, ids.shape[1]:]
 
 
+def profile_generate(model, ids: torch.Tensor, args) -> list[dict]:
+    """The Python functions one ``generate`` spends its host time in (cProfile, by own time): Triton's launcher,
+    the cache and attention glue and Transformers' layers show up by name, which an op-level profile misses."""
+    stats = cProfile.Profile()
+    with torch.inference_mode():
+        stats.enable()
+        model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        sync(args.device)
+        stats.disable()
+    table = pstats.Stats(stats).sort_stats("tottime")
+    table.print_stats(20)
+    top = sorted(table.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:20]
+    return [dict(function=f"{Path(file).name}:{line}({name})", calls=calls, own_ms=own * 1e3, total_ms=total * 1e3)
+            for (file, line, name), (_, calls, own, total, _) in top]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sdpa, paged, _ = build_models(args)
@@ -75,6 +96,8 @@ def main(argv=None) -> int:
         row = dict(batch=batch, sdpa_ms_per_token=1e3 * s_sdpa / args.new_tokens,
                    paged_ms_per_token=1e3 * s_paged / args.new_tokens, paged_speedup=s_sdpa / s_paged,
                    same_tokens=float((t_sdpa == t_paged).float().mean()))
+        if args.profile:
+            row["paged_profile"] = profile_generate(paged, ids, args)
         rows.append(row)
         print(f"batch {batch}: sdpa {row['sdpa_ms_per_token']:.2f} ms/token, paged {row['paged_ms_per_token']:.2f} "
               f"ms/token ({row['paged_speedup']:.2f}x), same greedy tokens {100 * row['same_tokens']:.0f}%")

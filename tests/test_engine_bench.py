@@ -105,9 +105,10 @@ def test_generate_speed_benchmark_runs(tmp_path):
 
     out = tmp_path / "speed.json"
     script = Path(__file__).resolve().parents[1] / "bench" / "generate_speed.py"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtype", "float32", "--batches", "1,2", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(script), "--tiny", "--dtype", "float32", "--batches", "1,2", "--profile", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["paged_ms_per_token"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: same tokens
+    assert all(r["paged_profile"] and r["paged_profile"][0]["calls"] > 0 for r in rows)
