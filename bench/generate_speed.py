@@ -3,7 +3,8 @@
 The 1.5B shape of `throughput.py` (or ``--model DIR``), prompts of ``--prompt-len`` random tokens, ``--new-tokens``
 tokens each, no EOS. Each model generates once untimed (Triton compiles, cuBLAS initialises), then three timed
 runs, synchronised wall clock; the median is reported with the share of identical greedy tokens (bf16: the two
-attention kernels round differently, so long greedy runs may part at near-ties).
+attention kernels round differently, so long greedy runs may part at near-ties). "ms per token" is the whole
+``generate`` call over its new tokens: the prompt's prefill is included.
 
     python bench/generate_speed.py [--tiny] [--batches 1,8] [--new-tokens 128] [--prompt-len 512] [--profile]
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_paged  # noqa: E402  registers "paged"
 from hf_paged import Engine, SamplingParams  # noqa: E402
+from hf_paged.engine.cuda_graphs import MAX_MIXED_GRAPH_TOKENS  # noqa: E402
 from hf_paged.engine.gc_pauses import quiet_gc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -496,22 +497,17 @@ def _device_span_ms(prof) -> float:
     return (max(r.end for r in ranges) - min(r.start for r in ranges)) / 1e3 if ranges else 0.0
 
 
-# Prompt-carrying steps of up to this many tokens replay graphs (`MixedGraphs`' largest bucket); larger ones run
-# eagerly.
-GRAPHED_TOKENS = 4096
-
-
 def classify_steps(engine: Engine) -> tuple[dict, object]:
     """Make ``engine``'s scheduler record the kind of each step it schedules in ``kind["now"]`` ("decode": one
-    token per sequence; "mixed": prompt tokens too, at most `GRAPHED_TOKENS` in all; "prefill": more) and its
-    token count in ``kind["tokens"]``; returns that dict and the original method."""
+    token per sequence; "mixed": prompt tokens too, at most `MAX_MIXED_GRAPH_TOKENS` in all, a graph replay;
+    "prefill": more) and its token count in ``kind["tokens"]``; returns that dict and the original method."""
     schedule = engine.scheduler.schedule
     kind = {"now": "mixed"}
 
     def schedule_and_classify():
         out = schedule()
         n = out.num_batched_tokens
-        kind["now"] = "decode" if out.is_decode_only else "mixed" if n <= GRAPHED_TOKENS else "prefill"
+        kind["now"] = "decode" if out.is_decode_only else "mixed" if n <= MAX_MIXED_GRAPH_TOKENS else "prefill"
         kind["tokens"] = n
         return out
 

@@ -161,6 +161,8 @@ def capture_graph(pool, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
 # Token counts of the mixed-step graphs (steps of more tokens are device-bound and run eagerly).
 _TOKEN_BUCKETS = (64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
                   2560, 3072, 3584, 4096)
+# Steps of more tokens than this run eagerly (what benchmarks call prefill steps).
+MAX_MIXED_GRAPH_TOKENS = _TOKEN_BUCKETS[-1]
 
 
 def mixed_graphs_supported(model) -> bool:
