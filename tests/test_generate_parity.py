@@ -46,6 +46,20 @@ def test_greedy_left_padded_batch(arch):
     _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
 
 
+def test_only_prompt_steps_check_the_padding_mask_on_the_host(monkeypatch):
+    """Checking that a mask is left padding reads it on the host, a device sync: done at the prompt step, where
+    the padding comes in; one-token steps take each row's first key from the mask unchecked (and still match)."""
+    import hf_paged.attention as attention
+
+    checks, real = [], attention._left_padding
+    monkeypatch.setattr(attention, "_left_padding",
+                        lambda mask, kv_len, check: checks.append(check) or real(mask, kv_len, check))
+    paged, ref = make_pair("llama-gqa")
+    ids, mask = _prompts()
+    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert checks == [True, False, False, False, False]
+
+
 @pytest.mark.parametrize("arch", ALL)
 def test_seeded_sampling_batch(arch):
     paged, ref = make_pair(arch)

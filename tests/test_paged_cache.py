@@ -97,3 +97,36 @@ def test_reusing_a_cache_to_continue_keeps_it():
     got = _gen(paged, more, cache)
     assert torch.equal(got, _gen(ref, more))
     assert cache.get_seq_length() > held
+
+
+def test_released_pool_holds_no_layer_views():
+    """`KVPool.layer` hands out views made once; `release` must drop them with the storage, or they keep it alive."""
+    import gc
+    import weakref
+
+    from hf_paged.cache.kv_pool import KVPool
+
+    pool = KVPool(num_layers=3, num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4, dtype=torch.float32,
+                  device="cpu")
+    k, v = pool.layer(2)
+    assert k.data_ptr() == pool.storage[2, 0].data_ptr() and v.data_ptr() == pool.storage[2, 1].data_ptr()
+    storage = weakref.ref(pool.storage)
+    del k, v
+    pool.release()
+    gc.collect()
+    assert storage() is None and pool.nbytes == 0
+
+
+def test_keys_unlike_the_last_checked_ones_are_still_refused():
+    """`PagedCache.update` checks a layer fully only when its keys differ from the last ones that passed."""
+    cfg = make_config("llama-gqa")
+    heads, dim = cfg.num_key_value_heads, cfg.head_dim
+    cache = PagedCache(cfg, num_blocks=16)
+    good = torch.zeros(1, heads, 3, dim)
+    cache.update(good, good, 0)
+    cache.update(good, good, 1)  # the fast path
+    with pytest.raises(ValueError, match="stores torch.float32, got keys of torch.float16"):
+        cache.update(good.half(), good.half(), 0)
+    cache.update(good, good, 0)
+    with pytest.raises(ValueError, match="KV heads"):
+        cache.update(torch.zeros(1, heads + 1, 3, dim), torch.zeros(1, heads + 1, 3, dim), 1)

@@ -37,6 +37,8 @@ class KVPool:
         self._storage = torch.zeros(
             num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
+        # Made once: indexing the storage costs a few microseconds, and `PagedCache` asks every layer, every step.
+        self._layers = [(self._storage[i, 0], self._storage[i, 1]) for i in range(num_layers)]
 
     @property
     def device(self) -> torch.device:
@@ -64,12 +66,13 @@ class KVPool:
         """Free the K/V storage now, back to the device (the pool is unusable afterwards)."""
         device = self._storage.device
         self._storage = self._storage.new_empty(0)
+        self._layers = []
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(k_cache, v_cache)`` views of one layer."""
-        return self._storage[layer_idx, 0], self._storage[layer_idx, 1]
+        return self._layers[layer_idx]
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy the contents of blocks ``src`` into ``dst`` in every layer (copy-on-write)."""

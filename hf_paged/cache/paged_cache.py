@@ -103,6 +103,7 @@ class PagedCache(Cache):
         self._tp_size = tp_size
         self._kv_heads_per_rank(self._expected[1])  # checks that tp_size divides the KV heads
         self._pool: KVPool | None = None
+        self._checked: tuple | None = None  # the last keys' (shapes, dtype, device) that passed `_check_layer`
         self._tables: list[list[int]] = []
         self._seq_len = 0
         self._step: PagedAttentionMetadata | None = None
@@ -171,12 +172,14 @@ class PagedCache(Cache):
                 raise RuntimeError(f"PagedCache.update called for layer {layer_idx} before layer 0")
             k_cache, v_cache = self._pool.layer(layer_idx)
             b, hkv, q, d = key_states.shape
+            # [B, Hkv, Q, D] -> [B * Q, Hkv, D]; one-token steps by a single view op (this runs every layer)
+            if q == 1:
+                keys, values = key_states[:, :, 0], value_states[:, :, 0]
+            else:
+                keys = key_states.transpose(1, 2).reshape(b * q, hkv, d)
+                values = value_states.transpose(1, 2).reshape(b * q, hkv, d)
             get_backend(key_states.device, key_states.dtype).store_kv(
-                key_states.transpose(1, 2).reshape(b * q, hkv, d),
-                value_states.transpose(1, 2).reshape(b * q, hkv, d),
-                k_cache,
-                v_cache,
-                self._step.slot_mapping,
+                keys, values, k_cache, v_cache, self._step.slot_mapping
             )
         except BaseException:
             self.reset()
@@ -261,6 +264,11 @@ class PagedCache(Cache):
         num_layers, kv_heads, head_dim = self._expected
         if layer_idx >= num_layers:
             raise ValueError(f"PagedCache was built for {num_layers} layers, got layer index {layer_idx}")
+        # Every layer of a step hands over keys like the last ones checked: the full check (several
+        # microseconds of Python, every layer and token) runs when something changes.
+        checked = (key.shape, value.shape, key.dtype, key.device)
+        if checked == self._checked:
+            return
         if value.shape != key.shape:
             raise ValueError(f"layer {layer_idx} gave keys {tuple(key.shape)} but values {tuple(value.shape)}")
         _, hkv, _, d = key.shape
@@ -280,6 +288,8 @@ class PagedCache(Cache):
             raise ValueError(f"PagedCache stores {dtype}, got keys of {key.dtype}")
         if self._pool is not None and key.device != self._pool.device:
             raise ValueError(f"PagedCache lives on {self._pool.device}, got keys on {key.device}")
+        if self._pool is not None:  # before the pool exists, its dtype and device are not checked yet
+            self._checked = checked
 
     def _kv_heads_per_rank(self, kv_heads: int) -> set[int]:
         """KV head counts a layer may hand over: all of them, or one tensor-parallel shard."""

@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .triton_launch import cdiv, launch, next_power_of_2
+
 __all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits", "refine_decode_tiles"]
 
 LOG2E = 1.4426950408889634
@@ -335,15 +337,15 @@ def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int, step_kv: bo
     # at head_dim 128 (H100) 64-row tiles up to 4k tokens, 128 x 128 tiles on 8 warps beyond.
     rows = groups * max_seqlen_q
     if rows <= 64:
-        block_m = max(16, triton.next_power_of_2(rows))
+        block_m = max(16, next_power_of_2(rows))
         return Config(block_m, 128 if head_dim_pad <= 128 else 64, 4, 3 if head_dim_pad <= 128 else 2)
-    block_m = max(128 if head_dim_pad <= 128 else 64, triton.next_power_of_2(groups))
+    block_m = max(128 if head_dim_pad <= 128 else 64, next_power_of_2(groups))
     if head_dim_pad <= 64:
         return Config(block_m, 64, 8, 3)
     if head_dim_pad <= 128 and step_kv:
         if max_seqlen_q >= 4096:
             return Config(block_m, 128, 8, 3)
-        return Config(max(64, triton.next_power_of_2(groups)), 64, 4, 3)
+        return Config(max(64, next_power_of_2(groups)), 64, 4, 3)
     if head_dim_pad <= 128:
         return Config(block_m, 64, 4, 3)
     return Config(block_m, 32, 8, 2)
@@ -437,13 +439,13 @@ def paged_attention(
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
     max_seqlen_q = total_q if static_grid else max(1, min(int(max_seqlen_q), total_q))
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
     cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
         raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
     block_q = cfg.block_m // groups
-    tiles_per_seq = triton.cdiv(max_seqlen_q, block_q)
+    tiles_per_seq = cdiv(max_seqlen_q, block_q)
     programs = num_seqs * tiles_per_seq * num_kv_heads
     tile_map = None
     # A graph of a mixed step: its decodes (one query each) get a launch of their own with decode tiles; inside
@@ -454,9 +456,9 @@ def paged_attention(
         # Each sequence ends at most one partial tile: cdiv(total_q, block_q) + num_seqs bounds the tiles. Split,
         # the decodes get no tile here (the programs past the last tile return at once).
         tile_map = torch.empty(num_seqs + 1, dtype=torch.int32, device=query.device)
-        _tile_map_kernel[(1,)](cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=split_decodes,
-                               BLOCK=triton.next_power_of_2(num_seqs + 1))
-        programs, num_splits = triton.cdiv(total_q, block_q) + num_seqs, 1
+        launch(_tile_map_kernel, (1,), cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=split_decodes,
+               BLOCK=next_power_of_2(num_seqs + 1))
+        programs, num_splits = cdiv(total_q, block_q) + num_seqs, 1
     if num_splits is None:
         num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
                                        cfg.split_target)
@@ -472,9 +474,9 @@ def paged_attention(
     use_window = bool(sliding_window)
     page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
 
-    def launch(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool) -> None:
-        _paged_attention_kernel[grid](
-            query, k_cache, v_cache, out, part_o, part_lse,
+    def attend(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool) -> None:
+        launch(
+            _paged_attention_kernel, grid, query, k_cache, v_cache, out, part_o, part_lse,
             cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
             context_lens if tile_map is None else tile_map, new_k, new_v,
             *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -493,13 +495,13 @@ def paged_attention(
         )
 
     if split_decodes:
-        launch(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, None, None, None, True)
+        attend(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, None, None, None, True)
     new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n) if step_kv else (None, None)
-    launch(cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
+    attend(cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
            tile_map, new_k, new_v, False)
     if split:
-        _reduce_kernel[(total_q, num_heads)](
-            out, part_o, part_lse, *out.stride(), num_splits,
+        launch(
+            _reduce_kernel, (total_q, num_heads), out, part_o, part_lse, *out.stride(), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_split_pad(num_splits),
             num_warps=4 if d_pad >= 128 else 2,
         )
