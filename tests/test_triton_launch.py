@@ -57,7 +57,7 @@ def test_same_specialisation_reuses_the_compiled_kernel(kernel):
     assert grid == (8, 2, 1) and args[1:] == (7, 0.5, 16) and torch.equal(args[0], torch.ones(64))
 
 
-@pytest.mark.parametrize("change", ["int", "float", "constexpr", "option", "dtype", "alignment"])
+@pytest.mark.parametrize("change", ["int", "float", "int as float", "constexpr", "option", "dtype", "alignment"])
 def test_another_specialisation_goes_through_triton(kernel, change):
     x = torch.zeros(64)
     triton_launch.launch(kernel, (1,), x, 7, 0.5, BLOCK=16, num_warps=4)
@@ -66,6 +66,8 @@ def test_another_specialisation_goes_through_triton(kernel, change):
         args[1] = 1  # Triton specialises on == 1 and on divisibility by 16
     elif change == "float":
         args[2] = 0.25
+    elif change == "int as float":
+        args[1] = 7.0  # equal to 7, but Triton compiles a float argument for it
     elif change == "constexpr":
         kwargs["BLOCK"] = 32
     elif change == "option":

@@ -29,8 +29,10 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     for a in args:
         if type(a) is torch.Tensor:
             key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, _SCALARS):
+        elif type(a) is int:
             key.append(a)
+        elif isinstance(a, _SCALARS):  # typed: True == 1 == 1.0, but Triton types them u1, i32 and fp32
+            key.append((type(a), a))
         else:
             kernel[grid](*args, **kwargs)
             return
