@@ -103,13 +103,19 @@ def test_decode_ragged(heads, kv_heads, block_size):
     check(q, k, v, meta)
 
 
+@pytest.mark.parametrize("merge", ["in the attention launch", "in a second launch"])
 @pytest.mark.parametrize("splits", [2, 3])
-def test_decode_split_kv(splits):
+def test_decode_split_kv(splits, merge, monkeypatch):
+    """Split partials merged by the last split of each row group (eager launches), or by `_reduce_kernel` (launches
+    captured in a CUDA graph); the arrival counters are back at zero afterwards."""
+    if merge == "in a second launch":
+        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: None)
     q, k, v, meta = make_problem([1, 1, 1], [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=3)
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, num_splits=splits,
                                            config=Config(16, 16, 4, 1))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert all(int(c.abs().sum()) == 0 for c in triton_attention._counts.values())
 
 
 def test_split_heuristic_used_for_long_context():

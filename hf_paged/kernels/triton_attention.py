@@ -14,9 +14,10 @@ Design (semantics are those of `hf_paged.kernels.reference`):
   unmasked.
 * Split-KV ("flash decoding"): when (sequences x query tiles x KV heads) cannot fill the GPU, the
   key range is cut into ``num_splits`` chunks, each program writes a partial (normalised output,
-  log-sum-exp) to scratch, and `_reduce_kernel` merges them. ``num_splits`` and the grid depend only
-  on host ints (shapes and the ``max_seqlen_q``/``max_context_len`` hints), never on tensor values,
-  so a launch can be captured in a CUDA graph.
+  log-sum-exp) to scratch, and the last split of each row group to finish merges them (an arrival
+  counter per row group; under CUDA-graph capture a second launch, `_reduce_kernel`, merges instead).
+  ``num_splits`` and the grid depend only on host ints (shapes and the ``max_seqlen_q``/``max_context_len``
+  hints), never on tensor values, so a launch can be captured in a CUDA graph.
 * A mixed step replayed from a graph (``static_grid``: decodes beside prompt chunks, any query lengths) runs
   in two launches: the decodes with decode tiles (``DECODES_ONLY``: a program per sequence and KV head), the
   others through a tile map built on the device in which decodes own no tile.
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_launch import cdiv, launch, next_power_of_2
@@ -170,7 +172,7 @@ def _attend_range(
 # each combination would compile a kernel of its own, in the middle of serving.
 @triton.jit(do_not_specialize=["stride_bt", "tiles_per_seq", "num_splits", "num_seqs"])
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr,
     cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr, new_k, new_v,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
@@ -179,7 +181,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-    HAS_NEW_KV: tl.constexpr, DECODES_ONLY: tl.constexpr,
+    HAS_NEW_KV: tl.constexpr, DECODES_ONLY: tl.constexpr, MERGE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -275,9 +277,42 @@ def _paged_attention_kernel(
         tl.store(part_o_ptr + part[:, None] * D_PAD + offs_d[None, :], out, mask=mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        if MERGE:  # the last of the row group's splits to finish merges them: no second launch
+            tl.debug_barrier()  # every thread's partials are written before the release below
+            slot = pid * tl.num_programs(1) + kvh
+            if tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                _merge_splits(o_ptr, part_o_ptr, part_lse_ptr, tok, head, row_ok, mask, stride_ot, stride_oh,
+                              stride_od, num_splits, NUM_HEADS, D_PAD)
+                tl.atomic_xchg(count_ptr + slot, 0)  # zero again for the next launch
     else:
         o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_splits(o_ptr, part_o_ptr, part_lse_ptr, tok, head, row_ok, mask, stride_ot, stride_oh, stride_od,
+                  num_splits, NUM_HEADS: tl.constexpr, D_PAD: tl.constexpr):
+    """Merge the split partials of rows (``tok``, ``head``), an online softmax over the splits (weights
+    exp2(lse_s - max lse)). Loads bypass L1 (``.cg``): other programs wrote the partials."""
+    offs_d = tl.arange(0, D_PAD)
+    base = (tok * NUM_HEADS + head) * num_splits
+    m = tl.full(row_ok.shape, float("-inf"), tl.float32)
+    den = tl.zeros(row_ok.shape, tl.float32)
+    acc = tl.zeros(mask.shape, tl.float32)
+    for s in range(num_splits):
+        lse = tl.load(part_lse_ptr + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_o_ptr + (base + s)[:, None] * D_PAD + offs_d[None, :], mask=mask, other=0.0,
+                       cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        beta = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + part * beta[:, None]
+        den = den * alpha + beta
+        m = m_new
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    o_ptrs = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -465,9 +500,11 @@ def paged_attention(
     if config is None:
         cfg = refine_decode_tiles(cfg, d_pad, int(max_context_len), num_splits, programs, _num_sms(query.device))
     split = num_splits > 1
+    counts = None
     if split:
         part_o = torch.empty(total_q, num_heads, num_splits, d_pad, dtype=torch.float32, device=query.device)
         part_lse = torch.empty(total_q, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        counts = _arrival_counts(query.device, (programs if static_grid else num_seqs * tiles_per_seq) * num_kv_heads)
     else:
         part_o = part_lse = out  # unused
     use_softcap = bool(softcap)
@@ -477,7 +514,7 @@ def paged_attention(
     def attend(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool) -> None:
         launch(
             _paged_attention_kernel, grid, query, k_cache, v_cache, out, part_o, part_lse,
-            cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
+            counts if counts is not None else context_lens, cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
             context_lens if tile_map is None else tile_map, new_k, new_v,
             *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
             block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
@@ -490,7 +527,7 @@ def paged_attention(
             HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
             DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=tile_map is not None,
             LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None,
-            DECODES_ONLY=decodes_only,
+            DECODES_ONLY=decodes_only, MERGE=counts is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -499,13 +536,33 @@ def paged_attention(
     new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n) if step_kv else (None, None)
     attend(cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
            tile_map, new_k, new_v, False)
-    if split:
+    if split and counts is None:
         launch(
             _reduce_kernel, (total_q, num_heads), out, part_o, part_lse, *out.stride(), num_splits,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_split_pad(num_splits),
             num_warps=4 if d_pad >= 128 else 2,
         )
     return out
+
+
+_counts: dict[tuple, torch.Tensor] = {}  # (device, stream) -> int32 arrival counts, zero between launches
+
+
+def _arrival_counts(device: torch.device, needed: int) -> torch.Tensor | None:
+    """Counters with which the last split of each row group merges the partials inside the attention launch
+    (one launch fewer: on the H100 machine's host a split call cost ~50 us more than an unsplit one). One buffer
+    per stream, since launches on two streams may run at once. ``None`` (merge in `_reduce_kernel`) while a CUDA
+    graph is captured: a graph would hold on to the buffer, which a later, larger need replaces."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        key = (device, driver.active.get_current_stream(device.index))
+    else:  # the interpreter
+        key = (device, 0)
+    counts = _counts.get(key)
+    if counts is None or counts.numel() < needed:
+        counts = _counts[key] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
+    return counts
 
 
 def _reads_step_kv(key, value, query, rows: int) -> bool:
