@@ -103,13 +103,16 @@ def test_decode_ragged(heads, kv_heads, block_size):
     check(q, k, v, meta)
 
 
-@pytest.mark.parametrize("merge", ["in the attention launch", "in a second launch"])
+@pytest.mark.parametrize("merge", ["in the attention launch", "in a second launch: capture", "in a second launch: many"])
 @pytest.mark.parametrize("splits", [2, 3])
 def test_decode_split_kv(splits, merge, monkeypatch):
     """Split partials merged by the last split of each row group (eager launches), or by `_reduce_kernel` (launches
-    captured in a CUDA graph); the arrival counters are back at zero afterwards."""
-    if merge == "in a second launch":
+    captured in a CUDA graph, more splits than the attention launch merges); the arrival counters are back at zero."""
+    if merge.endswith("capture"):
         monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: None)
+    elif merge.endswith("many"):
+        monkeypatch.setattr(triton_attention, "MAX_MERGED_SPLITS", 1)
+        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: pytest.fail("counters asked for"))
     q, k, v, meta = make_problem([1, 1, 1], [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=3)
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, num_splits=splits,
