@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def time_generate(models: dict, ids: torch.Tensor, args) -> dict[str, tuple[float, torch.Tensor]]:
+def time_generate(models: dict, ids: torch.Tensor, args) -> dict[str, tuple[float, float, torch.Tensor]]:
     """Per model: median and fastest seconds of ``model.generate`` over ``args.repeats`` runs after one untimed run,
     and its tokens. The models take turns in every repeat, so that a slower or faster spell of the host (these runs are
     host-bound) falls on all of them."""

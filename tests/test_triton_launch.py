@@ -88,7 +88,7 @@ def test_unkeyable_argument_always_goes_through_triton(kernel):
 
 
 @pytest.mark.gpu
-def test_gpu_launch_matches_triton_for_aligned_and_misaligned_views():
+def test_gpu_store_through_the_launcher_for_aligned_and_misaligned_views():
     from hf_paged.kernels.triton_store import store_kv
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from triton.runtime.jit import JITFunction
 
-__all__ = ["cdiv", "launch", "next_power_of_2"]
+__all__ = ["launch"]
 
 _SCALARS = (int, float, bool, str, type(None))
 _MAX_ENTRIES = 4096  # keys hold per-step ints (sequence counts, splits): bounded, cleared when full
@@ -47,15 +47,3 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     compiled, constexpr_names = entry
     compiled[grid + (1,) * (3 - len(grid))](*args, *(kwargs[name] for name in constexpr_names))
-
-
-# Plain-int versions of ``triton.cdiv``/``triton.next_power_of_2``, which newer Triton makes constexpr functions
-# (~2 us a host call on the dev CPU), for the launch arithmetic that runs at every call.
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)``: ``cdiv(7, 2) == 4``."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two ``>= n`` (``1`` for ``n <= 1``): ``next_power_of_2(5) == 8``."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
