@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._intmath import cdiv
 from .kv_pool import KVPool
 
 __all__ = [
@@ -20,16 +21,6 @@ __all__ = [
     "tensor_parallel_size",
     "text_config",
 ]
-
-
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for integers.
-
-    Example:
-        >>> cdiv(33, 16)
-        3
-    """
-    return -(-a // b)
 
 
 def text_config(config):

@@ -39,6 +39,7 @@ import triton.language as tl
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .._intmath import cdiv, next_power_of_2
 from .triton_launch import launch
 
 __all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits", "refine_decode_tiles"]
@@ -376,15 +377,15 @@ def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int, step_kv: bo
     # at head_dim 128 (H100) 64-row tiles up to 4k tokens, 128 x 128 tiles on 8 warps beyond.
     rows = groups * max_seqlen_q
     if rows <= 64:
-        block_m = max(16, triton.next_power_of_2(rows))
+        block_m = max(16, next_power_of_2(rows))
         return Config(block_m, 128 if head_dim_pad <= 128 else 64, 4, 3 if head_dim_pad <= 128 else 2)
-    block_m = max(128 if head_dim_pad <= 128 else 64, triton.next_power_of_2(groups))
+    block_m = max(128 if head_dim_pad <= 128 else 64, next_power_of_2(groups))
     if head_dim_pad <= 64:
         return Config(block_m, 64, 8, 3)
     if head_dim_pad <= 128 and step_kv:
         if max_seqlen_q >= 4096:
             return Config(block_m, 128, 8, 3)
-        return Config(max(64, triton.next_power_of_2(groups)), 64, 4, 3)
+        return Config(max(64, next_power_of_2(groups)), 64, 4, 3)
     if head_dim_pad <= 128:
         return Config(block_m, 64, 4, 3)
     return Config(block_m, 32, 8, 2)
@@ -478,13 +479,13 @@ def paged_attention(
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
     max_seqlen_q = total_q if static_grid else max(1, min(int(max_seqlen_q), total_q))
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
     cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
         raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
     block_q = cfg.block_m // groups
-    tiles_per_seq = triton.cdiv(max_seqlen_q, block_q)
+    tiles_per_seq = cdiv(max_seqlen_q, block_q)
     programs = num_seqs * tiles_per_seq * num_kv_heads
     tile_map = None
     # A graph of a mixed step: its decodes (one query each) get a launch of their own with decode tiles; inside
@@ -496,8 +497,8 @@ def paged_attention(
         # the decodes get no tile here (the programs past the last tile return at once).
         tile_map = torch.empty(num_seqs + 1, dtype=torch.int32, device=query.device)
         launch(_tile_map_kernel, (1,), cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=split_decodes,
-               BLOCK=triton.next_power_of_2(num_seqs + 1))
-        programs, num_splits = triton.cdiv(total_q, block_q) + num_seqs, 1
+               BLOCK=next_power_of_2(num_seqs + 1))
+        programs, num_splits = cdiv(total_q, block_q) + num_seqs, 1
     if num_splits is None:
         num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
                                        cfg.split_target)

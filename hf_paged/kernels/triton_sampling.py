@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._intmath import next_power_of_2
 from .triton_launch import launch
 
 __all__ = ["sample"]
@@ -141,7 +142,7 @@ def sample(scores: torch.Tensor, params: torch.Tensor, seeds: torch.Tensor, *, t
         scores = scores.contiguous()
     launch(
         _sample_kernel, (rows,), scores, scores.stride(0), params.contiguous(), seeds, out, vocab,
-        USE_TOP_K=top_k, USE_TOP_P=top_p, USE_MIN_P=min_p, BLOCK=min(1024, triton.next_power_of_2(vocab)),
+        USE_TOP_K=top_k, USE_TOP_P=top_p, USE_MIN_P=min_p, BLOCK=min(1024, next_power_of_2(vocab)),
         RADIX=_RADIX, num_warps=8,
     )
     return out

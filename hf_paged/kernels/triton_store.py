@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._intmath import next_power_of_2
 from .triton_launch import launch
 
 __all__ = ["store_kv"]
@@ -59,6 +60,6 @@ def store_kv(
         _store_kv_kernel, (num_tokens,), key, value, k_cache, v_cache, slot_mapping,
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         k_cache.shape[1],
-        NUM_KV_HEADS=hkv, HEAD_DIM=d, H_PAD=triton.next_power_of_2(hkv), D_PAD=triton.next_power_of_2(d),
+        NUM_KV_HEADS=hkv, HEAD_DIM=d, H_PAD=next_power_of_2(hkv), D_PAD=next_power_of_2(d),
         num_warps=1 if hkv * d <= 512 else 4,
     )
