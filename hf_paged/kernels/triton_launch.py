@@ -25,14 +25,20 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if not isinstance(kernel, JITFunction):  # TRITON_INTERPRET=1: an interpreted function
         kernel[grid](*args, **kwargs)
         return
-    key = [id(kernel), tuple(kwargs.items())]  # kernels live as long as their modules
+    # One flat tuple (nested tuples cost as much again to build and hash): the kernel, the keyword names and
+    # values (kernels live as long as their modules), then per argument its dtype and alignment or its value.
+    key = [id(kernel), *kwargs, *kwargs.values()]
+    add = key.append
     for a in args:
-        if type(a) is torch.Tensor:
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif type(a) is int:
-            key.append(a)
+        kind = type(a)
+        if kind is torch.Tensor:
+            add(a.dtype)
+            add(a.data_ptr() & 15 == 0)
+        elif kind is int:
+            add(a)
         elif isinstance(a, _SCALARS):  # typed: True == 1 == 1.0, but Triton types them u1, i32 and fp32
-            key.append((type(a), a))
+            add(kind)
+            add(a)
         else:
             kernel[grid](*args, **kwargs)
             return
