@@ -67,13 +67,16 @@ def paged_attention_forward(
             m.max_context_len, m.static_grid,
         )
         return out.view(batch, q_len, num_heads, head_dim), None
-    metadata = take_published(key)  # a `PagedCache` step (its `update` stored the new keys), else dense keys
-    if metadata is None:
+    published = take_published(key)  # a `PagedCache` step (its `update` handed over the new keys), else dense keys
+    if published is None:
+        step_key = step_value = None
         key, value, metadata = _dense_as_paged(key, value, batch, q_len)
+    else:
+        metadata, step_key, step_value = published
     if metadata.kv_start is None and attention_mask is not None:
         metadata.kv_start = _left_padding(attention_mask, metadata.max_context_len, check=metadata.max_seqlen_q > 1)
     out = _attention(
-        query, None, None, key, value, metadata.slot_mapping, metadata.cu_seqlens_q,
+        query, step_key, step_value, key, value, metadata.slot_mapping, metadata.cu_seqlens_q,
         metadata.context_lens, metadata.block_tables, metadata.kv_start, scale, window, softcap,
         metadata.max_seqlen_q, metadata.max_context_len, metadata.static_grid,
     )
@@ -91,9 +94,10 @@ def _attention(
     backend = get_backend(query.device, query.dtype)
     extra = {"static_grid": True} if static_grid else {}
     if key is not None:
-        backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
-        if getattr(backend, "reads_step_kv", False):  # it may read this step's keys without the pages
-            extra.update(key=key, value=value)
+        if getattr(backend, "stores_step_kv", False):  # in its attention launch, or reading them without the pages
+            extra.update(key=key, value=value, slot_mapping=slot_mapping)
+        else:
+            backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
     return backend.paged_attention(
         query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, block_tables=block_tables,
         kv_start=kv_start, scale=scale, sliding_window=None if sliding_window < 0 else sliding_window,

@@ -130,3 +130,24 @@ def test_keys_unlike_the_last_checked_ones_are_still_refused():
     cache.update(good, good, 0)
     with pytest.raises(ValueError, match="KV heads"):
         cache.update(torch.zeros(1, heads + 1, 3, dim), torch.zeros(1, heads + 1, 3, dim), 1)
+
+
+def test_keys_no_attention_call_took_are_stored_when_the_cache_is_next_updated_or_read():
+    """`update` hands the step's keys to the attention call that follows it (a backend may store them in its
+    attention launch); keys no attention call took are stored by the next `update` or a read of the pool."""
+    cfg = make_config("llama-gqa")  # 2 layers, 2 KV heads of dim 16
+    cache = PagedCache(cfg, num_blocks=16, block_size=4)
+    keys = torch.randn(1, 2, 3, 16)
+
+    def stored(layer: int) -> torch.Tensor:
+        k_cache, v_cache = cache._pool.layer(layer)  # the storage as it is: `pool` would store pending keys first
+        rows = k_cache[cache._tables[0]].flatten(0, 1)[:3].transpose(0, 1)
+        return rows, v_cache[cache._tables[0]].flatten(0, 1)[:3].transpose(0, 1)
+
+    cache.update(keys, -keys, 0)
+    assert not torch.equal(stored(0)[0], keys[0])  # handed over, not stored yet
+    cache.update(keys + 1, -keys - 1, 1)  # no attention call took layer 0's keys: stored now
+    torch.testing.assert_close(stored(0), (keys[0], -keys[0]))
+    assert not torch.equal(stored(1)[0], keys[0] + 1)
+    assert cache.pool is not None  # a read stores layer 1's
+    torch.testing.assert_close(stored(1), (keys[0] + 1, -keys[0] - 1))

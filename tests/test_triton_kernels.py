@@ -278,6 +278,55 @@ def test_step_kv_read_directly(case):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def _step_slots(meta, block_size):
+    """Each sequence's slots for its last ``q_len`` positions (where this step's keys go)."""
+    cu, lens, tables = (meta[n].cpu() for n in ("cu_seqlens_q", "context_lens", "block_tables"))
+    rows = []
+    for i in range(len(lens)):
+        pos = torch.arange(int(lens[i]) - int(cu[i + 1] - cu[i]), int(lens[i]))
+        rows.append(tables[i, pos // block_size].long() * block_size + pos % block_size)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("case", ["unsplit", "splits merged in the launch", "splits merged apart", "window+kv_start",
+                                  "padding slot", "prompt: store_kv", "strided value: store_kv"])
+def test_step_keys_handed_over_are_stored_first(case, monkeypatch):
+    """Given ``slot_mapping``, the call stores the step's keys before attending: inside the attention launch for
+    one query per sequence (the program holding each sequence's last key writes it; no `store_kv` launch), by
+    `store_kv` otherwise. Caches and output as `store_kv` followed by the reference."""
+    fused = not case.endswith("store_kv")
+    q_lens = [4, 1, 3] if case.startswith("prompt") else [1, 1, 1]
+    q, k, v, meta = make_problem(q_lens, [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=21)
+    extra, kw = {}, {}
+    if case.startswith("splits"):
+        kw = dict(num_splits=3, config=Config(16, 16, 4, 1))
+    if case == "splits merged apart":
+        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: None)
+    if case == "window+kv_start":
+        extra, kw = dict(sliding_window=40), dict(num_splits=2, config=Config(16, 16, 4, 1))
+        meta["kv_start"] = torch.tensor([3, 0, 90], dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(5)
+    key = torch.randn(q.shape[0], 2, 64, generator=g).to(DEVICE)
+    value = torch.randn(q.shape[0], 2, 64, generator=g).to(DEVICE)
+    if case.startswith("strided"):
+        value = value.transpose(0, 1).contiguous().transpose(0, 1)
+    slots = _step_slots(meta, 16).to(DEVICE)
+    if case == "padding slot":
+        slots[1] = -1
+    k_want, v_want = k.clone(), v.clone()
+    reference.store_kv(key, value, k_want, v_want, slots)
+    want = reference.paged_attention(q, k_want, v_want, scale=0.1, **meta, **extra)
+    stored = []
+    real_store = triton_attention.store_kv
+    monkeypatch.setattr(triton_attention, "store_kv", lambda *a: stored.append(1) or real_store(*a))
+    got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, **extra, **kw, key=key, value=value,
+                                           slot_mapping=slots)
+    assert stored == ([] if fused else [1])
+    torch.testing.assert_close(k, k_want, atol=0, rtol=0)
+    torch.testing.assert_close(v, v_want, atol=0, rtol=0)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_step_kv_layouts():
     """Strided or unaligned step K/V are copied into a layout TMA reads; decode-like steps and head dims
     that are not a power of two use the pages."""
@@ -400,3 +449,22 @@ def test_gpu_decode_cuda_graph():
     meta["max_context_len"] = None  # the reference sizes itself from the lengths
     want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.088, **meta)
     assert _rel_err(out, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,kv_lens", [(64, [1, 100, 513, 2048, 4000, 17, 64, 1500]), (128, [30000]),
+                                              (128, [700] * 64)])
+def test_gpu_decode_stores_the_step_keys_in_its_launch(head_dim, kv_lens):
+    """The decode launch that stores its step's keys (split or not, the splits running at once) leaves the caches
+    as `store_kv` does and attends over the new keys; bit-equal caches, output as the reference's."""
+    q, k, v, meta = make_problem([1] * len(kv_lens), kv_lens, heads=32, kv_heads=8, head_dim=head_dim,
+                                 dtype=torch.bfloat16, seed=head_dim)
+    key, value = (torch.randn(len(kv_lens), 8, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    slots = _step_slots(meta, 16).cuda()
+    k_want, v_want = k.clone(), v.clone()
+    reference.store_kv(key, value, k_want, v_want, slots)
+    want = reference.paged_attention(q.float(), k_want.float(), v_want.float(), scale=0.1, **meta)
+    for _ in range(3):  # repeated calls: the counters and the stores stay consistent
+        got = triton_backend.paged_attention(q, k, v, scale=0.1, **meta, key=key, value=value, slot_mapping=slots)
+        assert torch.equal(k, k_want) and torch.equal(v, v_want)
+        assert _rel_err(got, want) < 1e-2

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PagedAttentionMetadata", "publish", "take_published"]
+from ..kernels import get_backend
+
+__all__ = ["PagedAttentionMetadata", "flush_published", "publish", "take_published"]
 
 
 @dataclass
@@ -39,19 +41,36 @@ class PagedAttentionMetadata:
 _published = threading.local()
 
 
-def publish(k_cache: torch.Tensor, metadata: PagedAttentionMetadata) -> None:
-    """Called by a cache's ``update``: the next attention call on ``k_cache`` uses ``metadata``.
+def publish(k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PagedAttentionMetadata,
+            key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> None:
+    """Called by a cache's ``update``: the next attention call on ``k_cache`` uses ``metadata``, and stores the
+    step's ``key``/``value`` (``[T, Hkv, D]``, at ``metadata.slot_mapping``) where given.
 
     Transformers (before 5.24) gives the attention function no handle on the cache, but always calls
-    it right after ``update`` on the same layer, with the tensors ``update`` returned.
+    it right after ``update`` on the same layer, with the tensors ``update`` returned. Handing the keys over
+    lets a backend store them inside its attention launch; keys no attention call took are stored by the
+    next `publish` or `flush_published`.
     """
-    _published.value = (k_cache, metadata)
+    flush_published()
+    _published.value = (k_cache, v_cache, metadata, key, value)
 
 
-def take_published(key: torch.Tensor) -> PagedAttentionMetadata | None:
-    """Metadata published for ``key`` (a layer's key pool), or ``None`` when ``key`` is dense."""
+def take_published(k_cache: torch.Tensor) -> tuple[PagedAttentionMetadata, torch.Tensor | None, torch.Tensor | None] | None:
+    """``(metadata, key, value)`` published for ``k_cache`` (a layer's key pool; ``key``/``value`` still to be
+    stored, or ``None``), or ``None`` when ``k_cache`` is dense keys."""
     entry = getattr(_published, "value", None)
-    if entry is None or entry[0] is not key:
+    if entry is None or entry[0] is not k_cache:
         return None
     _published.value = None
-    return entry[1]
+    return entry[2], entry[3], entry[4]
+
+
+def flush_published() -> None:
+    """Store the keys/values an ``update`` handed over that no attention call took (a cache read or changed
+    between the two, or an attention function other than ``"paged"``)."""
+    entry = getattr(_published, "value", None)
+    if entry is None or entry[3] is None:
+        return
+    k_cache, v_cache, metadata, key, value = entry
+    _published.value = (k_cache, v_cache, metadata, None, None)
+    get_backend(key.device, key.dtype).store_kv(key, value, k_cache, v_cache, metadata.slot_mapping)

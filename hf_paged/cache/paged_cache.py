@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from ..kernels import get_backend
 from .block_pool import OutOfBlocksError
 from .geometry import cdiv, config_kv_geometry, num_blocks_for_memory
 from .kv_pool import KVPool
-from .metadata import PagedAttentionMetadata, publish
+from .metadata import PagedAttentionMetadata, flush_published, publish
 
 __all__ = ["PagedCache", "PagedCacheStats"]
 
@@ -156,15 +155,19 @@ class PagedCache(Cache):
     @property
     def pool(self) -> KVPool | None:
         """The `KVPool` behind this cache (``None`` before the first ``update``)."""
+        flush_published()
         return self._pool
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store this step's ``[B, Hkv, Q, D]`` keys/values; return the layer's ``(k_cache, v_cache)``.
 
         The returned tensors are the block pools, not dense keys: the ``"paged"`` attention function
-        reads them through the step's block tables.
+        reads them through the step's block tables, and stores this step's keys/values (a kernel backend may
+        do so inside its attention launch). Keys no attention call took are stored when the cache is next
+        updated or read (`hf_paged.cache.metadata.flush_published`).
         """
         try:
+            flush_published()
             self._check_layer(key_states, value_states, layer_idx)
             if layer_idx == 0:
                 self._begin_step(key_states)
@@ -178,13 +181,10 @@ class PagedCache(Cache):
             else:
                 keys = key_states.transpose(1, 2).reshape(b * q, hkv, d)
                 values = value_states.transpose(1, 2).reshape(b * q, hkv, d)
-            get_backend(key_states.device, key_states.dtype).store_kv(
-                keys, values, k_cache, v_cache, self._step.slot_mapping
-            )
         except BaseException:
             self.reset()
             raise
-        publish(k_cache, self._step)
+        publish(k_cache, v_cache, self._step, keys, values)
         return k_cache, v_cache
 
     def _num_layers_hint(self) -> int:
@@ -312,6 +312,7 @@ class PagedCache(Cache):
     # -- batch surgery used by beam search, num_return_sequences and assisted decoding -------------
 
     def _reindex(self, rows: list[int]) -> None:
+        flush_published()  # keys handed over but not stored yet go to the blocks they were meant for
         blocks = self._pool.blocks
         new_tables = [list(self._tables[r]) for r in rows]
         for t in new_tables:
@@ -338,6 +339,7 @@ class PagedCache(Cache):
         new_len = tokens_to_remove if tokens_to_remove > 0 else self._seq_len + tokens_to_remove
         if tokens_to_remove == 0 or new_len >= self._seq_len:
             return
+        flush_published()
         keep = cdiv(max(new_len, 0), self.block_size)
         for t in self._tables:
             self._pool.blocks.free(t[keep:])
@@ -346,6 +348,7 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         """Return every block to the pool; the storage stays allocated for reuse."""
+        flush_published()
         if self._pool is not None:
             for t in self._tables:
                 self._pool.blocks.free(t)

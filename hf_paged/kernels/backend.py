@@ -25,7 +25,8 @@ class KernelBackend(Protocol):
     """What a kernel backend provides; `hf_paged.kernels.reference` defines the semantics.
 
     Optional flags: ``supports_static_grid`` (``paged_attention`` takes ``static_grid=True``) and
-    ``reads_step_kv`` (it takes the step's new ``key``/``value`` beside the caches that also hold them).
+    ``stores_step_kv`` (it takes the step's new ``key``/``value`` with their ``slot_mapping`` and stores them
+    itself, as ``store_kv`` would, before attending).
     """
 
     name: str

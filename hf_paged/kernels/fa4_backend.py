@@ -23,7 +23,7 @@ __all__ = ["name", "store_kv", "paged_attention", "flash_attention", "why_unavai
 
 name = "fa4"
 supports_static_grid = True
-reads_step_kv = True  # passed on to the Triton kernel where it serves
+stores_step_kv = True  # stored here before FA4 runs, or passed on to the Triton kernel where it serves
 _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
 
@@ -77,8 +77,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return triton_attention.paged_attention(query, k_cache, v_cache, **metadata)
     metadata.pop("kv_start", None)  # None here
     metadata.pop("max_context_len", None)  # FA4 reads the lengths from the device
-    metadata.pop("key", None)  # FA4 reads every key from the pages
-    metadata.pop("value", None)
+    key, value, slot_mapping = metadata.pop("key", None), metadata.pop("value", None), metadata.pop("slot_mapping", None)
+    if slot_mapping is not None:  # FA4 reads every key from the pages
+        store_kv(key, value, k_cache, v_cache, slot_mapping)
     return flash_attention(query, k_cache, v_cache, **metadata)
 
 

@@ -41,6 +41,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._intmath import cdiv, next_power_of_2
 from .triton_launch import launch
+from .triton_store import store_kv
 
 __all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits", "refine_decode_tiles"]
 
@@ -177,15 +178,16 @@ def _attend_range(
 @triton.jit(do_not_specialize=["stride_bt", "tiles_per_seq", "num_splits", "num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr,
-    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr, new_k, new_v,
+    cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr, new_k, new_v, slot_ptr,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_nt, stride_nh,
     stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits, num_seqs,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, TILE_MAP: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-    HAS_NEW_KV: tl.constexpr, DECODES_ONLY: tl.constexpr, MERGE: tl.constexpr,
+    HAS_NEW_KV: tl.constexpr, DECODES_ONLY: tl.constexpr, MERGE: tl.constexpr, STORE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -245,10 +247,29 @@ def _paged_attention_kernel(
         lo = tl.maximum(lo, first_pos - window + 1)
     hi = last_pos + 1
     full_hi = first_pos + 1
+    owns_last_key = True
     if SPLIT:  # this program's share of the key range, in whole key tiles
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+        owns_last_key = split == tl.maximum(hi - 1 - lo, 0) // tl.maximum(chunk, 1)
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
+    if STORE:
+        # A step of one query per sequence whose key and value (``new_k``/``new_v`` [T, Hkv, D], row stride
+        # ``stride_nt``) are not in the cache yet: the program whose keys end with it writes them to their slot
+        # (what `store_kv` does, without a launch of its own); the barrier makes the write visible to the loads below.
+        if owns_last_key:
+            slot = tl.load(slot_ptr + q_begin).to(tl.int64)
+            if slot >= 0:
+                src = q_begin.to(tl.int64) * stride_nt + kvh * stride_nh + offs_d
+                k_new = tl.load(new_k + src, mask=d_ok)
+                v_new = tl.load(new_v + src, mask=d_ok)
+                blk = slot // block_size
+                off = slot % block_size
+                tl.store(k_ptr + blk * stride_kb + off * stride_ks + kvh * stride_kh + offs_d * stride_kd,
+                         k_new.to(k_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(v_ptr + blk * stride_vb + off * stride_vs + kvh * stride_vh + offs_d * stride_vd,
+                         v_new.to(v_ptr.dtype.element_ty), mask=d_ok)
+        tl.debug_barrier()
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_ptr + kvh * stride_kh
     v_base = v_ptr + kvh * stride_vh
@@ -454,6 +475,7 @@ def paged_attention(
     static_grid: bool = False,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention with the reference's semantics; ``config``/``num_splits`` override the heuristics.
 
@@ -465,6 +487,9 @@ def paged_attention(
     ``key``/``value`` (``[T, Hkv, D]``, optional) are this step's new keys/values, which the cache
     also holds at each sequence's last ``q_len`` positions: prompt steps on SM90+ then read them
     through TMA descriptors instead of gathering them from the pages (see `_step_kv_descriptors`).
+    With ``slot_mapping`` they are not in the cache yet and this call stores them first (`store_kv`'s
+    semantics): for steps of one query per sequence inside the attention launch, else by a launch of
+    `store_kv` before it.
     """
     _check(query, k_cache, v_cache, block_tables)
     total_q, num_heads, head_dim = query.shape
@@ -481,6 +506,10 @@ def paged_attention(
     max_seqlen_q = total_q if static_grid else max(1, min(int(max_seqlen_q), total_q))
     d_pad = max(16, next_power_of_2(head_dim))
     step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
+    fuse_store = slot_mapping is not None and not step_kv and _fuses_store(
+        key, value, slot_mapping, query, num_kv_heads, num_seqs, max_seqlen_q, static_grid)
+    if slot_mapping is not None and not fuse_store:
+        store_kv(key, value, k_cache, v_cache, slot_mapping)
     cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
         raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
@@ -517,13 +546,14 @@ def paged_attention(
     use_window = bool(sliding_window)
     page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
 
-    def attend(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool) -> None:
+    def attend(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool,
+               store: bool = False) -> None:
         launch(
             _paged_attention_kernel, grid, query, k_cache, v_cache, out, part_o, part_lse,
             counts if counts is not None else context_lens, cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
-            context_lens if tile_map is None else tile_map, new_k, new_v,
+            context_lens if tile_map is None else tile_map, new_k, new_v, slot_mapping if store else context_lens,
             *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
-            block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
+            *(new_k.stride()[:2] if store else (0, 0)), block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
             scale * LOG2E,
             2.0 * LOG2E * scale / softcap if use_softcap else 0.0,
             softcap * LOG2E if use_softcap else 0.0,
@@ -532,16 +562,19 @@ def paged_attention(
             BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // groups, BLOCK_N=cfg.block_n, PAGE=page,
             HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
             DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=tile_map is not None,
-            LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None,
-            DECODES_ONLY=decodes_only, MERGE=counts is not None,
+            LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None and not store,
+            DECODES_ONLY=decodes_only, MERGE=counts is not None, STORE=store,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     if split_decodes:
         attend(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, None, None, None, True)
-    new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n) if step_kv else (None, None)
+    if step_kv:
+        new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n)
+    else:
+        new_k, new_v = (key, value) if fuse_store else (None, None)
     attend(cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
-           tile_map, new_k, new_v, False)
+           tile_map, new_k, new_v, False, fuse_store)
     if split and counts is None:
         launch(
             _reduce_kernel, (total_q, num_heads), out, part_o, part_lse, *out.stride(), num_splits,
@@ -569,6 +602,18 @@ def _arrival_counts(device: torch.device, needed: int) -> torch.Tensor | None:
     if counts is None or counts.numel() < needed:
         counts = _counts[key] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
     return counts
+
+
+def _fuses_store(key, value, slot_mapping, query, num_kv_heads: int, num_seqs: int, max_seqlen_q: int,
+                 static_grid: bool) -> bool:
+    """Whether the attention launch stores the step's keys itself: one query per sequence (a decode step; the
+    program that attends a sequence's last key writes it first), K/V ``[T, Hkv, D]`` laid out alike with a
+    unit stride along D. Anything else (and malformed input, which `store_kv` then names) takes `store_kv`."""
+    total_q, _, head_dim = query.shape
+    if static_grid or max_seqlen_q != 1 or total_q != num_seqs or key is None or value is None:
+        return False
+    return (key.shape == value.shape == (total_q, num_kv_heads, head_dim) and slot_mapping.shape == (total_q,)
+            and key.stride() == value.stride() and key.stride(2) == 1)
 
 
 def _reads_step_kv(key, value, query, rows: int) -> bool:

@@ -20,8 +20,9 @@ __all__ = ["name", "store_kv", "paged_attention"]
 name = "triton"
 # paged_attention takes ``static_grid=True`` (launches sized from shapes: graphs of mixed steps).
 supports_static_grid = True
-# paged_attention takes the step's new ``key``/``value`` (prompt steps read them through TMA on SM90+).
-reads_step_kv = True
+# paged_attention takes the step's new ``key``/``value``/``slot_mapping`` and stores them itself (in the attention
+# launch for decode steps; prompt steps then read them through TMA on SM90+).
+stores_step_kv = True
 
 
 @hookimpl
