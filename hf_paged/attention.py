@@ -39,7 +39,8 @@ def paged_attention_forward(
 
     * Engine step: the caller passed ``paged_metadata=`` and ``paged_kv=`` (a `KVPool`) as forward
       kwargs, ``query`` is one packed ``[1, H, T, D]`` batch; the new keys/values are stored here.
-    * `PagedCache` step: ``key``/``value`` are the layer's block pools its ``update`` returned.
+    * `PagedCache` step: ``key``/``value`` are the layer's block pools its ``update`` returned; the step's
+      keys/values it handed over are stored here, as in an engine step.
     * Anything else (a plain forward, a ``DynamicCache``): dense keys, viewed as one block per
       sequence so the same kernel serves them.
 

@@ -358,6 +358,11 @@ def test_unsupported_inputs_raise():
     with pytest.raises(NotImplementedError):
         triton_attention.paged_attention(big, torch.zeros(1, 16, 2, 300), torch.zeros(1, 16, 2, 300),
                                          scale=1.0, **meta)
+    with pytest.raises(ValueError, match="pass both"):  # where to store, but nothing to store
+        triton_attention.paged_attention(q, k, v, scale=1.0, **meta, slot_mapping=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not match key"):  # a step's keys of the wrong shape
+        triton_attention.paged_attention(q, k, v, scale=1.0, **meta, key=torch.zeros(1, 3, 64),
+                                         value=torch.zeros(1, 3, 64), slot_mapping=torch.zeros(1, dtype=torch.long))
 
 
 def test_hook_offers_backend_only_for_cuda():

@@ -497,7 +497,11 @@ def paged_attention(
     groups = num_heads // num_kv_heads
     num_seqs = context_lens.shape[0]
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if slot_mapping is not None and (key is None or value is None):
+        raise ValueError("slot_mapping names where to store this step's key and value: pass both")
     if total_q == 0 or num_seqs == 0:
+        if slot_mapping is not None:
+            store_kv(key, value, k_cache, v_cache, slot_mapping)
         return out
     if max_seqlen_q is None:
         max_seqlen_q = total_q
