@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     p.add_argument("--out", default=None)
+    p.add_argument("--logs", default=None, help="folder for each configuration's log, every rank's output in it "
+                                                "(default: beside --model-dir); its path is printed")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -302,7 +304,7 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
 # -- the parent ------------------------------------------------------------------------------------------
 
 
-def _spawn(args, config: str, out: Path) -> dict:
+def _spawn(args, config: str, out: Path, log: Path) -> dict:
     base, _, variant = config.partition("-")
     cmd = [sys.executable, __file__, "--child", base, "--child-out", str(out)]
     if variant == "eager":
@@ -312,12 +314,12 @@ def _spawn(args, config: str, out: Path) -> dict:
     for name, value in vars(args).items():
         if variant == "nccl" and name == "one_shot_max_bytes":
             continue
-        if name in ("child", "child_out", "build", "draw_weights", "configs", "out") or value is None or value is False:
+        if name in ("child", "child_out", "build", "draw_weights", "configs", "out", "logs") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
         cmd += [flag] if value is True else [flag, str(value)]
     started = time.perf_counter()
-    log = out.with_suffix(".log")
+    print(f"{config}: log (all ranks) in {log}", flush=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -398,6 +400,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = {}
     scratch = Path(args.model_dir).parent
+    logs = Path(args.logs) if args.logs else scratch
+    logs.mkdir(parents=True, exist_ok=True)
     for config in args.configs.split(","):
         base, _, variant = config.partition("-")
         if base not in CONFIGS or variant not in ("", "eager", "nccl"):
@@ -407,7 +411,8 @@ def main(argv=None) -> int:
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
         else:
-            runs[config] = _spawn(args, config, scratch / f"scale-{config}-{os.getpid()}.json")
+            runs[config] = _spawn(args, config, scratch / f"scale-{config}-{os.getpid()}.json",
+                                  logs / f"scale-{config}-{os.getpid()}.log")
         print(config, json.dumps({k: v for k, v in runs[config].items() if k != "greedy_tokens"})[:1500], flush=True)
         record = dict(
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,

@@ -83,9 +83,12 @@ def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
     out = tmp_path / "scale.json"
     cmd = [sys.executable, str(script), "--shape", "tiny", "--build", "--draw-weights", "--device", "cpu",
            "--model-dir", str(tmp_path / "tiny"), "--configs", "tp1,tp2", "--workloads", "uniform",
-           "--num-requests", "4", "--latency-tokens", "8", "--max-num-seqs", "4", "--dtype", "float32", "--timeout", "240", "--out", str(out)]
+           "--num-requests", "4", "--latency-tokens", "8", "--max-num-seqs", "4", "--dtype", "float32", "--timeout", "240", "--out", str(out),
+           "--logs", str(tmp_path / "logs")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = sorted((tmp_path / "logs").glob("scale-*.log"))  # each configuration's log, all ranks in it, named
+    assert [p.name.split("-")[1] for p in logs] == ["tp1", "tp2"] and all(str(p) in proc.stdout for p in logs)
     report = json.loads(out.read_text())
     from safetensors import safe_open
 
