@@ -109,16 +109,39 @@ def test_decode_split_kv(splits, merge, monkeypatch):
     """Split partials merged by the last split of each row group (eager launches), or by `_reduce_kernel` (launches
     captured in a CUDA graph, more splits than the attention launch merges); the arrival counters are back at zero."""
     if merge.endswith("capture"):
-        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: None)
+        monkeypatch.setattr(triton_attention, "_stream_key", lambda device: None)
     elif merge.endswith("many"):
         monkeypatch.setattr(triton_attention, "MAX_MERGED_SPLITS", 1)
-        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: pytest.fail("counters asked for"))
+        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda stream, needed: pytest.fail("counters asked for"))
     q, k, v, meta = make_problem([1, 1, 1], [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=3)
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, num_splits=splits,
                                            config=Config(16, 16, 4, 1))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert all(int(c.abs().sum()) == 0 for c in triton_attention._counts.values())
+
+
+def test_split_partials_are_kept_per_stream_except_under_capture(monkeypatch):
+    """Split scratch is allocated once per stream and reused by later calls (decode layers one after another); a
+    call under graph capture (no stream key) or one needing more than the kept size gets scratch of its own."""
+    partials = triton_attention._split_partials
+    monkeypatch.setattr(triton_attention, "_partials", {})
+    stream = (torch.device("cpu"), 0)
+    o1, lse1 = partials(stream, torch.device("cpu"), (3, 8, 2), 64)
+    o2, lse2 = partials(stream, torch.device("cpu"), (1, 8, 4), 32)
+    assert o1.shape == (3, 8, 2, 64) and lse1.shape == (3, 8, 2) and o2.shape == (1, 8, 4, 32)
+    assert o1.data_ptr() == o2.data_ptr()
+    assert lse1.data_ptr() >= o1.data_ptr() + o1.numel() * 4  # the two views do not overlap
+    captured, _ = partials(None, torch.device("cpu"), (3, 8, 2), 64)
+    assert captured.data_ptr() != o1.data_ptr()
+    q, k, v, meta = make_problem([1, 1, 1], [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=3)
+    for _ in range(2):  # two calls on one stream's kept scratch: both right
+        torch.testing.assert_close(triton_attention.paged_attention(q, k, v, scale=0.1, **meta, num_splits=3),
+                                   reference.paged_attention(q, k, v, scale=0.1, **meta), atol=2e-5, rtol=2e-5)
+    assert triton_attention._stream_key(q.device) in triton_attention._partials
+    monkeypatch.setattr(triton_attention, "_MAX_KEPT_PARTIALS", 100)
+    big, _ = partials(stream, torch.device("cpu"), (3, 8, 2), 64)
+    assert big.data_ptr() != o1.data_ptr() and triton_attention._partials[stream].data_ptr() == o1.data_ptr()
 
 
 def test_split_heuristic_used_for_long_context():
@@ -301,7 +324,7 @@ def test_step_keys_handed_over_are_stored_first(case, monkeypatch):
     if case.startswith("splits"):
         kw = dict(num_splits=3, config=Config(16, 16, 4, 1))
     if case == "splits merged apart":
-        monkeypatch.setattr(triton_attention, "_arrival_counts", lambda device, needed: None)
+        monkeypatch.setattr(triton_attention, "_stream_key", lambda device: None)
     if case == "window+kv_start":
         extra, kw = dict(sliding_window=40), dict(num_splits=2, config=Config(16, 16, 4, 1))
         meta["kv_start"] = torch.tensor([3, 0, 90], dtype=torch.int32, device=DEVICE)

@@ -540,10 +540,10 @@ def paged_attention(
     split = num_splits > 1
     counts = None
     if split:
-        part_o = torch.empty(total_q, num_heads, num_splits, d_pad, dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(total_q, num_heads, num_splits, dtype=torch.float32, device=query.device)
-        if num_splits <= MAX_MERGED_SPLITS:
-            counts = _arrival_counts(query.device, (programs if static_grid else num_seqs * tiles_per_seq) * num_kv_heads)
+        stream = _stream_key(query.device)
+        part_o, part_lse = _split_partials(stream, query.device, (total_q, num_heads, num_splits), d_pad)
+        if num_splits <= MAX_MERGED_SPLITS and stream is not None:
+            counts = _arrival_counts(stream, (programs if static_grid else num_seqs * tiles_per_seq) * num_kv_heads)
     else:
         part_o = part_lse = out  # unused
     use_softcap = bool(softcap)
@@ -589,23 +589,44 @@ def paged_attention(
 
 
 _counts: dict[tuple, torch.Tensor] = {}  # (device, stream) -> int32 arrival counts, zero between launches
+_partials: dict[tuple, torch.Tensor] = {}  # (device, stream) -> fp32 scratch for split partials
+_MAX_KEPT_PARTIALS = 1 << 24  # floats (64 MB); a larger need is allocated for its call alone
 
 
-def _arrival_counts(device: torch.device, needed: int) -> torch.Tensor | None:
+def _stream_key(device: torch.device) -> tuple | None:
+    """``(device, stream)`` naming the buffers that launches on one stream share (they run one after another:
+    a launch's split partials and arrival counters are done with before the next starts). One set per stream,
+    since launches on two streams may run at once. ``None`` while a CUDA graph is captured: the graph would hold
+    on to a buffer that a later, larger need replaces."""
+    if device.type != "cuda":  # the interpreter
+        return (device, 0)
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    return (device, driver.active.get_current_stream(device.index))
+
+
+def _arrival_counts(stream: tuple, needed: int) -> torch.Tensor:
     """Counters with which the last split of each row group merges the partials inside the attention launch
-    (one launch fewer: on the H100 machine's host a split call cost ~50 us more than an unsplit one). One buffer
-    per stream, since launches on two streams may run at once. ``None`` (merge in `_reduce_kernel`) while a CUDA
-    graph is captured: a graph would hold on to the buffer, which a later, larger need replaces."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        key = (device, driver.active.get_current_stream(device.index))
-    else:  # the interpreter
-        key = (device, 0)
-    counts = _counts.get(key)
+    (one launch fewer: on the H100 machine's host a split call cost ~50 us more than an unsplit one)."""
+    counts = _counts.get(stream)
     if counts is None or counts.numel() < needed:
-        counts = _counts[key] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
+        counts = _counts[stream] = torch.zeros(max(needed, 4096), dtype=torch.int32, device=stream[0])
     return counts
+
+
+def _split_partials(stream: tuple | None, device: torch.device, rows: tuple, d_pad: int) -> tuple:
+    """Scratch for the split partials ``[*rows, d_pad]`` and their log-sum-exps ``[*rows]``, fp32: kept per stream
+    (every decode layer of ``generate`` splits; an allocation cost ~3 us of host time on the H100 machine),
+    allocated per call while a graph is captured or for needs over 64 MB."""
+    n = math.prod(rows)
+    need = n * (d_pad + 1)
+    keep = stream is not None and need <= _MAX_KEPT_PARTIALS
+    buf = _partials.get(stream) if keep else None
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(max(need, 1 << 20) if keep else need, dtype=torch.float32, device=device)
+        if keep:
+            _partials[stream] = buf
+    return buf[: n * d_pad].view(*rows, d_pad), buf[n * d_pad : need].view(rows)
 
 
 def _fuses_store(key, value, slot_mapping, query, num_kv_heads: int, num_seqs: int, max_seqlen_q: int,
