@@ -130,7 +130,7 @@ def test_split_partials_are_kept_per_stream_except_under_capture(monkeypatch):
     o1, lse1 = partials(stream, torch.device("cpu"), (3, 8, 2), 64)
     o2, lse2 = partials(stream, torch.device("cpu"), (1, 8, 4), 32)
     assert o1.shape == (3, 8, 2, 64) and lse1.shape == (3, 8, 2) and o2.shape == (1, 8, 4, 32)
-    assert o1.data_ptr() == o2.data_ptr()
+    assert o1.data_ptr() == o2.data_ptr() and partials(stream, torch.device("cpu"), (1, 8, 4), 32)[0] is o2
     assert lse1.data_ptr() >= o1.data_ptr() + o1.numel() * 4  # the two views do not overlap
     captured, _ = partials(None, torch.device("cpu"), (3, 8, 2), 64)
     assert captured.data_ptr() != o1.data_ptr()
@@ -141,7 +141,7 @@ def test_split_partials_are_kept_per_stream_except_under_capture(monkeypatch):
     assert triton_attention._stream_key(q.device) in triton_attention._partials
     monkeypatch.setattr(triton_attention, "_MAX_KEPT_PARTIALS", 100)
     big, _ = partials(stream, torch.device("cpu"), (3, 8, 2), 64)
-    assert big.data_ptr() != o1.data_ptr() and triton_attention._partials[stream].data_ptr() == o1.data_ptr()
+    assert big.data_ptr() != o1.data_ptr() and triton_attention._partials[stream][0].data_ptr() == o1.data_ptr()
 
 
 def test_split_heuristic_used_for_long_context():

@@ -589,7 +589,7 @@ def paged_attention(
 
 
 _counts: dict[tuple, torch.Tensor] = {}  # (device, stream) -> int32 arrival counts, zero between launches
-_partials: dict[tuple, torch.Tensor] = {}  # (device, stream) -> fp32 scratch for split partials
+_partials: dict[tuple, tuple] = {}  # (device, stream) -> (fp32 scratch, the last call's shapes, its two views)
 _MAX_KEPT_PARTIALS = 1 << 24  # floats (64 MB); a larger need is allocated for its call alone
 
 
@@ -617,16 +617,22 @@ def _arrival_counts(stream: tuple, needed: int) -> torch.Tensor:
 def _split_partials(stream: tuple | None, device: torch.device, rows: tuple, d_pad: int) -> tuple:
     """Scratch for the split partials ``[*rows, d_pad]`` and their log-sum-exps ``[*rows]``, fp32: kept per stream
     (every decode layer of ``generate`` splits; an allocation cost ~3 us of host time on the H100 machine),
-    allocated per call while a graph is captured or for needs over 64 MB."""
+    allocated per call while a graph is captured or for needs over 64 MB. The views of the last shapes are kept
+    too: the layers of a step ask for the same ones."""
+    kept = _partials.get(stream) if stream is not None else None
+    if kept is not None and kept[1] == (rows, d_pad):
+        return kept[2]
     n = math.prod(rows)
     need = n * (d_pad + 1)
     keep = stream is not None and need <= _MAX_KEPT_PARTIALS
-    buf = _partials.get(stream) if keep else None
-    if buf is None or buf.numel() < need:
+    if keep and kept is not None and kept[0].numel() >= need:
+        buf = kept[0]
+    else:
         buf = torch.empty(max(need, 1 << 20) if keep else need, dtype=torch.float32, device=device)
-        if keep:
-            _partials[stream] = buf
-    return buf[: n * d_pad].view(*rows, d_pad), buf[n * d_pad : need].view(rows)
+    views = buf[: n * d_pad].view(*rows, d_pad), buf[n * d_pad : need].view(rows)
+    if keep:
+        _partials[stream] = (buf, (rows, d_pad), views)
+    return views
 
 
 def _fuses_store(key, value, slot_mapping, query, num_kv_heads: int, num_seqs: int, max_seqlen_q: int,
