@@ -2,9 +2,10 @@
 
 The 1.5B shape of `throughput.py` (or ``--model DIR``), prompts of ``--prompt-len`` random tokens, ``--new-tokens``
 tokens each, no EOS. Each model generates once untimed (Triton compiles, cuBLAS initialises), then ``--repeats``
-timed runs, the two models in turns, synchronised wall clock. Reported: the median and the fastest run (these runs
-are host-bound, and the device machines' hosts are noisy: the fastest run is the steadier figure), and the share
-of identical greedy tokens (bf16: the two attention kernels round differently, so long greedy runs may part at
+timed runs, the two models in turns (alternating which goes first), synchronised wall clock. Reported: the median
+and the fastest run, the median of each repeat's sdpa/paged ratio (these runs are host-bound, and the device
+machines' hosts are noisy and drift: runs next to each other in time compare best), and the share of identical
+greedy tokens (bf16: the two attention kernels round differently, so long greedy runs may part at
 near-ties). "ms per token" is the whole ``generate`` call over its new tokens: the prompt's prefill is included.
 
     python bench/generate_speed.py [--tiny] [--batches 1,8] [--new-tokens 128] [--prompt-len 512] [--profile]
@@ -54,25 +55,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def time_generate(models: dict, ids: torch.Tensor, args) -> dict[str, tuple[float, float, torch.Tensor]]:
-    """Per model: median and fastest seconds of ``model.generate`` over ``args.repeats`` runs after one untimed run,
-    and its tokens. The models take turns in every repeat, so that a slower or faster spell of the host (these runs are
-    host-bound) falls on all of them."""
+def time_generate(models: dict, ids: torch.Tensor, args) -> dict[str, tuple[list[float], torch.Tensor]]:
+    """Per model: the seconds of each of ``args.repeats`` runs of ``model.generate`` after one untimed run, and its
+    tokens. The models take turns in every repeat, in alternating order, so that a slower or faster spell of the
+    host (these runs are host-bound) falls on all of them alike."""
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     times: dict[str, list[float]] = {name: [] for name in models}
     tokens = {}
     with torch.inference_mode():
         for model in models.values():
             model.generate(ids, **kw)
-        for _ in range(args.repeats):
-            for name, model in models.items():
+        for repeat in range(args.repeats):
+            for name, model in list(models.items())[:: 1 if repeat % 2 == 0 else -1]:
                 sync(args.device)
                 t0 = time.perf_counter()
                 out = model.generate(ids, **kw)
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
                 tokens[name] = out[:, ids.shape[1]:]
-    return {name: (statistics.median(times[name]), min(times[name]), tokens[name]) for name in models}
+    return {name: (times[name], tokens[name]) for name in models}
 
 
 def profile_generate(model, ids: torch.Tensor, args) -> list[dict]:
@@ -100,18 +101,24 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(args.seed + batch)
         ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g).to(args.device)
         timed = time_generate({"sdpa": sdpa, "paged": paged}, ids, args)
-        (s_sdpa, best_sdpa, t_sdpa), (s_paged, best_paged, t_paged) = timed["sdpa"], timed["paged"]
+        (times_sdpa, t_sdpa), (times_paged, t_paged) = timed["sdpa"], timed["paged"]
+        s_sdpa, s_paged = statistics.median(times_sdpa), statistics.median(times_paged)
+        best_sdpa, best_paged = min(times_sdpa), min(times_paged)
         row = dict(batch=batch, sdpa_ms_per_token=1e3 * s_sdpa / args.new_tokens,
                    paged_ms_per_token=1e3 * s_paged / args.new_tokens, paged_speedup=s_sdpa / s_paged,
                    sdpa_best_ms_per_token=1e3 * best_sdpa / args.new_tokens,
                    paged_best_ms_per_token=1e3 * best_paged / args.new_tokens, paged_best_speedup=best_sdpa / best_paged,
-                   same_tokens=float((t_sdpa == t_paged).float().mean()))
+                   # each repeat's two runs are neighbours in time: the median of their ratios is the least
+                   # disturbed by the host's slow drifts
+                   paged_paired_speedup=statistics.median(a / b for a, b in zip(times_sdpa, times_paged)),
+                   sdpa_s=times_sdpa, paged_s=times_paged, same_tokens=float((t_sdpa == t_paged).float().mean()))
         if args.profile:
             row["paged_profile"] = profile_generate(paged, ids, args)
         rows.append(row)
         print(f"batch {batch}: sdpa {row['sdpa_ms_per_token']:.2f} ms/token, paged {row['paged_ms_per_token']:.2f} "
               f"ms/token ({row['paged_speedup']:.2f}x); fastest runs {row['sdpa_best_ms_per_token']:.2f} / "
-              f"{row['paged_best_ms_per_token']:.2f} ({row['paged_best_speedup']:.2f}x); same greedy tokens "
+              f"{row['paged_best_ms_per_token']:.2f} ({row['paged_best_speedup']:.2f}x); paired runs "
+              f"{row['paged_paired_speedup']:.2f}x; same greedy tokens "
               f"{100 * row['same_tokens']:.0f}%")
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = dict(date=_dt.date.today().isoformat(), gpu=gpu, torch=torch.__version__,

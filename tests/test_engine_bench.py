@@ -114,4 +114,7 @@ def test_generate_speed_benchmark_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["paged_ms_per_token"] > 0 and r["same_tokens"] == 1.0 for r in rows)  # fp32: same tokens
+    # --tiny times one repeat: the paired ratio is that repeat's sdpa over paged seconds
+    assert all(len(r["paged_s"]) == 1 and r["paged_paired_speedup"] == pytest.approx(r["sdpa_s"][0] / r["paged_s"][0])
+               for r in rows)
     assert all(r["paged_profile"] and r["paged_profile"][0]["calls"] > 0 for r in rows)
