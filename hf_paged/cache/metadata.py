@@ -48,10 +48,9 @@ def publish(k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: PagedAttenti
 
     Transformers (before 5.24) gives the attention function no handle on the cache, but always calls
     it right after ``update`` on the same layer, with the tensors ``update`` returned. Handing the keys over
-    lets a backend store them inside its attention launch; keys no attention call took are stored by the
-    next `publish` or `flush_published`.
+    lets a backend store them inside its attention launch. The caller flushes first (`flush_published`): keys
+    an earlier update handed over and no attention call took are stored before its blocks change.
     """
-    flush_published()
     _published.value = (k_cache, v_cache, metadata, key, value)
 
 

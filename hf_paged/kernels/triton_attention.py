@@ -250,7 +250,8 @@ def _paged_attention_kernel(
     owns_last_key = True
     if SPLIT:  # this program's share of the key range, in whole key tiles
         chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
-        owns_last_key = split == tl.maximum(hi - 1 - lo, 0) // tl.maximum(chunk, 1)
+        if STORE:  # the split whose keys end with the last one (split 0 when the range is empty)
+            owns_last_key = split == tl.maximum(hi - 1 - lo, 0) // tl.maximum(chunk, 1)
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
     if STORE:

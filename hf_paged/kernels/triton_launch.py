@@ -2,7 +2,7 @@
 
 Triton binds and specialises every argument in Python at each launch (measured on the device's H100 machine: 34 us
 for the 19-argument store kernel, of which the compiled kernel's own launcher takes 15). At decode sizes that is
-more than the kernels run, and ``model.generate`` pays it three times per layer and token. `launch` keys the
+more than the kernels run, and ``model.generate`` pays it for every launch of every layer and token. `launch` keys the
 compiled kernel by everything its specialisation depends on (the non-tensor arguments by value, each tensor's
 dtype and 16-byte alignment, the constexprs and launch options) and calls it directly. A key's first launch, an
 argument it cannot key (a TMA descriptor) and the interpreter go through Triton's own path.
