@@ -64,15 +64,21 @@ def test_layers_share_one_compiled_graph():
     assert 1 <= frames[20] <= frames[2]
 
 
-def test_warm_up_leaves_nothing_to_compile_while_serving():
+def test_warm_up_leaves_nothing_to_compile_while_serving(monkeypatch):
     """Warm-up runs steps of one and of several sequences, so torch.compile has made the batch dimensions
     dynamic before the first request: larger, uncaptured steps (on the GPU: above the graph buckets) reuse
-    the compiled code instead of recompiling the whole model mid-serving."""
+    the compiled code instead of recompiling the whole model mid-serving. It also runs a step as large as
+    the engine schedules (under tensor parallelism a compiled model branches on the message size)."""
     from torch._dynamo.utils import counters
 
     model, _ = make_pair("llama-gqa")
     engine = Engine(model, compile_model=True, num_blocks=1024, max_num_seqs=300, max_num_batched_tokens=1024)
-    engine.runner.warm_up()  # Engine warms up on CUDA only
+    runner, steps = engine.runner, []
+    execute = runner.execute
+    monkeypatch.setattr(runner, "execute", lambda out, *a, **k: steps.append(out.num_batched_tokens) or execute(out, *a, **k))
+    runner.warm_up()  # Engine warms up on CUDA only
+    monkeypatch.undo()
+    assert steps[-1] == 1024  # four prompts of 256 tokens, the model's longest
     compiled = counters["frames"]["total"]
     # The last: a step of more than 256 sequences (where the kv_start buffer was once reallocated).
     for lengths in ((300,), (700, 40, 3), (200, 300, 400), (2,) * 290):

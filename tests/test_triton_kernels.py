@@ -111,6 +111,7 @@ def test_decode_split_kv(splits, merge, monkeypatch):
     if merge.endswith("capture"):
         monkeypatch.setattr(triton_attention, "_stream_key", lambda device: None)
     elif merge.endswith("many"):
+        monkeypatch.setattr(triton_attention, "_plans", {})  # plans of earlier calls took the constant's value
         monkeypatch.setattr(triton_attention, "MAX_MERGED_SPLITS", 1)
         monkeypatch.setattr(triton_attention, "_arrival_counts", lambda stream, needed: pytest.fail("counters asked for"))
     q, k, v, meta = make_problem([1, 1, 1], [150, 7, 96], heads=8, kv_heads=2, block_size=16, seed=3)
@@ -119,6 +120,19 @@ def test_decode_split_kv(splits, merge, monkeypatch):
                                            config=Config(16, 16, 4, 1))
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert all(int(c.abs().sum()) == 0 for c in triton_attention._counts.values())
+
+
+def test_layers_of_a_step_share_one_plan(monkeypatch):
+    """Calls alike in shapes and host ints (the layers of a step) reuse the first one's launch plan and still
+    attend their own queries and caches; a longer context (the next step) plans again."""
+    monkeypatch.setattr(triton_attention, "_plans", {})
+    layers = [make_problem([1, 1], [40, 23], heads=4, kv_heads=2, seed=s) for s in (1, 2)]
+    for q, k, v, meta in layers:
+        check(q, k, v, meta)
+    assert len(triton_attention._plans) == 1
+    q, k, v, meta = layers[0]
+    check(q, k, v, {**meta, "context_lens": meta["context_lens"] - 1, "max_context_len": 39})
+    assert len(triton_attention._plans) == 2
 
 
 def test_split_partials_are_kept_per_stream_except_under_capture(monkeypatch):

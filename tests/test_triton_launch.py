@@ -87,6 +87,23 @@ def test_unkeyable_argument_always_goes_through_triton(kernel):
     assert [c[0] for c in kernel.calls] == ["jit", "jit"]
 
 
+def test_prepared_launch_keys_the_tensors_only(kernel):
+    """A `PreparedLaunch` fixes grid, scalars and constexprs: it reuses its compiled kernel while the tensors'
+    dtypes, alignment and None-ness stay, compiles again when one changes, and hands a TMA descriptor to Triton."""
+    x = torch.zeros(64)
+    run = triton_launch.PreparedLaunch(kernel, (4, 2), (7, 0.5), dict(BLOCK=16, num_warps=4))
+    for t in (x, torch.ones(64), x[4:]):  # x[4:]: another 16-byte aligned view
+        run(t)
+    assert [c[0] for c in kernel.calls] == ["jit", "compiled", "compiled"]
+    _, grid, args = kernel.calls[1]
+    assert grid == (4, 2, 1) and args[1:] == (7, 0.5, 16) and torch.equal(args[0], torch.ones(64))
+    for t in (x[1:], x.half(), None, object()):
+        run(t)
+    assert [c[0] for c in kernel.calls[3:]] == ["jit", "jit", "jit", "jit"]
+    run(x[1:])
+    assert kernel.calls[-1][0] == "compiled"
+
+
 @pytest.mark.gpu
 def test_gpu_store_through_the_launcher_for_aligned_and_misaligned_views():
     from hf_paged.kernels.triton_store import store_kv

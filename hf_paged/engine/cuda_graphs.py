@@ -41,14 +41,17 @@ class DecodeGraphs:
         self.max_context = -(-max_context // bs) * bs
         device, n = kv_pool.device, max_batch
         # int64 inputs travel in one copy: token ids | positions | slots (-1: padding, store nothing)
-        # | positions and source rows of the tokens still being sampled by the previous step.
-        self._i64 = torch.zeros(5 * n, dtype=torch.int64, device=device)
-        self._ids, self._positions, self._slots, self._fill_at, self._fill_from = self._i64.view(5, n)
-        self._context_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self._block_tables = torch.zeros(n, self.max_context // bs, dtype=torch.int32, device=device)
-        self._cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per row, always
-        self._kv_start = torch.zeros(n, dtype=torch.int32, device=device)
-        self._rows = torch.arange(n, device=device)
+        # | positions and source rows of the tokens still being sampled by the previous step. Inference
+        # tensors, like the eager steps' inputs: a compiled model's guards check dispatch keys, and unlike
+        # ones would compile its layers once more for graphs (one more entry, and a recompile while serving).
+        with torch.inference_mode():
+            self._i64 = torch.zeros(5 * n, dtype=torch.int64, device=device)
+            self._ids, self._positions, self._slots, self._fill_at, self._fill_from = self._i64.view(5, n)
+            self._context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+            self._block_tables = torch.zeros(n, self.max_context // bs, dtype=torch.int32, device=device)
+            self._cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)  # one query per row, always
+            self._kv_start = torch.zeros(n, dtype=torch.int32, device=device)
+            self._rows = torch.arange(n, device=device)
         # Two sets of pinned staging buffers, used in turn: with async scheduling the host fills
         # step N+1's while step N's copies may still be in flight (step N-1's are done: the engine
         # has waited for its sampled tokens).
@@ -202,13 +205,14 @@ class MixedGraphs:
         # int32: cu_seqlens | context lengths | block tables.
         self._split64 = (t, t, t, s, s, s)
         self._split32 = (s + 1, s, s * w)
-        self._i64 = torch.zeros(sum(self._split64), dtype=torch.int64, device=device)
-        self._i32 = torch.zeros(sum(self._split32), dtype=torch.int32, device=device)
-        self._ids, self._positions, self._slots, self._rows, self._fill_at, self._fill_from = self._i64.split(
-            self._split64)
-        self._cu, self._context_lens, tables = self._i32.split(self._split32)
-        self._block_tables = tables.view(s, w)
-        self._kv_start = torch.zeros(s, dtype=torch.int32, device=device)
+        with torch.inference_mode():  # as `DecodeGraphs`' inputs
+            self._i64 = torch.zeros(sum(self._split64), dtype=torch.int64, device=device)
+            self._i32 = torch.zeros(sum(self._split32), dtype=torch.int32, device=device)
+            self._ids, self._positions, self._slots, self._rows, self._fill_at, self._fill_from = self._i64.split(
+                self._split64)
+            self._cu, self._context_lens, tables = self._i32.split(self._split32)
+            self._block_tables = tables.view(s, w)
+            self._kv_start = torch.zeros(s, dtype=torch.int32, device=device)
         # Two pinned staging sets, used in turn (see `DecodeGraphs`).
         self._staging = [(torch.zeros_like(self._i64, device="cpu").pin_memory(),
                           torch.zeros_like(self._i32, device="cpu").pin_memory()) for _ in range(2)]

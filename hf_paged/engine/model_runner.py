@@ -255,8 +255,8 @@ class ModelRunner:
 
         Runs one sequence's eager forward at each power-of-two query length up to 128 (the kernels
         pick their tiles by query length) over a short and a long context (the long one splits the
-        keys), then two steps of several sequences, in blocks taken from the block manager and given
-        back; then captures the graphs.
+        keys), one of the largest step's length, then two steps of several sequences, in blocks taken
+        from the block manager and given back; then captures the graphs.
         """
         graphs, self._graphs, self._mixed_graphs = (self._graphs, self._mixed_graphs), None, None  # eager first
         try:
@@ -286,17 +286,28 @@ class ModelRunner:
         # Steps of several sequences of unequal lengths, twice: a compiled model sees its batch dimensions
         # change (and torch.compile makes them dynamic) here, not in the middle of serving.
         for count in (2, 3):
-            seqs = [SequenceState(-1 - i, request, 0, [0] * (24 + 40 * i)) for i in range(count)]
-            if sum(len(s.token_ids) for s in seqs) > max_num_batched_tokens:
-                return
-            taken = [s for s in seqs if block_manager.try_append(s, len(s.token_ids))]
-            try:
-                if len(taken) == count:
-                    self.execute(SchedulerOutput([ScheduledChunk(s, 0, len(s.token_ids), [s]) for s in seqs],
-                                                 sum(len(s.token_ids) for s in seqs)))
-            finally:
-                for s in taken:
-                    block_manager.free(s)
+            if 24 * count + 40 * count * (count - 1) // 2 <= max_num_batched_tokens:
+                self._warm_up_step([24 + 40 * i for i in range(count)], request)
+        # Last, the largest step: the kernels' tiles for long queries, and under tensor parallelism a compiled
+        # model's other branch (all-reduces past the one-shot size; on two H100s compiling it inside the first
+        # served prompt step tripled the time to first token).
+        count = -(-max_num_batched_tokens // longest)
+        if max_num_batched_tokens > lengths[-1] and count <= self._zeros.numel():
+            self._warm_up_step([max_num_batched_tokens // count + (i < max_num_batched_tokens % count)
+                                for i in range(count)], request)
+
+    def _warm_up_step(self, lengths: list[int], request: Request) -> None:
+        """One step of whole prompts of ``lengths`` tokens, when their blocks are free."""
+        block_manager = self.block_manager
+        seqs = [SequenceState(-1 - i, request, 0, [0] * n) for i, n in enumerate(lengths)]
+        taken = [s for s in seqs if block_manager.try_append(s, len(s.token_ids))]
+        try:
+            if len(taken) == len(seqs):
+                self.execute(SchedulerOutput([ScheduledChunk(s, 0, len(s.token_ids), [s]) for s in seqs],
+                                             sum(lengths)))
+        finally:
+            for s in taken:
+                block_manager.free(s)
 
     def close(self) -> None:
         """Drop the captured graphs and their memory pool."""

@@ -40,7 +40,7 @@ from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .._intmath import cdiv, next_power_of_2
-from .triton_launch import launch
+from .triton_launch import PreparedLaunch, launch
 from .triton_store import store_kv
 
 __all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits", "refine_decode_tiles"]
@@ -492,29 +492,115 @@ def paged_attention(
     semantics): for steps of one query per sequence inside the attention launch, else by a launch of
     `store_kv` before it.
     """
+    if slot_mapping is not None and (key is None or value is None):
+        raise ValueError("slot_mapping names where to store this step's key and value: pass both")
+    max_seqlen_q = None if max_seqlen_q is None else int(max_seqlen_q)
+    max_context_len = None if max_context_len is None else int(max_context_len)
+    num_seqs = context_lens.shape[0]
+    # Everything the launches depend on besides tensor contents and addresses: the layers of a step share it.
+    signature = (
+        query.shape, query.stride(), query.dtype, query.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+        v_cache.shape, v_cache.stride(), v_cache.dtype, block_tables.shape, block_tables.stride(0),
+        block_tables.dtype, num_seqs, max_seqlen_q, max_context_len, scale, kv_start is not None, sliding_window,
+        softcap, config, num_splits, static_grid, slot_mapping is not None and slot_mapping.shape,
+        key is not None and (key.shape, key.stride(), key.dtype, value.shape, value.stride(), value.dtype),
+    )
+    plan = _plans.get(signature)
+    if plan is None:
+        plan = _plan(query, k_cache, v_cache, block_tables, num_seqs, max_seqlen_q, max_context_len, scale,
+                     kv_start is not None, sliding_window, softcap, config, num_splits, static_grid, key, value,
+                     slot_mapping)
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[signature] = plan
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if plan.store_first:
+        store_kv(key, value, k_cache, v_cache, slot_mapping)
+    if not plan.launches:
+        return out
+    tile_map = context_lens  # unread
+    if plan.tile_map is not None:
+        tile_map = torch.empty(num_seqs + 1, dtype=torch.int32, device=query.device)
+        block_q, skip_decodes, block = plan.tile_map
+        launch(_tile_map_kernel, (1,), cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=skip_decodes,
+               BLOCK=block)
+    counts = None
+    if plan.split_rows is not None:
+        stream = _stream_key(query.device)
+        part_o, part_lse = _split_partials(stream, query.device, plan.split_rows, plan.d_pad)
+        if plan.merge_counts and stream is not None:
+            counts = _arrival_counts(stream, plan.merge_counts)
+    else:
+        part_o = part_lse = out  # unread
+    if plan.step_kv_block_n:
+        new_k, new_v = _step_kv_descriptors(key, value, query.dtype, plan.step_kv_block_n)
+    else:
+        new_k, new_v = key, value
+    starts = kv_start if kv_start is not None else context_lens
+    for step in plan.launches:
+        run = step.run
+        if plan.merge_counts and counts is None:  # captured in a graph: `_reduce_kernel` merges
+            run = PreparedLaunch(run.kernel, run.grid, run.scalars, {**run.consts, "MERGE": False})
+        run(query, k_cache, v_cache, out, part_o, part_lse, counts if counts is not None else context_lens,
+            cu_seqlens_q, context_lens, block_tables, starts, tile_map,
+            *((new_k, new_v) if step.new_kv else (None, None)), slot_mapping if step.store else context_lens)
+    if plan.split_rows is not None and counts is None:
+        plan.reduce(out, part_o, part_lse)
+    return out
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One launch of the attention kernel (its tensors given per call); ``new_kv``: it is given the step's keys,
+    to read through TMA or (``store``) to store."""
+
+    run: PreparedLaunch
+    new_kv: bool
+    store: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a call's shapes, dtypes and host ints decide, computed once for the layers of a step: whether
+    `store_kv` runs first, the tile-map launch (``(block_q, skip_decodes, BLOCK)``, static grids), the
+    attention launches, the split scratch (``split_rows``, ``d_pad``), how many arrival counters a merging
+    launch needs (0: none merges) and the `_reduce_kernel` launch (its tensors: out and the partials);
+    ``step_kv_block_n``: the step's keys are
+    read through TMA descriptors of tiles of that many keys."""
+
+    store_first: bool
+    launches: tuple[_Launch, ...] = ()
+    tile_map: tuple | None = None
+    split_rows: tuple | None = None
+    d_pad: int = 0
+    merge_counts: int = 0
+    reduce: PreparedLaunch | None = None
+    step_kv_block_n: int = 0
+
+
+_plans: dict[tuple, _Plan] = {}
+_MAX_PLANS = 1024  # signatures hold per-step ints (context lengths): bounded, cleared when full
+
+
+def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: int | None,
+          max_context_len: int | None, scale: float, has_kv_start: bool, sliding_window: int | None,
+          softcap: float | None, config: Config | None, num_splits: int | None, static_grid: bool, key, value,
+          slot_mapping) -> _Plan:
     _check(query, k_cache, v_cache, block_tables)
     total_q, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     groups = num_heads // num_kv_heads
-    num_seqs = context_lens.shape[0]
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    if slot_mapping is not None and (key is None or value is None):
-        raise ValueError("slot_mapping names where to store this step's key and value: pass both")
     if total_q == 0 or num_seqs == 0:
-        if slot_mapping is not None:
-            store_kv(key, value, k_cache, v_cache, slot_mapping)
-        return out
+        return _Plan(store_first=slot_mapping is not None)
     if max_seqlen_q is None:
         max_seqlen_q = total_q
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
-    max_seqlen_q = total_q if static_grid else max(1, min(int(max_seqlen_q), total_q))
+    max_seqlen_q = total_q if static_grid else max(1, min(max_seqlen_q, total_q))
     d_pad = max(16, next_power_of_2(head_dim))
     step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
     fuse_store = slot_mapping is not None and not step_kv and _fuses_store(
         key, value, slot_mapping, query, num_kv_heads, num_seqs, max_seqlen_q, static_grid)
-    if slot_mapping is not None and not fuse_store:
-        store_kv(key, value, k_cache, v_cache, slot_mapping)
     cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
         raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
@@ -529,64 +615,57 @@ def paged_attention(
     if static_grid:
         # Each sequence ends at most one partial tile: cdiv(total_q, block_q) + num_seqs bounds the tiles. Split,
         # the decodes get no tile here (the programs past the last tile return at once).
-        tile_map = torch.empty(num_seqs + 1, dtype=torch.int32, device=query.device)
-        launch(_tile_map_kernel, (1,), cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=split_decodes,
-               BLOCK=next_power_of_2(num_seqs + 1))
+        tile_map = (block_q, split_decodes, next_power_of_2(num_seqs + 1))
         programs, num_splits = cdiv(total_q, block_q) + num_seqs, 1
     if num_splits is None:
-        num_splits = choose_num_splits(programs, int(max_context_len), cfg.block_n, _num_sms(query.device),
+        num_splits = choose_num_splits(programs, max_context_len, cfg.block_n, _num_sms(query.device),
                                        cfg.split_target)
     if config is None:
-        cfg = refine_decode_tiles(cfg, d_pad, int(max_context_len), num_splits, programs, _num_sms(query.device))
+        cfg = refine_decode_tiles(cfg, d_pad, max_context_len, num_splits, programs, _num_sms(query.device))
     split = num_splits > 1
-    counts = None
-    if split:
-        stream = _stream_key(query.device)
-        part_o, part_lse = _split_partials(stream, query.device, (total_q, num_heads, num_splits), d_pad)
-        if num_splits <= MAX_MERGED_SPLITS and stream is not None:
-            counts = _arrival_counts(stream, (programs if static_grid else num_seqs * tiles_per_seq) * num_kv_heads)
-    else:
-        part_o = part_lse = out  # unused
-    use_softcap = bool(softcap)
-    use_window = bool(sliding_window)
-    page = block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0
+    merge_counts = num_seqs * tiles_per_seq * num_kv_heads if split and num_splits <= MAX_MERGED_SPLITS else 0
+    use_softcap, use_window = bool(softcap), bool(sliding_window)
+    out_strides = (num_heads * head_dim, head_dim, 1)  # a fresh contiguous [T, H, D]
+    common = dict(
+        NUM_HEADS=num_heads, G=groups, HEAD_DIM=head_dim, D_PAD=d_pad,
+        PAGE=block_size if block_size & (block_size - 1) == 0 and block_size <= 4096 else 0,
+        HAS_KV_START=has_kv_start, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
+        DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", MERGE=merge_counts > 0,
+    )
 
-    def attend(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map, new_k, new_v, decodes_only: bool,
-               store: bool = False) -> None:
-        launch(
-            _paged_attention_kernel, grid, query, k_cache, v_cache, out, part_o, part_lse,
-            counts if counts is not None else context_lens, cu_seqlens_q, context_lens, block_tables, kv_start if kv_start is not None else context_lens,
-            context_lens if tile_map is None else tile_map, new_k, new_v, slot_mapping if store else context_lens,
-            *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
-            *(new_k.stride()[:2] if store else (0, 0)), block_tables.stride(0), block_size, int(sliding_window) if use_window else 0,
-            scale * LOG2E,
-            2.0 * LOG2E * scale / softcap if use_softcap else 0.0,
-            softcap * LOG2E if use_softcap else 0.0,
+    def attention_launch(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map: bool, new_kv: bool,
+                         decodes_only: bool, store: bool) -> _Launch:
+        scalars = (
+            *query.stride(), *out_strides, *k_cache.stride(), *v_cache.stride(),
+            *(key.stride()[:2] if store else (0, 0)), block_tables.stride(0), block_size,
+            int(sliding_window) if use_window else 0, scale * LOG2E,
+            2.0 * LOG2E * scale / softcap if use_softcap else 0.0, softcap * LOG2E if use_softcap else 0.0,
             tiles_per_seq, num_splits, num_seqs,
-            NUM_HEADS=num_heads, G=groups, HEAD_DIM=head_dim, D_PAD=d_pad,
-            BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // groups, BLOCK_N=cfg.block_n, PAGE=page,
-            HAS_KV_START=kv_start is not None, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, SPLIT=split,
-            DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", TILE_MAP=tile_map is not None,
-            LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_k is not None and not store,
-            DECODES_ONLY=decodes_only, MERGE=counts is not None, STORE=store,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        consts = dict(
+            common, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // groups, BLOCK_N=cfg.block_n, TILE_MAP=tile_map,
+            LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_kv and not store,
+            DECODES_ONLY=decodes_only, STORE=store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return _Launch(PreparedLaunch(_paged_attention_kernel, grid, scalars, consts), new_kv, store)
 
+    launches = []
     if split_decodes:
-        attend(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, None, None, None, True)
-    if step_kv:
-        new_k, new_v = _step_kv_descriptors(key, value, query.dtype, cfg.block_n)
-    else:
-        new_k, new_v = (key, value) if fuse_store else (None, None)
-    attend(cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
-           tile_map, new_k, new_v, False, fuse_store)
-    if split and counts is None:
-        launch(
-            _reduce_kernel, (total_q, num_heads), out, part_o, part_lse, *out.stride(), num_splits,
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_split_pad(num_splits),
-            num_warps=4 if d_pad >= 128 else 2,
-        )
-    return out
+        launches.append(attention_launch(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, False,
+                                         False, True, False))
+    launches.append(attention_launch(
+        cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
+        static_grid, step_kv or fuse_store, False, fuse_store))
+    reduce = None
+    if split:
+        reduce = PreparedLaunch(_reduce_kernel, (total_q, num_heads), (*out_strides, num_splits),
+                                dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, S_PAD=_split_pad(num_splits),
+                                     num_warps=4 if d_pad >= 128 else 2))
+    return _Plan(
+        store_first=slot_mapping is not None and not fuse_store, launches=tuple(launches), tile_map=tile_map,
+        split_rows=(total_q, num_heads, num_splits) if split else None, d_pad=d_pad, merge_counts=merge_counts,
+        reduce=reduce, step_kv_block_n=cfg.block_n if step_kv else 0,
+    )
 
 
 _counts: dict[tuple, torch.Tensor] = {}  # (device, stream) -> int32 arrival counts, zero between launches

@@ -5,7 +5,9 @@ for the 19-argument store kernel, of which the compiled kernel's own launcher ta
 more than the kernels run, and ``model.generate`` pays it for every launch of every layer and token. `launch` keys the
 compiled kernel by everything its specialisation depends on (the non-tensor arguments by value, each tensor's
 dtype and 16-byte alignment, the constexprs and launch options) and calls it directly. A key's first launch, an
-argument it cannot key (a TMA descriptor) and the interpreter go through Triton's own path.
+argument it cannot key (a TMA descriptor) and the interpreter go through Triton's own path. A `PreparedLaunch` fixes the
+grid, the trailing scalars and the constexprs of a launch repeated with other tensors (the attention of each layer of
+a step) and keys its compiled kernel by the tensors alone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from triton.runtime.jit import JITFunction
 
-__all__ = ["launch"]
+__all__ = ["PreparedLaunch", "launch"]
 
 _SCALARS = (int, float, bool, str, type(None))
 _MAX_ENTRIES = 4096  # keys hold per-step ints (sequence counts, splits): bounded, cleared when full
@@ -45,11 +47,58 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     key = tuple(key)
     entry = _compiled.get(key)
     if entry is None:
-        compiled = kernel[grid](*args, **kwargs)
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
-        # The compiled kernel's launcher takes every parameter in order, constexprs included.
-        _compiled[key] = (compiled, tuple(p.name for p in kernel.params[len(args):]))
+        _compiled[key] = _compile(kernel, grid, args, kwargs)
         return
-    compiled, constexpr_names = entry
-    compiled[grid + (1,) * (3 - len(grid))](*args, *(kwargs[name] for name in constexpr_names))
+    compiled, constexprs = entry
+    compiled[grid + (1,) * (3 - len(grid))](*args, *(kwargs[name] for name in constexprs))
+
+
+def _compile(kernel, grid: tuple, args: tuple, kwargs: dict) -> tuple:
+    """Launch through Triton's own path (compiling on first use); returns the compiled kernel and the names of
+    the parameters after ``args``: its launcher takes every parameter in order, constexprs included."""
+    compiled = kernel[grid](*args, **kwargs)
+    return compiled, tuple(p.name for p in kernel.params[len(args):])
+
+
+class PreparedLaunch:
+    """`launch` of ``kernel`` on ``grid`` with the leading arguments given per call (tensors or ``None``), then
+    ``scalars`` and the constexprs/options ``consts``: a call keys the compiled kernel by the tensors' dtypes and
+    16-byte alignment only. Anything else among the leading arguments (a TMA descriptor) goes through `launch`.
+
+    Example:
+        >>> run = PreparedLaunch(kernel, (n_blocks,), (n, 0.5), {"BLOCK": 128})  # doctest: +SKIP
+        >>> run(x, y)  # kernel[(n_blocks,)](x, y, n, 0.5, BLOCK=128)  # doctest: +SKIP
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "consts", "_runs")
+
+    def __init__(self, kernel, grid: tuple, scalars: tuple, consts: dict) -> None:
+        self.kernel, self.grid, self.scalars, self.consts = kernel, grid, scalars, consts
+        self._runs: dict[tuple, tuple] = {}  # tensor key -> (launcher on the padded grid, constexpr values)
+
+    def __call__(self, *tensors) -> None:
+        key = []
+        add = key.append
+        for t in tensors:
+            if type(t) is torch.Tensor:
+                add(t.dtype)
+                add(t.data_ptr() & 15 == 0)
+            elif t is None:
+                add(None)
+            else:
+                launch(self.kernel, self.grid, *tensors, *self.scalars, **self.consts)
+                return
+        key = tuple(key)
+        run = self._runs.get(key)
+        if run is not None:
+            run[0](*tensors, *self.scalars, *run[1])
+            return
+        if not isinstance(self.kernel, JITFunction):  # TRITON_INTERPRET=1
+            self.kernel[self.grid](*tensors, *self.scalars, **self.consts)
+            return
+        args = (*tensors, *self.scalars)
+        compiled, constexprs = _compile(self.kernel, self.grid, args, self.consts)
+        self._runs[key] = (compiled[self.grid + (1,) * (3 - len(self.grid))],
+                           tuple(self.consts[name] for name in constexprs))
