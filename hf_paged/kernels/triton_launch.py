@@ -24,9 +24,19 @@ _compiled: dict[tuple, tuple] = {}
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``: positional runtime arguments, constexprs and options by keyword."""
+    entry = _compiled_for(kernel, grid, args, kwargs)
+    if entry is not None:
+        compiled, constexprs = entry
+        compiled[grid + (1,) * (3 - len(grid))](*args, *(kwargs[name] for name in constexprs))
+
+
+def _compiled_for(kernel, grid: tuple, args: tuple, kwargs: dict) -> tuple | None:
+    """The compiled kernel for these arguments and the names of its parameters after ``args`` (its launcher
+    takes every parameter in order, constexprs included); ``None`` after launching through Triton's own path
+    instead: the key's first launch (which compiles), an argument it cannot key, the interpreter."""
     if not isinstance(kernel, JITFunction):  # TRITON_INTERPRET=1: an interpreted function
         kernel[grid](*args, **kwargs)
-        return
+        return None
     # One flat tuple (nested tuples cost as much again to build and hash): the kernel, the keyword names and
     # values (kernels live as long as their modules), then per argument its dtype and alignment or its value.
     key = [id(kernel), *kwargs, *kwargs.values()]
@@ -43,23 +53,15 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             add(a)
         else:
             kernel[grid](*args, **kwargs)
-            return
+            return None
     key = tuple(key)
     entry = _compiled.get(key)
     if entry is None:
+        compiled = kernel[grid](*args, **kwargs)
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
-        _compiled[key] = _compile(kernel, grid, args, kwargs)
-        return
-    compiled, constexprs = entry
-    compiled[grid + (1,) * (3 - len(grid))](*args, *(kwargs[name] for name in constexprs))
-
-
-def _compile(kernel, grid: tuple, args: tuple, kwargs: dict) -> tuple:
-    """Launch through Triton's own path (compiling on first use); returns the compiled kernel and the names of
-    the parameters after ``args``: its launcher takes every parameter in order, constexprs included."""
-    compiled = kernel[grid](*args, **kwargs)
-    return compiled, tuple(p.name for p in kernel.params[len(args):])
+        _compiled[key] = (compiled, tuple(p.name for p in kernel.params[len(args):]))
+    return entry
 
 
 class PreparedLaunch:
@@ -92,13 +94,11 @@ class PreparedLaunch:
                 return
         key = tuple(key)
         run = self._runs.get(key)
-        if run is not None:
-            run[0](*tensors, *self.scalars, *run[1])
-            return
-        if not isinstance(self.kernel, JITFunction):  # TRITON_INTERPRET=1
-            self.kernel[self.grid](*tensors, *self.scalars, **self.consts)
-            return
-        args = (*tensors, *self.scalars)
-        compiled, constexprs = _compile(self.kernel, self.grid, args, self.consts)
-        self._runs[key] = (compiled[self.grid + (1,) * (3 - len(self.grid))],
-                           tuple(self.consts[name] for name in constexprs))
+        if run is None:  # this launch's first call with such tensors: the compiled kernel `launch` keeps
+            entry = _compiled_for(self.kernel, self.grid, (*tensors, *self.scalars), self.consts)
+            if entry is None:  # launched through Triton's own path
+                return
+            compiled, constexprs = entry
+            run = self._runs[key] = (compiled[self.grid + (1,) * (3 - len(self.grid))],
+                                     tuple(self.consts[name] for name in constexprs))
+        run[0](*tensors, *self.scalars, *run[1])
