@@ -12,7 +12,8 @@ from .triton_launch import launch
 __all__ = ["store_kv"]
 
 
-@triton.jit
+# The slot mapping's alignment is not specialised on (see `_paged_attention_kernel`).
+@triton.jit(do_not_specialize=["slot_ptr"])
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
