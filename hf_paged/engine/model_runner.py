@@ -255,7 +255,7 @@ class ModelRunner:
 
         Runs one sequence's eager forward at each power-of-two query length up to 128 (the kernels
         pick their tiles by query length) over a short and a long context (the long one splits the
-        keys), one of the largest step's length, then two steps of several sequences, in blocks taken
+        keys), two steps of several sequences and one as large as the engine schedules, in blocks taken
         from the block manager and given back; then captures the graphs.
         """
         graphs, self._graphs, self._mixed_graphs = (self._graphs, self._mixed_graphs), None, None  # eager first
@@ -289,8 +289,8 @@ class ModelRunner:
             if 24 * count + 40 * count * (count - 1) // 2 <= max_num_batched_tokens:
                 self._warm_up_step([24 + 40 * i for i in range(count)], request)
         # Last, the largest step: the kernels' tiles for long queries, and under tensor parallelism a compiled
-        # model's other branch (all-reduces past the one-shot size; on two H100s compiling it inside the first
-        # served prompt step tripled the time to first token).
+        # model's other branch (all-reduces past the one-shot size), which on two H100s was otherwise compiled
+        # inside the first served prompt steps.
         count = -(-max_num_batched_tokens // longest)
         if max_num_batched_tokens > lengths[-1] and count <= self._zeros.numel():
             self._warm_up_step([max_num_batched_tokens // count + (i < max_num_batched_tokens % count)

@@ -568,9 +568,8 @@ class _Plan:
     """What a call's shapes, dtypes and host ints decide, computed once for the layers of a step: whether
     `store_kv` runs first, the tile-map launch (``(block_q, skip_decodes, BLOCK)``, static grids), the
     attention launches, the split scratch (``split_rows``, ``d_pad``), how many arrival counters a merging
-    launch needs (0: none merges) and the `_reduce_kernel` launch (its tensors: out and the partials);
-    ``step_kv_block_n``: the step's keys are
-    read through TMA descriptors of tiles of that many keys."""
+    launch needs (0: none merges), the `_reduce_kernel` launch (its tensors: out and the partials), and
+    ``step_kv_block_n``: the step's keys are read through TMA descriptors of tiles of that many keys."""
 
     store_first: bool
     launches: tuple[_Launch, ...] = ()
@@ -590,6 +589,8 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
           max_context_len: int | None, scale: float, has_kv_start: bool, sliding_window: int | None,
           softcap: float | None, config: Config | None, num_splits: int | None, static_grid: bool, key, value,
           slot_mapping) -> _Plan:
+    """Check the inputs and choose the launches (tiles, splits, where the step's keys are stored) for
+    `paged_attention`; tensors are looked at for their shapes, strides and dtypes only."""
     _check(query, k_cache, v_cache, block_tables)
     total_q, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
