@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import queue
 import socket
@@ -288,7 +289,11 @@ def _worker_main(rank, world_size, port, backend, timeout_s, model_path, tokeniz
     # Graphs first: they hold the communicator's captured collectives, which NCCL's teardown waits on.
     engine.close()
     left = _leave_process_group(15.0)
-    os._exit(0 if left else 1)  # no interpreter teardown of CUDA/NCCL state that could block the exit
+    # os._exit skips the interpreter's teardown of CUDA/NCCL state, which could block the exit, and with it
+    # multiprocessing's exit finalizers: run those, or the locks this rank made (tqdm's, when the checkpoint
+    # loaded) stay registered and the resource tracker reports them leaked at shutdown.
+    multiprocessing.util._run_finalizers(0)
+    os._exit(0 if left else 1)
 
 
 def start_tensor_parallel_engine(

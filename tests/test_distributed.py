@@ -121,7 +121,8 @@ def _env() -> dict:
                 PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str]) -> str:
+    """Run ``cmd`` to success; returns its stderr (its children's too: the resource tracker's among them)."""
     env = _env()
     # A new session, so that a hung run is ended with all the ranks it started.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -132,6 +133,7 @@ def _run(cmd: list[str]) -> None:
         stdout, stderr = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} timed out after {TIMEOUT_S} s:\n{stderr[-6000:]}")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return stderr
 
 
 def _free_port() -> int:
@@ -166,14 +168,15 @@ def test_torchrun_two_ranks_match_single_process(tiny_llama, single_process, tmp
 def test_driver_engine_over_spawned_ranks(tiny_llama, single_process, tmp_path):
     """`start_tensor_parallel_engine`: this process is rank 0, rank 1 follows over a queue."""
     out = tmp_path / "driver.json"
-    _run([sys.executable, str(HERE / "tp_driver_script.py"), str(tiny_llama), str(out)])
+    stderr = _run([sys.executable, str(HERE / "tp_driver_script.py"), str(tiny_llama), str(out)])
     r = json.loads(out.read_text())
     _assert_same_as_single(r["engine"], single_process)
     assert r["finished"] == ["length", "abort"]
     assert r["blocks_free_end"] == r["num_blocks"]
     assert r["group_destroyed"]
-    # The worker left on its own (no terminate after the join timeout), promptly.
+    # The worker left on its own (no terminate after the join timeout), promptly, and released what it held.
     assert r["worker_exitcodes"] == [0] and r["shutdown_s"] < 15, r
+    assert "leaked" not in stderr, stderr[-3000:]
 
 
 def _gone(pid: int) -> bool:
