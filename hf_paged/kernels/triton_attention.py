@@ -541,26 +541,17 @@ def paged_attention(
     else:
         new_k, new_v = key, value
     starts = kv_start if kv_start is not None else context_lens
-    for step in plan.launches:
-        run = step.run
+    for run in plan.launches:
+        store = run.consts["STORE"]  # the step's keys: stored by this launch, read through TMA, or not given
+        step_keys = (new_k, new_v) if store or run.consts["HAS_NEW_KV"] else (None, None)
         if plan.merge_counts and counts is None:  # captured in a graph: `_reduce_kernel` merges
             run = PreparedLaunch(run.kernel, run.grid, run.scalars, {**run.consts, "MERGE": False})
         run(query, k_cache, v_cache, out, part_o, part_lse, counts if counts is not None else context_lens,
-            cu_seqlens_q, context_lens, block_tables, starts, tile_map,
-            *((new_k, new_v) if step.new_kv else (None, None)), slot_mapping if step.store else context_lens)
+            cu_seqlens_q, context_lens, block_tables, starts, tile_map, *step_keys,
+            slot_mapping if store else context_lens)
     if plan.split_rows is not None and counts is None:
         plan.reduce(out, part_o, part_lse)
     return out
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """One launch of the attention kernel (its tensors given per call); ``new_kv``: it is given the step's keys,
-    to read through TMA or (``store``) to store."""
-
-    run: PreparedLaunch
-    new_kv: bool
-    store: bool
 
 
 @dataclass(frozen=True)
@@ -572,7 +563,7 @@ class _Plan:
     ``step_kv_block_n``: the step's keys are read through TMA descriptors of tiles of that many keys."""
 
     store_first: bool
-    launches: tuple[_Launch, ...] = ()
+    launches: tuple[PreparedLaunch, ...] = ()  # of the attention kernel, its tensors given per call
     tile_map: tuple | None = None
     split_rows: tuple | None = None
     d_pad: int = 0
@@ -639,7 +630,7 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
     )
 
     def attention_launch(cfg: Config, grid: tuple, tiles_per_seq: int, tile_map: bool, new_kv: bool,
-                         decodes_only: bool, store: bool) -> _Launch:
+                         decodes_only: bool, store: bool) -> PreparedLaunch:
         scalars = (
             *query.stride(), *out_strides, *k_cache.stride(), *v_cache.stride(),
             *(key.stride()[:2] if store else (0, 0)), block_tables.stride(0), block_size,
@@ -652,7 +643,7 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
             LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_kv and not store,
             DECODES_ONLY=decodes_only, STORE=store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return _Launch(PreparedLaunch(_paged_attention_kernel, grid, scalars, consts), new_kv, store)
+        return PreparedLaunch(_paged_attention_kernel, grid, scalars, consts)
 
     launches = []
     if split_decodes:
