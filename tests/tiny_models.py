@@ -60,7 +60,6 @@ def make_pair(arch: str, seed: int = 0):
     ref = AutoModelForCausalLM.from_config(make_config(arch), attn_implementation=oracle).eval()
     paged = AutoModelForCausalLM.from_config(make_config(arch), attn_implementation="paged").eval()
     paged.load_state_dict(ref.state_dict())
-    # Random weights give near-flat logits; a larger scale makes greedy choices well separated.
     return paged, ref
 
 
