@@ -1,4 +1,6 @@
 """`model.generate` on ``attn_implementation="paged"`` against ``"sdpa"``: same weights, greedy, batch 1 and 8.
+The paged model runs twice: as it comes (one-token steps replay CUDA graphs on a GPU) and with
+``disable_compile=True`` (every step eager).
 
 The 1.5B shape of `throughput.py` (or ``--model DIR``), prompts of ``--prompt-len`` random tokens, ``--new-tokens``
 tokens each, no EOS. Each model generates once untimed (Triton compiles, cuBLAS initialises), then ``--repeats``
@@ -55,25 +57,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def time_generate(models: dict, ids: torch.Tensor, args) -> dict[str, tuple[list[float], torch.Tensor]]:
-    """Per model: the seconds of each of ``args.repeats`` runs of ``model.generate`` after one untimed run, and its
-    tokens. The models take turns in every repeat, in alternating order, so that a slower or faster spell of the
-    host (these runs are host-bound) falls on all of them alike."""
+def time_generate(runs: dict, ids: torch.Tensor, args) -> dict[str, tuple[list[float], torch.Tensor]]:
+    """Per run (``name: (model, extra generate kwargs)``): the seconds of each of ``args.repeats`` runs of
+    ``model.generate`` after one untimed run, and its tokens. The runs take turns in every repeat, in alternating
+    order, so that a slower or faster spell of the host (these runs are host-bound) falls on all of them alike."""
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     tokens = {}
     with torch.inference_mode():
-        for model in models.values():
-            model.generate(ids, **kw)
+        for model, extra in runs.values():
+            model.generate(ids, **kw, **extra)
         for repeat in range(args.repeats):
-            for name, model in list(models.items())[:: 1 if repeat % 2 == 0 else -1]:
+            for name, (model, extra) in list(runs.items())[:: 1 if repeat % 2 == 0 else -1]:
                 sync(args.device)
                 t0 = time.perf_counter()
-                out = model.generate(ids, **kw)
+                out = model.generate(ids, **kw, **extra)
                 sync(args.device)
                 times[name].append(time.perf_counter() - t0)
                 tokens[name] = out[:, ids.shape[1]:]
-    return {name: (times[name], tokens[name]) for name in models}
+    return {name: (times[name], tokens[name]) for name in runs}
 
 
 def profile_generate(model, ids: torch.Tensor, args) -> list[dict]:
@@ -100,8 +102,12 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batches.split(",")):
         g = torch.Generator().manual_seed(args.seed + batch)
         ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=g).to(args.device)
-        timed = time_generate({"sdpa": sdpa, "paged": paged}, ids, args)
+        # "paged" replays CUDA graphs of its one-token steps where it can (`hf_paged.graphed_decode`); "paged
+        # eager" is the same model with them off, as Transformers' own flag turns compiled decoding off.
+        runs = {"sdpa": (sdpa, {}), "paged": (paged, {}), "paged eager": (paged, dict(disable_compile=True))}
+        timed = time_generate(runs, ids, args)
         (times_sdpa, t_sdpa), (times_paged, t_paged) = timed["sdpa"], timed["paged"]
+        times_eager, t_eager = timed["paged eager"]
         s_sdpa, s_paged = statistics.median(times_sdpa), statistics.median(times_paged)
         best_sdpa, best_paged = min(times_sdpa), min(times_paged)
         row = dict(batch=batch, sdpa_ms_per_token=1e3 * s_sdpa / args.new_tokens,
@@ -111,15 +117,20 @@ def main(argv=None) -> int:
                    # each repeat's two runs are neighbours in time: the median of their ratios is the least
                    # disturbed by the host's slow drifts
                    paged_paired_speedup=statistics.median(a / b for a, b in zip(times_sdpa, times_paged)),
-                   sdpa_s=times_sdpa, paged_s=times_paged, same_tokens=float((t_sdpa == t_paged).float().mean()))
+                   paged_eager_ms_per_token=1e3 * statistics.median(times_eager) / args.new_tokens,
+                   paged_eager_speedup=s_sdpa / statistics.median(times_eager),
+                   sdpa_s=times_sdpa, paged_s=times_paged, paged_eager_s=times_eager,
+                   same_tokens=float((t_sdpa == t_paged).float().mean()),
+                   same_tokens_paged_eager=float((t_eager == t_paged).float().mean()))
         if args.profile:
             row["paged_profile"] = profile_generate(paged, ids, args)
         rows.append(row)
         print(f"batch {batch}: sdpa {row['sdpa_ms_per_token']:.2f} ms/token, paged {row['paged_ms_per_token']:.2f} "
               f"ms/token ({row['paged_speedup']:.2f}x); fastest runs {row['sdpa_best_ms_per_token']:.2f} / "
               f"{row['paged_best_ms_per_token']:.2f} ({row['paged_best_speedup']:.2f}x); paired runs "
-              f"{row['paged_paired_speedup']:.2f}x; same greedy tokens "
-              f"{100 * row['same_tokens']:.0f}%")
+              f"{row['paged_paired_speedup']:.2f}x; paged eager {row['paged_eager_ms_per_token']:.2f} ms/token "
+              f"({row['paged_eager_speedup']:.2f}x); same greedy tokens as sdpa {100 * row['same_tokens']:.0f}%, "
+              f"graphed as eager {100 * row['same_tokens_paged_eager']:.0f}%")
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     result = dict(date=_dt.date.today().isoformat(), gpu=gpu, torch=torch.__version__,
                   transformers=transformers.__version__, args=vars(args), rows=rows)

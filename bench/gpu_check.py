@@ -20,7 +20,7 @@ import time
 import torch
 
 import hf_paged  # noqa: F401  registers "paged"
-from hf_paged.engine.cuda_graphs import capture_graph
+from hf_paged.cuda_graphs import capture_graph
 from hf_paged.kernels import get_backend, reference, triton_backend
 
 RESULTS: list[dict] = []

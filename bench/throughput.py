@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_paged  # noqa: E402  registers "paged"
 from hf_paged import Engine, SamplingParams  # noqa: E402
-from hf_paged.engine.cuda_graphs import MAX_MIXED_GRAPH_TOKENS  # noqa: E402
+from hf_paged.cuda_graphs import MAX_MIXED_GRAPH_TOKENS  # noqa: E402
 from hf_paged.engine.gc_pauses import quiet_gc  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 
-from transformers import AttentionInterface
+import torch
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.generation.utils import GenerationMixin
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from . import graphed_decode
 from .attention import paged_attention_forward, paged_mask
 from .cache import PagedCache
 
@@ -21,7 +24,10 @@ def register() -> None:
 
     Registers the attention function and its mask hook, and wraps
     ``GenerationMixin._prepare_cache_for_generation`` so that ``generate`` on a model set to
-    ``"paged"`` builds a `PagedCache` when the caller passed no cache. Called on ``import hf_paged``.
+    ``"paged"`` builds a `PagedCache` when the caller passed no cache. On CUDA, ``generate``'s one-token
+    steps on a `PagedCache` then replay CUDA graphs (`hf_paged.graphed_decode`; ``disable_compile=True``
+    keeps them eager): the two methods through which ``generate`` picks its decode-step forward are wrapped
+    too. Called on ``import hf_paged``.
 
     Example:
         >>> import hf_paged
@@ -35,6 +41,12 @@ def register() -> None:
     prefill = GenerationMixin._prefill
     if not getattr(prefill, "_hf_paged", False):
         GenerationMixin._prefill = _with_fresh_start(prefill)
+    criteria = GenerationMixin._valid_auto_compile_criteria
+    if not getattr(criteria, "_hf_paged", False):
+        GenerationMixin._valid_auto_compile_criteria = _with_graphed_decode(criteria)
+    compiled_call = PreTrainedModel.get_compiled_call
+    if not getattr(compiled_call, "_hf_paged", False):
+        PreTrainedModel.get_compiled_call = _with_graphed_forward(compiled_call)
 
 
 def _cache_kwarg(model_kwargs: dict) -> str:
@@ -102,3 +114,44 @@ def _with_fresh_start(original):
 
     prefill._hf_paged = True
     return prefill
+
+
+def _with_graphed_decode(original):
+    """``generate`` asks this whether to take its decode-step forward from ``get_compiled_call``: yes for a
+    `PagedCache` where graphs can run, unless the caller set ``disable_compile``."""
+
+    @functools.wraps(original)
+    def criteria(self, model_kwargs, generation_config):
+        cache = model_kwargs.get(_cache_kwarg(model_kwargs))
+        if isinstance(cache, PagedCache) and not generation_config.disable_compile and graphed_decode.supported(self):
+            return True
+        return original(self, model_kwargs, generation_config)
+
+    criteria._hf_paged = True
+    return criteria
+
+
+def _with_graphed_forward(original):
+    """On a ``"paged"`` model, the decode-step forward ``generate`` gets replays `PagedCache` graphs; steps the
+    graphs do not cover run eagerly, and other caches keep Transformers' compiled call."""
+
+    @functools.wraps(original)
+    def get_compiled_call(self, compile_config):
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:
+            return original(self, compile_config)
+        return functools.partial(_graphed_forward, self, functools.partial(original, self, compile_config))
+
+    get_compiled_call._hf_paged = True
+    return get_compiled_call
+
+
+def _graphed_forward(model, compiled_call, **inputs):
+    name = _cache_kwarg(inputs)
+    cache = inputs.get(name)
+    if not isinstance(cache, PagedCache):
+        return compiled_call()(**inputs)
+    with torch.inference_mode():
+        logits = graphed_decode.decode_logits(model, cache, inputs)
+    if logits is None:
+        return model(**inputs)
+    return CausalLMOutputWithPast(logits=logits[:, None], **{name: cache})

@@ -26,3 +26,26 @@ def smol_dir():
         return demo_model_dir(hub=False)
     except DemoModelUnavailable as e:
         pytest.skip(f"real demo model unavailable: {e}")
+
+
+class _Replay:
+    def __init__(self, forward, out):
+        self.forward, self.out = forward, out
+
+    def replay(self):
+        self.out.copy_(self.forward())
+
+
+@pytest.fixture
+def emulated_capture(monkeypatch):
+    """CUDA graphs emulated on the CPU: capturing runs the forward once, a replay reruns it into the captured
+    output (so the graphs' static inputs, padding and output buffers are exercised as on a GPU)."""
+    from hf_paged import cuda_graphs
+
+    def capture(pool, forward):
+        out = forward()
+        return _Replay(forward, out), out
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)

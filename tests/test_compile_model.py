@@ -94,7 +94,7 @@ def test_graph_captures_after_warm_up_stay_compiled(monkeypatch):
     (pinned staging and graph pools are CUDA's)."""
     from torch._dynamo.utils import counters
 
-    from hf_paged.engine.cuda_graphs import DecodeGraphs, MixedGraphs
+    from hf_paged.cuda_graphs import DecodeGraphs, MixedGraphs
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)

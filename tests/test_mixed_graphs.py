@@ -9,27 +9,7 @@ import torch
 from tiny_models import make_pair
 
 from hf_paged import Engine, SamplingParams
-from hf_paged.engine import cuda_graphs
-from hf_paged.engine.cuda_graphs import MixedGraphs, mixed_graphs_supported
-
-
-class _Replay:
-    def __init__(self, forward, out):
-        self.forward, self.out = forward, out
-
-    def replay(self):
-        self.out.copy_(self.forward())
-
-
-@pytest.fixture
-def emulated_capture(monkeypatch):
-    def capture(pool, forward):
-        out = forward()
-        return _Replay(forward, out), out
-
-    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+from hf_paged.cuda_graphs import MixedGraphs, mixed_graphs_supported
 
 
 @pytest.mark.parametrize("overlap", [False, True])

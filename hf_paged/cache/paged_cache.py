@@ -107,6 +107,7 @@ class PagedCache(Cache):
         self._seq_len = 0
         self._step: PagedAttentionMetadata | None = None
         self._prompt_ids: torch.Tensor | None = None  # what the last fresh prefill started from
+        self._decode_graphs = None  # `hf_paged.graphed_decode`'s graphs over this pool: they live and die with it
 
     # -- what generate() and the masks ask ---------------------------------------------------------
 
@@ -214,13 +215,31 @@ class PagedCache(Cache):
 
     def _begin_step(self, key: torch.Tensor) -> None:
         batch, q_len = key.shape[0], key.shape[2]
-        new_len = self._seq_len + q_len
         if self._pool is None:
-            self._allocate_pool(key, batch, new_len)
+            self._allocate_pool(key, batch, self._seq_len + q_len)
         if not self._tables:
             self._tables = [[] for _ in range(batch)]
-        elif batch != len(self._tables):
+        new_len = self._reserve(batch, q_len)
+        device, bs = key.device, self.block_size
+        tables = torch.tensor(self._tables, dtype=torch.int32, device=device)
+        pos = torch.arange(self._seq_len, new_len, device=device)
+        slots = tables[:, pos // bs].long() * bs + pos % bs
+        self._step = PagedAttentionMetadata(
+            slot_mapping=slots.reshape(-1),
+            cu_seqlens_q=torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
+            context_lens=torch.full((batch,), new_len, dtype=torch.int32, device=device),
+            block_tables=tables,
+            max_seqlen_q=q_len,
+            max_context_len=new_len,
+        )
+        self._seq_len = new_len
+
+    def _reserve(self, batch: int, q_len: int) -> int:
+        """Give every row the blocks ``q_len`` more tokens need (copying a shared last block before it is
+        written); returns the rows' new length."""
+        if batch != len(self._tables):
             raise ValueError(f"PagedCache holds {len(self._tables)} sequences but got a batch of {batch}")
+        new_len = self._seq_len + q_len
         blocks, bs = self._pool.blocks, self.block_size
         per_row = cdiv(new_len, bs)
         if per_row > blocks.num_blocks:
@@ -245,20 +264,19 @@ class PagedCache(Cache):
                 self._tables[i][-1] = b
         for t in self._tables:
             t.extend(blocks.allocate(per_row - len(t)))
+        return new_len
 
-        device = key.device
-        tables = torch.tensor(self._tables, dtype=torch.int32, device=device)
-        pos = torch.arange(self._seq_len, new_len, device=device)
-        slots = tables[:, pos // bs].long() * bs + pos % bs
-        self._step = PagedAttentionMetadata(
-            slot_mapping=slots.reshape(-1),
-            cu_seqlens_q=torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
-            context_lens=torch.full((batch,), new_len, dtype=torch.int32, device=device),
-            block_tables=tables,
-            max_seqlen_q=q_len,
-            max_context_len=new_len,
-        )
-        self._seq_len = new_len
+    def _begin_graphed_step(self, batch: int) -> int:
+        """The host half of a one-token step whose forward replays a CUDA graph (`hf_paged.graphed_decode`):
+        blocks taken, length advanced; returns the new length. On error the cache is reset, as in ``update``."""
+        try:
+            flush_published()
+            new_len = self._reserve(batch, 1)
+        except BaseException:
+            self.reset()
+            raise
+        self._seq_len, self._step = new_len, None
+        return new_len
 
     def _check_layer(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> None:
         num_layers, kv_heads, head_dim = self._expected

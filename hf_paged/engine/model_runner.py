@@ -16,7 +16,7 @@ from ..registration import ATTN_IMPLEMENTATION
 from .block_manager import BlockManager
 from ..kernels import get_backend
 from .host_copy import upload
-from .cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
+from ..cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, SchedulerOutput
 from .sequence import Request, Sequence as SequenceState

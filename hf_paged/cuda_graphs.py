@@ -13,8 +13,8 @@ import bisect
 
 import torch
 
-from ..cache.kv_pool import KVPool
-from ..cache.metadata import PagedAttentionMetadata
+from .cache.kv_pool import KVPool
+from .cache.metadata import PagedAttentionMetadata
 
 __all__ = ["DecodeGraphs", "MixedGraphs", "capture_graph", "forward_logits", "mixed_graphs_supported"]
 
@@ -61,11 +61,23 @@ class DecodeGraphs:
             for _ in range(2)
         ]
         self._turn = 0
+        self._kv_start_set = False  # whether a step gave kv_start (else it stays zeros)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
     def fits(self, num_seqs: int, max_context_len: int) -> bool:
         return num_seqs <= self.buckets[-1] and max_context_len <= self.max_context
+
+    def bucket(self, num_seqs: int) -> int:
+        """The padded batch size a step of ``num_seqs`` sequences replays."""
+        return self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
+
+    def captured(self, num_seqs: int) -> bool:
+        return self.bucket(num_seqs) in self._graphs
 
     def run(
         self,
@@ -76,21 +88,27 @@ class DecodeGraphs:
         block_tables: torch.Tensor,
         fill: torch.Tensor | None = None,
         last_tokens: torch.Tensor | None = None,
+        kv_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decode step from host tensors (``[S]`` each, ``block_tables`` ``[S, W]``); ``[S, V]`` logits.
 
         ``fill`` (``[2, F]``: rows of ``input_ids`` and rows of ``last_tokens``) names the input
         tokens the previous step is still sampling; they are taken from ``last_tokens`` on the device.
+        ``input_ids`` and ``positions`` may instead be device tensors, copied on the device (``model.generate``'s
+        steps: its tokens and positions are there already). ``kv_start`` (a device tensor): each row's first
+        visible key (left padding); zeros when not given.
         """
         num_seqs, width = block_tables.shape
-        bucket = self.buckets[bisect.bisect_left(self.buckets, num_seqs)]
+        bucket = self.bucket(num_seqs)
         host, host_ctx, host_tables = self._staging[self._turn]
         self._turn ^= 1
         num_fill = 0 if fill is None or last_tokens is None else fill.shape[1]
+        on_device = input_ids.device.type != "cpu"
         host[:, num_seqs:] = 0
         host[2, num_seqs:] = -1
-        host[0, :num_seqs] = input_ids
-        host[1, :num_seqs] = positions
+        if not on_device:
+            host[0, :num_seqs] = input_ids
+            host[1, :num_seqs] = positions
         host[2, :num_seqs] = slots
         if num_fill:
             host[3:, :num_fill] = fill
@@ -103,6 +121,15 @@ class DecodeGraphs:
         self._block_tables[:num_seqs, :width].copy_(host_tables[:num_seqs, :width], non_blocking=True)
         if num_fill:
             self._ids[self._fill_at[:num_fill]] = last_tokens[self._fill_from[:num_fill]]
+        if on_device:
+            self._ids[:num_seqs].copy_(input_ids)
+            self._positions[:num_seqs].copy_(positions)
+        if kv_start is not None or self._kv_start_set:
+            self._kv_start_set = kv_start is not None
+            if kv_start is None:
+                self._kv_start.zero_()
+            else:
+                self._kv_start[:num_seqs].copy_(kv_start)
         graph, logits = self._graphs[bucket]
         graph.replay()
         return logits[:num_seqs]
@@ -111,7 +138,13 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
         for bucket in reversed(self.buckets):
-            self._graphs[bucket] = self._capture(bucket)
+            self.capture(bucket)
+
+    @torch.inference_mode()
+    def capture(self, num_seqs: int) -> None:
+        """Capture the bucket of ``num_seqs`` sequences (again, if it was)."""
+        bucket = self.bucket(num_seqs)
+        self._graphs[bucket] = self._capture(bucket)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         metadata = PagedAttentionMetadata(
