@@ -26,9 +26,12 @@ _HANDLED = frozenset({"input_ids", "position_ids", "attention_mask", "past_key_v
 
 
 def supported(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s one-token ``generate`` steps may replay graphs: on one CUDA device, not tensor-parallel."""
-    devices = set(getattr(model, "hf_device_map", {}).values())
-    return model.device.type == "cuda" and len(devices) <= 1 and getattr(model, "tp_size", None) in (None, 1)
+    """Whether ``model``'s one-token ``generate`` steps may replay graphs: on one CUDA device (the current one,
+    where graphs are captured), not tensor-parallel."""
+    device = model.device
+    if device.type != "cuda" or device.index not in (None, torch.cuda.current_device()):
+        return False
+    return len(set(getattr(model, "hf_device_map", {}).values())) <= 1 and getattr(model, "tp_size", None) in (None, 1)
 
 
 def decode_logits(model: torch.nn.Module, cache: PagedCache, inputs: dict) -> torch.Tensor | None:

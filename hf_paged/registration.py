@@ -35,18 +35,17 @@ def register() -> None:
     """
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, paged_mask)
-    original = GenerationMixin._prepare_cache_for_generation
-    if not getattr(original, "_hf_paged", False):
-        GenerationMixin._prepare_cache_for_generation = _with_paged_cache(original)
-    prefill = GenerationMixin._prefill
-    if not getattr(prefill, "_hf_paged", False):
-        GenerationMixin._prefill = _with_fresh_start(prefill)
-    criteria = GenerationMixin._valid_auto_compile_criteria
-    if not getattr(criteria, "_hf_paged", False):
-        GenerationMixin._valid_auto_compile_criteria = _with_graphed_decode(criteria)
-    compiled_call = PreTrainedModel.get_compiled_call
-    if not getattr(compiled_call, "_hf_paged", False):
-        PreTrainedModel.get_compiled_call = _with_graphed_forward(compiled_call)
+    for owner, name, wrap in (
+        (GenerationMixin, "_prepare_cache_for_generation", _with_paged_cache),
+        (GenerationMixin, "_prefill", _with_fresh_start),
+        (GenerationMixin, "_valid_auto_compile_criteria", _with_graphed_decode),
+        (PreTrainedModel, "get_compiled_call", _with_graphed_forward),
+    ):
+        original = getattr(owner, name)
+        if not getattr(original, "_hf_paged", False):
+            wrapped = wrap(original)
+            wrapped._hf_paged = True
+            setattr(owner, name, wrapped)
 
 
 def _cache_kwarg(model_kwargs: dict) -> str:
@@ -79,7 +78,6 @@ def _with_paged_cache(original):
         cache._is_user_defined = False
         return result
 
-    prepare._hf_paged = True
     return prepare
 
 
@@ -112,7 +110,6 @@ def _with_fresh_start(original):
                 cache._prompt_ids = input_ids.detach().clone()
         return original(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kw)
 
-    prefill._hf_paged = True
     return prefill
 
 
@@ -127,7 +124,6 @@ def _with_graphed_decode(original):
             return True
         return original(self, model_kwargs, generation_config)
 
-    criteria._hf_paged = True
     return criteria
 
 
@@ -141,7 +137,6 @@ def _with_graphed_forward(original):
             return original(self, compile_config)
         return functools.partial(_graphed_forward, self, functools.partial(original, self, compile_config))
 
-    get_compiled_call._hf_paged = True
     return get_compiled_call
 
 

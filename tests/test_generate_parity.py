@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import ARCHS, VOCAB, make_pair, make_tokenizer
+from tiny_models import ARCHS, assert_same_generate, make_pair, make_tokenizer, padded_prompts
 from transformers import AutoModelForCausalLM, pipeline
 
 from hf_paged import PagedCache
@@ -10,40 +10,19 @@ from hf_paged import PagedCache
 ALL = list(ARCHS)
 
 
-def _prompts(batch=3, length=9, pads=(4, 0, 2), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate(pads[:batch]):
-        ids[row, :n] = 0
-        mask[row, :n] = 0
-    return ids, mask
-
-
-def _same(paged, ref, **kwargs):
-    seed = kwargs.pop("seed", None)
-    outs = []
-    for model in (ref, paged):
-        if seed is not None:
-            torch.manual_seed(seed)
-        outs.append(model.generate(**kwargs))
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    return outs[1]
-
-
 @pytest.mark.parametrize("arch", ALL)
 def test_greedy_single_prompt(arch):
     paged, ref = make_pair(arch)
-    ids, _ = _prompts(batch=1, pads=(0,))
-    out = _same(paged, ref, input_ids=ids, max_new_tokens=16, do_sample=False)
+    ids, _ = padded_prompts(batch=1, pads=(0,))
+    out = assert_same_generate(paged, ref, input_ids=ids, max_new_tokens=16, do_sample=False)
     assert out.shape[1] > ids.shape[1]
 
 
 @pytest.mark.parametrize("arch", ALL)
 def test_greedy_left_padded_batch(arch):
     paged, ref = make_pair(arch)
-    ids, mask = _prompts()
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    ids, mask = padded_prompts()
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
 
 
 def test_only_prompt_steps_check_the_padding_mask_on_the_host(monkeypatch):
@@ -55,32 +34,32 @@ def test_only_prompt_steps_check_the_padding_mask_on_the_host(monkeypatch):
     monkeypatch.setattr(attention, "_left_padding",
                         lambda mask, kv_len, check: checks.append(check) or real(mask, kv_len, check))
     paged, ref = make_pair("llama-gqa")
-    ids, mask = _prompts()
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    ids, mask = padded_prompts()
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert checks == [True, False, False, False, False]
 
 
 @pytest.mark.parametrize("arch", ALL)
 def test_seeded_sampling_batch(arch):
     paged, ref = make_pair(arch)
-    ids, mask = _prompts()
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+    ids, mask = padded_prompts()
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
           top_k=20, temperature=0.8, seed=123)
 
 
 @pytest.mark.parametrize("arch", ALL)
 def test_beam_search(arch):
     paged, ref = make_pair(arch)
-    ids, mask = _prompts(batch=2, pads=(3, 0))
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=2, do_sample=False,
+    ids, mask = padded_prompts(batch=2, pads=(3, 0))
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=10, num_beams=2, do_sample=False,
           num_return_sequences=2)
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "mistral-window"])
 def test_num_return_sequences_sampling(arch):
     paged, ref = make_pair(arch)
-    ids, mask = _prompts(batch=2, pads=(2, 0))
-    out = _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True,
+    ids, mask = padded_prompts(batch=2, pads=(2, 0))
+    out = assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True,
                 num_return_sequences=3, seed=7)
     assert out.shape[0] == 6
 
@@ -100,7 +79,7 @@ def test_pipeline_text_generation(arch):
 
 def test_explicit_cache_is_used_and_freed_by_reset():
     paged, ref = make_pair("llama-gqa")
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     cache = PagedCache(paged.config, num_blocks=64, block_size=4)
     want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
     got = paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
@@ -118,7 +97,7 @@ def test_explicit_cache_is_used_and_freed_by_reset():
 def test_beam_search_shares_blocks():
     """Beams fork block tables instead of copying them: fewer blocks than rows x length."""
     paged, _ = make_pair("llama-gqa")
-    ids, _ = _prompts(batch=1, length=16, pads=(0,))
+    ids, _ = padded_prompts(batch=1, length=16, pads=(0,))
     cache = PagedCache(paged.config, num_blocks=64, block_size=4)
     paged.generate(input_ids=ids, max_new_tokens=6, num_beams=4, do_sample=False, past_key_values=cache)
     per_row = -(-cache.get_seq_length() // 4)
@@ -131,13 +110,13 @@ def test_save_and_reload_with_from_pretrained(arch, tmp_path):
     ref.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="paged").eval()
     assert loaded.config._attn_implementation == "paged"
-    ids, mask = _prompts()
-    _same(loaded, ref, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    ids, mask = padded_prompts()
+    assert_same_generate(loaded, ref, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
 
 
 def test_plain_forward_and_dynamic_cache_use_dense_path():
     paged, ref = make_pair("mistral-window")
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     with torch.no_grad():
         got = paged(input_ids=ids, attention_mask=mask).logits
         want = ref(input_ids=ids, attention_mask=mask).logits

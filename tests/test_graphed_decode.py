@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, VOCAB, make_pair
+from tiny_models import ARCHS, assert_same_generate, make_pair, padded_prompts
 
 from hf_paged import PagedCache, graphed_decode
 from hf_paged.cuda_graphs import DecodeGraphs
@@ -21,31 +21,11 @@ def replays(emulated_capture, monkeypatch):
     return seen
 
 
-def _prompts(batch=3, length=9, pads=(4, 0, 2), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate(pads[:batch]):
-        ids[row, :n] = 0
-        mask[row, :n] = 0
-    return ids, mask
-
-
-def _same(paged, ref, seed=None, **kwargs):
-    outs = []
-    for model in (ref, paged):
-        if seed is not None:
-            torch.manual_seed(seed)
-        outs.append(model.generate(**kwargs))
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
-    return outs[1]
-
-
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_greedy_left_padded_batch_replays_graphs(replays, arch):
     paged, ref = make_pair(arch)
-    ids, mask = _prompts()
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    ids, mask = padded_prompts()
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     assert replays == [3] * 11  # every step after the prompt's
 
 
@@ -53,11 +33,11 @@ def test_seeded_sampling_and_shared_blocks(replays):
     """num_return_sequences shares each prompt's blocks between its copies: the first graphed step copies the
     shared, partly filled last block of each row (copy on write) before the graph writes into it."""
     paged, ref = make_pair("mistral-window")
-    ids, mask = _prompts(batch=2, pads=(3, 0))
+    ids, mask = padded_prompts(batch=2, pads=(3, 0))
     cache = PagedCache(paged.config, num_blocks=64, block_size=4)
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=20,
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=20,
           temperature=0.8, num_return_sequences=3, seed=7)
-    ref_out = _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, seed=None)
+    ref_out = assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, seed=None)
     assert set(replays) == {6, 2}
     out = paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
@@ -68,7 +48,7 @@ def test_graphs_stay_with_the_cache_and_follow_its_batch(replays):
     paged, ref = make_pair("llama-gqa")
     cache = PagedCache(paged.config, num_blocks=64, block_size=4)
     for batch in (2, 2, 3):
-        ids, mask = _prompts(batch=batch, seed=batch)
+        ids, mask = padded_prompts(batch=batch, seed=batch)
         want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         graphs = cache._decode_graphs
         out = paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
@@ -81,24 +61,24 @@ def test_graphs_stay_with_the_cache_and_follow_its_batch(replays):
 
 def test_disable_compile_keeps_steps_eager(replays):
     paged, ref = make_pair("llama-gqa")
-    ids, mask = _prompts()
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, disable_compile=True)
+    ids, mask = padded_prompts()
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, disable_compile=True)
     assert replays == []
 
 
 def test_steps_the_graph_cannot_reproduce_run_eagerly(replays):
     """Hidden states asked for, and a sequence longer than the graph's context: eager steps, same tokens."""
     paged, ref = make_pair("llama-gqa")
-    ids, mask = _prompts()
+    ids, mask = padded_prompts()
     out = paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                          output_hidden_states=True, return_dict_in_generate=True)
     assert replays == [] and len(out.hidden_states) == 4
     cache = PagedCache(paged.config, num_blocks=64, block_size=4, max_cache_len=12)  # graphs for 12 tokens
-    _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     replays.clear()
     out = paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
     assert replays == [3, 3, 3]  # 10, 11 and 12 tokens; 13 and 14 eager
-    torch.testing.assert_close(out, _same(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6,
+    torch.testing.assert_close(out, assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=6,
                                           do_sample=False), rtol=0, atol=0)
 
 
@@ -112,7 +92,7 @@ def test_gpu_graphed_generate_matches_eager():
     """fp32 on the GPU: graphed one-token steps give the eager steps' tokens, greedy and seeded sampling."""
     paged, _ = make_pair("llama-gqa")
     paged.cuda()
-    ids, mask = (t.cuda() for t in _prompts())
+    ids, mask = (t.cuda() for t in padded_prompts())
     for kwargs in (dict(do_sample=False), dict(do_sample=True, top_k=20, temperature=0.8)):
         outs = []
         for disable in (True, False):

@@ -78,3 +78,25 @@ def continuation_text(tok, prompt_ids: list[int], output_ids: list[int]) -> str:
     """What the output adds to the prompt's text: ``decode(prompt + output)`` minus ``decode(prompt)``."""
     whole = tok.decode(list(prompt_ids) + list(output_ids), skip_special_tokens=True)
     return whole[len(tok.decode(list(prompt_ids), skip_special_tokens=True)) :]
+
+
+def padded_prompts(batch: int = 3, length: int = 9, pads=(4, 0, 2), seed: int = 1):
+    """``(input_ids, attention_mask)`` of ``batch`` random prompts, row ``i`` left-padded by ``pads[i]``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(pads[:batch]):
+        ids[row, :n] = 0
+        mask[row, :n] = 0
+    return ids, mask
+
+
+def assert_same_generate(paged, ref, seed=None, **kwargs):
+    """``paged.generate(**kwargs)`` gives exactly ``ref``'s output (both seeded with ``seed`` when given)."""
+    outs = []
+    for model in (ref, paged):
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs.append(model.generate(**kwargs))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    return outs[1]

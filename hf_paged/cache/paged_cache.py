@@ -62,6 +62,9 @@ class PagedCache(Cache):
             ``None``, a torch.distributed world of size ``W > 1`` makes ``num_key_value_heads // W``
             heads acceptable too.
 
+    On CUDA, ``generate``'s one-token steps on this cache replay a CUDA graph of the model's forward over its pool
+    (`hf_paged.graphed_decode`), captured at the first such step and kept with the cache.
+
     Reusing a cache: a later ``generate`` whose ``input_ids`` continue what the cache holds (longer,
     starting with the prompt it was filled from) continues it; any other prompt starts it afresh (the
     blocks return to the pool first), as a new call with a new cache would. ``reset()`` empties it by hand.
