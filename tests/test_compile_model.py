@@ -86,6 +86,27 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(monkeypatch):
     assert counters["frames"]["total"] == compiled
 
 
+def test_large_steps_past_a_size_branch_stay_compiled(monkeypatch):
+    """Under tensor parallelism the compiled layer branches on the step's size (the one-shot all-reduce takes
+    messages of up to 4 MB: 512 tokens of the 8B shape), so steps past it have a compiled entry of their own.
+    Warm-up runs two such steps of different sequence counts, leaving that count dynamic there: with one, the
+    first served prompt step of 16 sequences recompiled the layer (3.3 s inside a timed TP=2 run on two H100s).
+    Here the branch is a stand-in in the MLP, at 200 tokens, and warm-up's largest step is one 256-token prompt
+    (the model's longest), as one 8,192-token prompt was there."""
+    import transformers.models.llama.modeling_llama as llama
+    from torch._dynamo.utils import counters
+
+    mlp = llama.LlamaMLP.forward
+    monkeypatch.setattr(llama.LlamaMLP, "forward", lambda self, x: mlp(self, x) * (1.0 if x.shape[1] > 200 else 1))
+    model, _ = make_pair("llama-gqa")
+    engine = Engine(model, compile_model=True, num_blocks=1024, max_num_seqs=64, max_num_batched_tokens=256)
+    engine.runner.warm_up()  # Engine warms up on CUDA only
+    compiled = counters["frames"]["total"]
+    for lengths in ((128, 128), (100, 60, 60, 30), (256,)):
+        engine.generate([[5] * n for n in lengths], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert counters["frames"]["total"] == compiled
+
+
 def test_graph_captures_after_warm_up_stay_compiled(monkeypatch):
     """On CUDA, warm-up is followed by the forwards that decode graphs (1 to max_num_seqs one-token sequences)
     and mixed-step graphs (every token bucket, launches sized from shapes) capture, each a specialisation
