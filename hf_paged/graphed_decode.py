@@ -47,26 +47,18 @@ def decode_logits(model: torch.nn.Module, cache: PagedCache, inputs: dict) -> to
     graphs = _graphs(model, cache, batch, cache.get_seq_length() + 1)
     if graphs is None:
         return None
-    new_len = cache._begin_graphed_step(batch)
-    bs, last = cache.block_size, new_len - 1
-    tables = cache._tables
+    new_len, slots, tables = cache._begin_graphed_step(batch)
     mask = inputs.get("attention_mask")
     kv_start = _left_padding(mask, new_len, check=False) if mask is not None else None
     positions = inputs.get("position_ids")
     if positions is not None:
         positions = positions[:, -1]
     else:
-        positions = torch.full((batch,), last, device=ids.device)
+        positions = torch.full((batch,), new_len - 1, device=ids.device)
         if kv_start is not None:
             positions -= kv_start
-    return graphs.run(
-        ids[:, -1],
-        positions,
-        torch.tensor([t[last // bs] * bs + last % bs for t in tables]),
-        torch.full((batch,), new_len, dtype=torch.int32),
-        torch.tensor(tables, dtype=torch.int32),
-        kv_start=kv_start,
-    )
+    context_lens = torch.full((batch,), new_len, dtype=torch.int32)
+    return graphs.run(ids[:, -1], positions, slots, context_lens, tables, kv_start=kv_start)
 
 
 def _graphs(model: torch.nn.Module, cache: PagedCache, batch: int, new_len: int) -> DecodeGraphs | None:

@@ -269,9 +269,10 @@ class PagedCache(Cache):
             t.extend(blocks.allocate(per_row - len(t)))
         return new_len
 
-    def _begin_graphed_step(self, batch: int) -> int:
+    def _begin_graphed_step(self, batch: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """The host half of a one-token step whose forward replays a CUDA graph (`hf_paged.graphed_decode`):
-        blocks taken, length advanced; returns the new length. On error the cache is reset, as in ``update``."""
+        blocks taken, length advanced. Returns the new length and, on the host, each row's slot for the new token
+        (int64 ``[B]``) and the block tables (int32 ``[B, blocks]``). On error the cache is reset, as in ``update``."""
         try:
             flush_published()
             new_len = self._reserve(batch, 1)
@@ -279,7 +280,9 @@ class PagedCache(Cache):
             self.reset()
             raise
         self._seq_len, self._step = new_len, None
-        return new_len
+        last, bs = new_len - 1, self.block_size
+        slots = torch.tensor([t[last // bs] * bs + last % bs for t in self._tables])
+        return new_len, slots, torch.tensor(self._tables, dtype=torch.int32)
 
     def _check_layer(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> None:
         num_layers, kv_heads, head_dim = self._expected
