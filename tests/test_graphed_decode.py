@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ARCHS, assert_same_generate, make_pair, padded_prompts
+from tiny_models import (
+    ARCHS,
+    assert_same_generate,
+    make_pair,
+    make_tokenizer,
+    padded_prompts,
+)
+from transformers import pipeline
 
 from hf_paged import PagedCache, graphed_decode
 from hf_paged.cuda_graphs import DecodeGraphs
@@ -57,6 +64,23 @@ def test_graphs_stay_with_the_cache_and_follow_its_batch(replays):
         if batch == 2 and graphs is not None:
             assert cache._decode_graphs is graphs  # the same batch again: captured once
     assert cache._decode_graphs.buckets[-1] == 3
+
+
+def test_a_continued_cache_and_pipeline_replay_graphs(replays):
+    """A second ``generate`` continuing what the cache holds (a chat's next turn) prefills the new tokens eagerly
+    and replays its one-token steps; ``pipeline`` (left-padded batches) goes through the same path."""
+    paged, ref = make_pair("llama-gqa")
+    ids, _ = padded_prompts(batch=1, pads=(0,))
+    cache = PagedCache(paged.config, num_blocks=64, block_size=4)
+    out = paged.generate(input_ids=ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    more = torch.cat([out, torch.tensor([[5, 6]])], dim=1)
+    got = paged.generate(input_ids=more, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, ref.generate(input_ids=more, max_new_tokens=6, do_sample=False))
+    assert replays == [1] * 10 and cache.get_seq_length() == more.shape[1] + 5
+    texts = [pipeline("text-generation", model=m, tokenizer=make_tokenizer())(
+        ["w5 w9 w17 w33", "w40 w41", "w7 w8 w9 w10 w11 w12"], max_new_tokens=8, do_sample=False, batch_size=3)
+        for m in (ref, paged)]
+    assert texts[1] == texts[0] and replays[10:] == [3] * 7
 
 
 def test_disable_compile_keeps_steps_eager(replays):
