@@ -182,15 +182,21 @@ def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, r
 
 def capture_graph(pool, forward) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run ``forward`` once on a side stream (compiles kernels, initialises cuBLAS workspaces), then
-    capture it into a graph on ``pool`` (``None``: a private pool); returns the graph and its output tensor."""
+    capture it into a graph on ``pool`` (``None``: a private pool); returns the graph and its output tensor.
+    A forward that cannot be captured (a host sync inside) raises, with the caller's stream current again."""
+    current = torch.cuda.current_stream()
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    stream.wait_stream(current)
     with torch.cuda.stream(stream):
         forward()
-    torch.cuda.current_stream().wait_stream(stream)
+    current.wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = forward()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = forward()
+    except BaseException:
+        torch.cuda.set_stream(current)  # a failed capture_end leaves the capture stream set
+        raise
     return graph, out
 
 

@@ -11,6 +11,8 @@ disable_compile=True)`` keeps them eager, as it keeps Transformers' own compiled
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .attention import _left_padding
@@ -20,6 +22,11 @@ from .cuda_graphs import DecodeGraphs
 
 __all__ = ["decode_logits", "supported"]
 
+logger = logging.getLogger(__name__)
+
+# Set on a model whose forward failed to capture: its steps run eagerly from then on.
+_UNCAPTURABLE = "_hf_paged_uncapturable"
+
 # Inputs of a one-token step that the graphed forward reproduces; a step with anything else set runs eagerly.
 _HANDLED = frozenset({"input_ids", "position_ids", "attention_mask", "past_key_values", "cache", "use_cache",
                       "return_dict", "logits_to_keep", "cache_position"})
@@ -27,9 +34,11 @@ _HANDLED = frozenset({"input_ids", "position_ids", "attention_mask", "past_key_v
 
 def supported(model: torch.nn.Module) -> bool:
     """Whether ``model``'s one-token ``generate`` steps may replay graphs: on one CUDA device (the current one,
-    where graphs are captured), not tensor-parallel."""
+    where graphs are captured), not tensor-parallel, and its forward not found uncapturable before."""
     device = model.device
     if device.type != "cuda" or device.index not in (None, torch.cuda.current_device()):
+        return False
+    if getattr(model, _UNCAPTURABLE, False):
         return False
     return len(set(getattr(model, "hf_device_map", {}).values())) <= 1 and getattr(model, "tp_size", None) in (None, 1)
 
@@ -64,6 +73,8 @@ def decode_logits(model: torch.nn.Module, cache: PagedCache, inputs: dict) -> to
 def _graphs(model: torch.nn.Module, cache: PagedCache, batch: int, new_len: int) -> DecodeGraphs | None:
     """``cache``'s graphs with the bucket of ``batch`` captured (built at the first step that needs them), or
     ``None`` when a sequence of ``new_len`` tokens is longer than they can attend over."""
+    if getattr(model, _UNCAPTURABLE, False):
+        return None
     graphs = cache._decode_graphs
     if graphs is None or graphs.buckets[-1] < batch or graphs.model is not model:
         pool = cache.pool
@@ -75,5 +86,12 @@ def _graphs(model: torch.nn.Module, cache: PagedCache, batch: int, new_len: int)
     if not graphs.fits(batch, new_len):
         return None
     if not graphs.captured(batch):
-        graphs.capture(batch)
+        try:
+            graphs.capture(batch)
+        except RuntimeError as e:  # e.g. a host sync in the model's forward: not capturable
+            logger.warning("%s's one-token generate steps cannot be captured in a CUDA graph (%s); they run eagerly",
+                           type(model).__name__, e)
+            setattr(model, _UNCAPTURABLE, True)
+            cache._decode_graphs = None
+            return None
     return graphs

@@ -106,6 +106,27 @@ def test_steps_the_graph_cannot_reproduce_run_eagerly(replays):
                                           do_sample=False), rtol=0, atol=0)
 
 
+def test_a_forward_that_cannot_be_captured_runs_eagerly(replays, monkeypatch, caplog):
+    """A model whose forward fails to capture (a host sync inside, say) warns once and runs its steps eagerly,
+    in that call and the next ones, with the stock tokens."""
+    from hf_paged import cuda_graphs
+
+    attempts = []
+
+    def fail(pool, forward):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", fail)
+    paged, ref = make_pair("llama-gqa")
+    ids, mask = padded_prompts()
+    with caplog.at_level("WARNING", logger="hf_paged.graphed_decode"):
+        for _ in range(2):
+            assert_same_generate(paged, ref, input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert attempts == [1] and replays == []
+    assert "cannot be captured" in caplog.text and "operation not permitted" in caplog.text
+
+
 def test_not_offered_on_cpu():
     paged, _ = make_pair("llama-gqa")
     assert not graphed_decode.supported(paged)
