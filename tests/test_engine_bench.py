@@ -32,6 +32,9 @@ def test_tiny_benchmark_writes_results(bench, tmp_path):
         for kind, entry in results["profile"].items():
             assert kind in ("decode", "mixed", "prefill") and entry["steps"] > 0 and "device_busy_pct" in entry
         assert ours["engine_warmup_s"] >= 0
+        # the steps' periods: the slowest names a step of the run, at least as long as the median
+        assert ours["slowest_step_ms"] >= ours["median_step_ms"] > 0
+        assert 0 <= ours["slowest_step_index"] < ours["steps"] and ours["slowest_step_tokens"] > 0
     assert report["versions"]["transformers"]
 
 
