@@ -16,7 +16,8 @@ import torch
 from .cache.kv_pool import KVPool
 from .cache.metadata import PagedAttentionMetadata
 
-__all__ = ["DecodeGraphs", "MixedGraphs", "capture_graph", "forward_logits", "mixed_graphs_supported"]
+__all__ = ["DecodeGraphs", "MixedGraphs", "capture_graph", "forward_logits", "mixed_graphs_supported",
+           "packed_forward_mask"]
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -164,6 +165,14 @@ class DecodeGraphs:
         self._slots.fill_(-1)
         self._context_lens.zero_()
         return capture_graph(self._pool, lambda: self._forward(bucket))
+
+
+def packed_forward_mask(device: torch.device) -> torch.Tensor:
+    """The (never read) 4D mask a packed paged forward passes: Transformers' mask builders return it untouched.
+    With no mask and no cache they would instead inspect ``position_ids`` for packed sequences, whose ``.all()`` is a
+    device->host sync in the middle of every forward (and breaks graph capture). The ``"paged"`` attention reads
+    only the step's metadata; it would turn a 2D mask into left-padding offsets, so callers give ``kv_start``."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
 
 
 def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 from .attention import _left_padding
 from .cache import PagedCache
 from .cache.geometry import max_model_len
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, packed_forward_mask
 
 __all__ = ["decode_logits", "supported"]
 
@@ -81,8 +81,8 @@ def _graphs(model: torch.nn.Module, cache: PagedCache, batch: int, new_len: int)
         capacity = pool.num_blocks * pool.block_size
         # What this generate call may reach (its max_length), else what the model or the pool allows.
         max_context = min(capacity, cache._max_cache_len or max_model_len(model) or capacity)
-        mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=pool.device)  # see `ModelRunner`
-        graphs = cache._decode_graphs = DecodeGraphs(model, pool, max_batch=batch, max_context=max_context, mask=mask)
+        graphs = cache._decode_graphs = DecodeGraphs(model, pool, max_batch=batch, max_context=max_context,
+                                                     mask=packed_forward_mask(pool.device))
     if not graphs.fits(batch, new_len):
         return None
     if not graphs.captured(batch):

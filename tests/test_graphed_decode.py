@@ -133,8 +133,11 @@ def test_not_offered_on_cpu():
 
 
 @pytest.mark.gpu
-def test_gpu_graphed_generate_matches_eager():
-    """fp32 on the GPU: graphed one-token steps give the eager steps' tokens, greedy and seeded sampling."""
+def test_gpu_graphed_generate_matches_eager(monkeypatch):
+    """fp32 on the GPU: graphed one-token steps (really replayed: counted) give the eager steps' tokens, greedy and
+    seeded sampling."""
+    replayed, run = [], DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, *a, **k: replayed.append(1) or run(self, *a, **k))
     paged, _ = make_pair("llama-gqa")
     paged.cuda()
     ids, mask = (t.cuda() for t in padded_prompts())
@@ -142,6 +145,8 @@ def test_gpu_graphed_generate_matches_eager():
         outs = []
         for disable in (True, False):
             torch.manual_seed(5)
-            outs.append(paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, disable_compile=disable,
-                                       **kwargs))
+            replayed.clear()
+            outs.append(paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, min_new_tokens=24,
+                                       disable_compile=disable, **kwargs))
+            assert len(replayed) == (0 if disable else 23)
         torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

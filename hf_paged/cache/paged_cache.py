@@ -223,12 +223,10 @@ class PagedCache(Cache):
         if not self._tables:
             self._tables = [[] for _ in range(batch)]
         new_len = self._reserve(batch, q_len)
-        device, bs = key.device, self.block_size
-        tables = torch.tensor(self._tables, dtype=torch.int32, device=device)
-        pos = torch.arange(self._seq_len, new_len, device=device)
-        slots = tables[:, pos // bs].long() * bs + pos % bs
+        device = key.device
+        tables, slots = self._tables_and_slots(new_len, device)
         self._step = PagedAttentionMetadata(
-            slot_mapping=slots.reshape(-1),
+            slot_mapping=slots,
             cu_seqlens_q=torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device),
             context_lens=torch.full((batch,), new_len, dtype=torch.int32, device=device),
             block_tables=tables,
@@ -279,10 +277,17 @@ class PagedCache(Cache):
         except BaseException:
             self.reset()
             raise
+        tables, slots = self._tables_and_slots(new_len, "cpu")
         self._seq_len, self._step = new_len, None
-        last, bs = new_len - 1, self.block_size
-        slots = torch.tensor([t[last // bs] * bs + last % bs for t in self._tables])
-        return new_len, slots, torch.tensor(self._tables, dtype=torch.int32)
+        return new_len, slots, tables
+
+    def _tables_and_slots(self, new_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block tables (int32 ``[B, blocks]``) and the slots of the tokens from the current length to
+        ``new_len`` (int64 ``[B * new tokens]``, row by row), on ``device``."""
+        bs = self.block_size
+        tables = torch.tensor(self._tables, dtype=torch.int32, device=device)
+        pos = torch.arange(self._seq_len, new_len, device=device)
+        return tables, (tables[:, pos // bs].long() * bs + pos % bs).reshape(-1)
 
     def _check_layer(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> None:
         num_layers, kv_heads, head_dim = self._expected

@@ -16,7 +16,7 @@ from ..registration import ATTN_IMPLEMENTATION
 from .block_manager import BlockManager
 from ..kernels import get_backend
 from .host_copy import upload
-from ..cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported
+from ..cuda_graphs import DecodeGraphs, MixedGraphs, forward_logits, mixed_graphs_supported, packed_forward_mask
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, SchedulerOutput
 from .sequence import Request, Sequence as SequenceState
@@ -141,12 +141,7 @@ class ModelRunner:
         self._max_num_batched_tokens = max_num_batched_tokens
         self.block_size = kv_pool.block_size
         self.device = kv_pool.device
-        # Passing a (never read) 4D mask makes Transformers' mask builders return it untouched.
-        # With no mask and no cache they would instead inspect position_ids for packed sequences,
-        # whose `.all()` is a device->host sync in the middle of every forward (and breaks graph
-        # capture). The "paged" attention function reads only the metadata; since it would try to
-        # turn a mask into left-padding offsets, kv_start is given explicitly (all zeros).
-        self._mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        self._mask = packed_forward_mask(self.device)  # kv_start is given explicitly (all zeros)
         # kv_start for up to max_num_seqs sequences, never reallocated; an inference tensor like every other
         # input of `execute`, so a compiled model's guards (which check tensors' dispatch keys) always match.
         with torch.inference_mode():
@@ -293,11 +288,12 @@ class ModelRunner:
         # inside the first served prompt steps. Twice, with one more sequence the second time: that branch's
         # compiled entry then takes any sequence count (with one, the first served prompt step of 16 sequences
         # compiled it again, 3.3 s of a timed TP=2 run).
-        fewest = -(-max_num_batched_tokens // longest)
-        for count in (fewest, fewest + 1):
-            if max_num_batched_tokens > lengths[-1] and count <= min(self._zeros.numel(), max_num_batched_tokens):
-                self._warm_up_step([max_num_batched_tokens // count + (i < max_num_batched_tokens % count)
-                                    for i in range(count)], request)
+        if max_num_batched_tokens > lengths[-1]:
+            fewest = -(-max_num_batched_tokens // longest)
+            for count in (fewest, fewest + 1):
+                if count <= min(self._zeros.numel(), max_num_batched_tokens):
+                    self._warm_up_step([max_num_batched_tokens // count + (i < max_num_batched_tokens % count)
+                                        for i in range(count)], request)
 
     def _warm_up_step(self, lengths: list[int], request: Request) -> None:
         """One step of whole prompts of ``lengths`` tokens, when their blocks are free."""
