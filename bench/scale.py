@@ -42,7 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import MODEL_TINY, RESULTS, make_workload, profile_engine, run_hf_paged, versions  # noqa: E402
+from throughput import (MODEL_TINY, RESULTS, device_span_ms, make_workload, profile_engine, run_hf_paged,  # noqa: E402
+                        versions)
 
 from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES  # noqa: E402
 
@@ -193,6 +194,7 @@ def _measure_engine(engine, args) -> dict:
     result["batch1_ms_per_token_all"] = per_token
     result["greedy_tokens"] = [o.token_ids for o in engine.generate(prompts, _greedy(32))]
     if args.profile:
+        result["batch1_profile"] = _profile_batch1(engine, prompts[3], args.latency_tokens)
         first = next(iter(_workloads(args, engine.vocab_size).values()))
         result["profile"] = profile_engine(engine, first[: args.max_num_seqs], SimpleNamespace(
             device=args.device, profile_steps=args.profile_steps))
@@ -227,6 +229,42 @@ def run_child(args) -> dict:
     if kind == "dp2":
         return _run_data_parallel(args, 2, started)
     raise SystemExit(f"unknown configuration {kind!r}")
+
+
+def _profile_batch1(engine, prompt: list[int], tokens: int) -> dict:
+    """Where a batch-1 decode step's time goes (rank 0's device under TP): the decode steps of one
+    request after its first tokens, device activity only (on CPU: the ops' own time), grouped by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.kv_pool.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    engine.add_request(prompt, _greedy(tokens))
+    for _ in range(3):  # the prompt step and the first decodes stay out of the window
+        engine.step()
+    sync()
+    steps = 0
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        sync()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    device = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    own_us = {e.key: getattr(e, device if cuda else "self_cpu_time_total", 0.0) or 0.0 for e in events}
+    top = sorted(events, key=lambda e: own_us[e.key], reverse=True)[:16]
+    steps = max(steps, 1)
+    result = dict(steps=steps, wall_ms_per_step=wall * 1e3 / steps, span_ms_per_step=device_span_ms(prof) / steps,
+                  device_ms_per_step=sum(own_us.values()) / 1e3 / steps,
+                  launches_per_step=sum(e.count for e in events) / steps,
+                  top=[dict(name=e.key[:90], us_per_step=own_us[e.key] / steps, calls_per_step=e.count / steps)
+                       for e in top])
+    print(f"batch-1 decode: {result['wall_ms_per_step']:.3f} ms/step wall, device span {result['span_ms_per_step']:.3f}"
+          f" ms, busy {result['device_ms_per_step']:.3f} ms in {result['launches_per_step']:.0f} kernels", flush=True)
+    for t in result["top"]:
+        print(f"  {t['us_per_step']:8.1f} us {t['calls_per_step']:6.1f}x  {t['name']}", flush=True)
+    return result
 
 
 def _run_data_parallel(args, replicas: int, started: float) -> dict:

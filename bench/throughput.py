@@ -486,7 +486,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
             entry["steps"] += steps
             entry["wall_ms"] += wall * 1e3
             entry["device_ms"] += sum(getattr(e, attr, 0.0) or 0.0 for e in events) / 1e3 if cuda else 0.0
-            entry["span_ms"] += _device_span_ms(prof) if cuda else 0.0
+            entry["span_ms"] += device_span_ms(prof) if cuda else 0.0
             if cuda and "top_kernels" not in entry:  # where one window's device time went, by kernel
                 top = sorted(events, key=lambda e: getattr(e, attr, 0.0) or 0.0, reverse=True)[:12]
                 entry["top_kernels"] = [dict(name=e.key[:90], device_ms=(getattr(e, attr, 0.0) or 0.0) / 1e3,
@@ -523,7 +523,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     return per_kind
 
 
-def _device_span_ms(prof) -> float:
+def device_span_ms(prof) -> float:
     """Milliseconds from the start of a profile's first device activity to the end of its last."""
     from torch.autograd import DeviceType
 

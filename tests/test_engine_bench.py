@@ -87,7 +87,7 @@ def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
     cmd = [sys.executable, str(script), "--shape", "tiny", "--build", "--draw-weights", "--device", "cpu",
            "--model-dir", str(tmp_path / "tiny"), "--configs", "tp1,tp2", "--workloads", "uniform",
            "--num-requests", "4", "--latency-tokens", "8", "--max-num-seqs", "4", "--dtype", "float32", "--timeout", "240", "--out", str(out),
-           "--logs", str(tmp_path / "logs")]
+           "--logs", str(tmp_path / "logs"), "--profile", "--profile-steps", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = sorted((tmp_path / "logs").glob("scale-*.log"))  # each configuration's log, all ranks in it, named
@@ -100,6 +100,9 @@ def test_scale_benchmark_tiny_tp1_and_tp2(tmp_path):
     for key in ("date", "gpu", "tp1_tok_s", "tp2_tok_s", "tp2_over_tp1", "tp2_batch1_latency_ratio"):
         assert report[key] is not None, key
     assert report["runs"]["tp2"]["tensor_parallel_size"] == 2
+    for config in ("tp1", "tp2"):  # --profile: the batch-1 decode steps after the first three, op by op
+        profiled = report["runs"][config]["batch1_profile"]
+        assert profiled["steps"] == 8 - 3 and profiled["top"][0]["calls_per_step"] > 0, profiled
     # Greedy tokens: TP=2 draws its own random weights, so only the shape of the answer is compared.
     assert len(report["runs"]["tp2"]["greedy_tokens"]) == len(report["runs"]["tp1"]["greedy_tokens"]) == 8
 

@@ -86,6 +86,9 @@ class BroadcastSampler:
 
     def tokens(self, logits: torch.Tensor, seqs) -> torch.Tensor:
         """Rank 0's sampled tokens, on every rank's device."""
+        if all(s.request.argmax_only for s in seqs):
+            # Every rank holds the same gathered logits, so each one's arg-max agrees: no broadcast.
+            return self.sampler.tokens(logits, seqs)
         if self.state.rank == 0:
             tokens = self.sampler.tokens(logits, seqs)
         else:
