@@ -9,7 +9,7 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``parity``: greedy tokens of TP=2 against one GPU in fp32, on a small shape;
 * ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
   engine ran under TP before both were enabled there);
-* ``tp2-nccl``, ...: every all-reduce through NCCL (no one-shot all-reduce, `hf_paged.tp_all_reduce`).
+* ``tp2-nccl``, ...: every all-reduce through NCCL (no symmetric memory, `hf_paged.tp_all_reduce`).
 
 Each engine configuration measures output tokens/s on the ``uniform`` (512 in / 128 out) and
 ``mixed`` (in ~ U[16, 1024], out ~ U[16, 256]) workloads after a warm-up, and the batch-1 decode
@@ -85,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="engine configurations (rank 0 under TP): device busy and top kernels per step kind")
     p.add_argument("--profile-steps", type=int, default=6)
-    p.add_argument("--one-shot-max-bytes", type=int, default=None,
-                   help="TP: largest all-reduce taking the one-shot path (0: NCCL for all; default: the library's)")
+    p.add_argument("--symmetric-max-bytes", type=int, default=None,
+                   help="TP: largest all-reduce taking symmetric memory (0: NCCL for all; default: the library's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (TP over gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -219,8 +219,8 @@ def run_child(args) -> dict:
 
         size = int(kind[2:])
         model_kwargs = dict(dtype=dtype)
-        if args.one_shot_max_bytes is not None:
-            model_kwargs["one_shot_max_bytes"] = args.one_shot_max_bytes
+        if args.symmetric_max_bytes is not None:
+            model_kwargs["symmetric_max_bytes"] = args.symmetric_max_bytes
         with start_tensor_parallel_engine(args.model_dir, size, tokenizer=False, model_kwargs=model_kwargs,
                                           **_engine_kwargs(args)) as engine:
             start_s = time.perf_counter() - started  # the ranks' loading and rank 0's engine warm-up
@@ -348,9 +348,9 @@ def _spawn(args, config: str, out: Path, log: Path) -> dict:
     if variant == "eager":
         cmd += ["--no-cuda-graphs", "--no-async-scheduling"]
     elif variant == "nccl":
-        cmd += ["--one-shot-max-bytes", "0"]
+        cmd += ["--symmetric-max-bytes", "0"]
     for name, value in vars(args).items():
-        if variant == "nccl" and name == "one_shot_max_bytes":
+        if variant == "nccl" and name == "symmetric_max_bytes":
             continue
         if name in ("child", "child_out", "build", "draw_weights", "configs", "out", "logs") or value is None or value is False:
             continue
@@ -408,7 +408,7 @@ def summarize(runs: dict, args) -> dict:
         summary[f"{args.dtype}_tp2_first_divergence"] = [_first_divergence(a, b) for a, b in zip(one, two)]
     nccl = runs.get("tp2-nccl", {}).get("greedy_tokens")
     if two and nccl:  # two ranks' sums are a + b on either path: the tokens must be the same
-        summary["tp2_one_shot_vs_nccl_identical_greedy"] = f"{sum(a == b for a, b in zip(two, nccl))}/{len(two)}"
+        summary["tp2_symmetric_vs_nccl_identical_greedy"] = f"{sum(a == b for a, b in zip(two, nccl))}/{len(two)}"
         summary["tp2_nccl_tok_s"] = tok_s("tp2-nccl", "uniform")
         summary["tp2_nccl_batch1_ms_per_token"] = latency("tp2-nccl")
     if "parity" in runs:
@@ -455,7 +455,7 @@ def main(argv=None) -> int:
         record = dict(
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,
             build_s=build_s, num_requests=args.num_requests, versions=versions(), engine_kwargs=_engine_kwargs(args),
-            one_shot_max_bytes=DEFAULT_MAX_BYTES if args.one_shot_max_bytes is None else args.one_shot_max_bytes,
+            symmetric_max_bytes=DEFAULT_MAX_BYTES if args.symmetric_max_bytes is None else args.symmetric_max_bytes,
             **summarize(runs, args), runs=runs,
         )
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish

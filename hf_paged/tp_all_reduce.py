@@ -1,12 +1,14 @@
-"""The sum of row-parallel layers' partial outputs under tensor parallelism: one-shot over NVLink for small ones.
+"""The sum of row-parallel layers' partial outputs under tensor parallelism: over NVLink for small and mid-sized ones.
 
 Transformers' row-parallel layers (``"rowwise"`` in a ``tp_plan``: Llama's ``o_proj`` and ``down_proj``) sum
 their ranks' partial outputs with ``dist.all_reduce``, two per layer. A decode step's messages are small
 (tokens x hidden x 2 bytes: 8 KB at batch 1, 2 MB at 256 sequences) and NCCL's protocol latency dominates
-them. With symmetric memory each rank reads its peers' partial sums directly
-(``torch.ops.symm_mem.one_shot_all_reduce_copy``: one kernel with a barrier on either side, capturable
-in CUDA graphs, no multicast). `row_parallel_all_reduce` installs that for a model being loaded; messages
-over ``max_bytes`` (prefill), other groups and every group that is not NCCL keep ``dist.all_reduce``.
+them. With symmetric memory each rank reads its peers' partial sums directly, one kernel with a barrier on
+either side, capturable in CUDA graphs, no multicast: up to ``ONE_SHOT_MAX_BYTES`` every rank sums the whole
+message (``one_shot_all_reduce_copy``), beyond it each sums its share and gathers the others' (two-shot:
+``two_shot_all_reduce_out``, half the NVLink traffic per rank on two GPUs). `row_parallel_all_reduce` installs
+that for a model being loaded; messages over ``max_bytes`` (prefill), other groups and every group that is
+not NCCL keep ``dist.all_reduce``.
 
 Example:
     >>> with row_parallel_all_reduce():  # doctest: +SKIP
@@ -22,23 +24,26 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_MAX_BYTES", "enable_one_shot", "one_shot_all_reduce", "row_parallel_all_reduce"]
+__all__ = ["DEFAULT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory", "row_parallel_all_reduce",
+           "symmetric_all_reduce"]
 
-# Messages up to this size take the one-shot path: on two H100s (bench/all_reduce.py) it beat NCCL up to 2 MB
-# (256 decodes at hidden size 4,096 in bf16; 23 vs 35 us) and lost from 8 MB (64 vs 56 us).
-DEFAULT_MAX_BYTES = 4 << 20
+# Messages up to this size take symmetric memory, NCCL's all-reduce beyond (bench/all_reduce.py, two H100s).
+DEFAULT_MAX_BYTES = 16 << 20
+# The one-shot kernel up to this size, two-shot beyond.
+ONE_SHOT_MAX_BYTES = 128 << 10
 
-# One symmetric staging buffer per process group that takes the one-shot path.
+# One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
 _buffers: dict[str, torch.Tensor] = {}
+_world_sizes: dict[str, int] = {}
 
 
-def enable_one_shot(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
-    """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `one_shot_all_reduce`
+def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
+    """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `symmetric_all_reduce`
     (collective; once per group, the first size stays). Returns whether the group has one (a gloo
     group never does).
 
     Example:
-        >>> enable_one_shot(dist.group.WORLD)  # doctest: +SKIP
+        >>> enable_symmetric_memory(dist.group.WORLD)  # doctest: +SKIP
         True
     """
     name = group.group_name
@@ -51,33 +56,39 @@ def enable_one_shot(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES
                 symm_mem.enable_symm_mem_for_group(name)
         buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
         symm_mem.rendezvous(buffer, name)
-        _buffers[name] = buffer
+        _buffers[name], _world_sizes[name] = buffer, group.size()
     return name in _buffers
 
 
-def one_shot_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
-    """``x`` summed over the group named ``group_name`` (after `enable_one_shot`; ``x`` contiguous and
-    within the group's buffer): every rank reads its peers' copies directly, one kernel. Under
-    torch.compile it is one opaque op; eager calls skip the dispatcher.
+def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES) -> torch.Tensor:
+    """``x`` summed over the group named ``group_name`` (after `enable_symmetric_memory`; ``x``
+    contiguous and within the group's buffer), through its staging buffer: the one-shot kernel up
+    to ``one_shot_max_bytes``, two-shot beyond. Under torch.compile it is one opaque op (the choice
+    by size is no compiler guard); eager calls skip the dispatcher.
 
     Example:
-        >>> total = one_shot_all_reduce(partial, dist.group.WORLD.group_name)  # doctest: +SKIP
+        >>> total = symmetric_all_reduce(partial, dist.group.WORLD.group_name)  # doctest: +SKIP
     """
     if torch.compiler.is_compiling():
-        return _one_shot_op(x, group_name)
-    return _one_shot(x, group_name)
+        return _symmetric_op(x, group_name, one_shot_max_bytes)
+    return _symmetric(x, group_name, one_shot_max_bytes)
 
 
-def _one_shot(x: torch.Tensor, group_name: str) -> torch.Tensor:
+def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int) -> torch.Tensor:
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
-    return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", group_name)
+    # Two-shot splits the message into 16-byte pieces per rank.
+    pieces = _world_sizes[group_name] * 16 // x.element_size()
+    if x.numel() * x.element_size() <= one_shot_max_bytes or x.numel() % pieces:
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, x, "sum", group_name)
+    staging.copy_(x)
+    return torch.ops.symm_mem.two_shot_all_reduce_out(staging, "sum", group_name, torch.empty_like(x))
 
 
-_one_shot_op = torch.library.custom_op("hf_paged::one_shot_all_reduce", mutates_args=())(_one_shot)
+_symmetric_op = torch.library.custom_op("hf_paged::symmetric_all_reduce", mutates_args=())(_symmetric)
 
 
-@_one_shot_op.register_fake
-def _(x, group_name):
+@_symmetric_op.register_fake
+def _(x, group_name, one_shot_max_bytes):
     return torch.empty_like(x)
 
 
@@ -85,12 +96,12 @@ def _tp_group(mesh) -> dist.ProcessGroup:
     return mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
 
 
-def _one_shot_style(base, groups: list):
-    """A copy of the row-parallel style ``base`` whose inference all-reduce takes the one-shot path
+def _symmetric_style(base, groups: list):
+    """A copy of the row-parallel style ``base`` whose inference all-reduce takes symmetric memory
     (once its group has a buffer); the groups of the layers it is installed on go to ``groups``."""
     from torch.distributed.tensor import DTensor
 
-    class OneShotRowwise(type(base)):
+    class SymmetricRowwise(type(base)):
         def install_forward(self, module, mesh):
             groups.append(_tp_group(mesh))
             return super().install_forward(module, mesh)
@@ -103,10 +114,10 @@ def _one_shot_style(base, groups: list):
             if (buffer is not None and isinstance(module, torch.nn.Linear) and module.bias is None
                     and not isinstance(output, DTensor) and not output.requires_grad and output.is_contiguous()
                     and output.numel() * output.element_size() <= buffer.numel()):
-                return one_shot_all_reduce(output, group.group_name)
+                return symmetric_all_reduce(output, group.group_name)
             return super().transform_output_post_forward(module, output, mesh)
 
-    style = OneShotRowwise.__new__(OneShotRowwise)
+    style = SymmetricRowwise.__new__(SymmetricRowwise)
     style.__dict__.update(base.__dict__)
     return style
 
@@ -114,7 +125,7 @@ def _one_shot_style(base, groups: list):
 @contextlib.contextmanager
 def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[None]:
     """Models loaded with a ``tp_plan`` in the block sum the partial outputs of their row-parallel
-    layers (the styles that end replicated) with the one-shot all-reduce, for messages of up to
+    layers (the styles that end replicated) through symmetric memory (`symmetric_all_reduce`), for messages of up to
     ``max_bytes``; larger ones and groups that are not NCCL (gloo on CPU) keep ``dist.all_reduce``.
 
     Leaving the block sets up a symmetric buffer of ``max_bytes`` for each NCCL group a model was
@@ -130,10 +141,10 @@ def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[None
     groups: list[dist.ProcessGroup] = []
     saved = {name: style for name, style in ALL_PARALLEL_STYLES.items()
              if isinstance(style, RowwiseParallel) and isinstance(style.output_layouts, Replicate)}
-    ALL_PARALLEL_STYLES.update({name: _one_shot_style(style, groups) for name, style in saved.items()})
+    ALL_PARALLEL_STYLES.update({name: _symmetric_style(style, groups) for name, style in saved.items()})
     try:
         yield
     finally:
         ALL_PARALLEL_STYLES.update(saved)
     for group in {g.group_name: g for g in groups}.values():
-        enable_one_shot(group, max_bytes)
+        enable_symmetric_memory(group, max_bytes)

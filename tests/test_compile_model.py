@@ -87,8 +87,8 @@ def test_warm_up_leaves_nothing_to_compile_while_serving(monkeypatch):
 
 
 def test_large_steps_past_a_size_branch_stay_compiled(monkeypatch):
-    """Under tensor parallelism the compiled layer branches on the step's size (the one-shot all-reduce takes
-    messages of up to 4 MB: 512 tokens of the 8B shape), so steps past it have a compiled entry of their own.
+    """Under tensor parallelism the compiled layer branches on the step's size (symmetric memory's all-reduce takes
+    messages of up to 16 MB: 2,048 tokens of the 8B shape; 4 MB then), so steps past it have a compiled entry of their own.
     Warm-up runs two such steps of different sequence counts, leaving that count dynamic there: with one, the
     first served prompt step of 16 sequences recompiled the layer (3.3 s inside a timed TP=2 run on two H100s).
     Here the branch is a stand-in in the MLP, at 200 tokens, and warm-up's largest step is one 256-token prompt

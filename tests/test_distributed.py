@@ -49,27 +49,27 @@ def test_single_process_model_is_not_sharded():
     assert hf_paged.Engine(model, num_blocks=4).tp is None
 
 
-def test_one_shot_styles_replace_row_parallel_ones_only_while_loading():
+def test_symmetric_styles_replace_row_parallel_ones_only_while_loading():
     """`row_parallel_all_reduce` swaps Transformers' replicated-output row-parallel styles for subclasses
     with the same settings inside the block, restores them after it, and gives a gloo group no
-    symmetric buffer (the one-shot path is CUDA-only; gloo keeps ``dist.all_reduce``)."""
+    symmetric buffer (symmetric memory is CUDA-only; gloo keeps ``dist.all_reduce``)."""
     import torch.distributed as dist
     from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
 
-    from hf_paged.tp_all_reduce import enable_one_shot, row_parallel_all_reduce
+    from hf_paged.tp_all_reduce import enable_symmetric_memory, row_parallel_all_reduce
 
     before = dict(ALL_PARALLEL_STYLES.items())
     with row_parallel_all_reduce():
         inside = dict(ALL_PARALLEL_STYLES.items())
     assert dict(ALL_PARALLEL_STYLES.items()) == before
-    assert type(inside["rowwise"]).__name__ == "OneShotRowwise"
+    assert type(inside["rowwise"]).__name__ == "SymmetricRowwise"
     assert isinstance(inside["rowwise"], type(before["rowwise"])) and vars(inside["rowwise"]) == vars(before["rowwise"])
     assert inside["colwise"] is before["colwise"]
     with row_parallel_all_reduce(max_bytes=0):
         assert dict(ALL_PARALLEL_STYLES.items()) == before
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        assert not enable_one_shot(dist.group.WORLD)
+        assert not enable_symmetric_memory(dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 

@@ -284,7 +284,7 @@ class ModelRunner:
             if 24 * count + 40 * count * (count - 1) // 2 <= max_num_batched_tokens:
                 self._warm_up_step([24 + 40 * i for i in range(count)], request)
         # Last, the largest step: the kernels' tiles for long queries, and under tensor parallelism a compiled
-        # model's other branch (all-reduces past the one-shot size), which on two H100s was otherwise compiled
+        # model's other branch (all-reduces past the symmetric-memory size), which on two H100s was otherwise compiled
         # inside the first served prompt steps. Twice, with one more sequence the second time: that branch's
         # compiled entry then takes any sequence count (with one, the first served prompt step of 16 sequences
         # compiled it again, 3.3 s of a timed TP=2 run).
