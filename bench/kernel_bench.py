@@ -300,14 +300,13 @@ def run_fa4(caps) -> dict:
     return dict(errors=errors, decode=decode, prefill=prefill)
 
 
-def run_prefill_tune(caps) -> list[dict]:
-    """Our prefill over tile configs (each checked against the reference first) at FA4_PREFILL's shapes."""
+def run_prefill_tune(caps, shapes=FA4_PREFILL[:3]) -> list[dict]:
+    """Our prefill over tile configs (each checked against the reference first) at ``shapes`` (D, B, L)."""
     import itertools
 
-    cfgs = [Config(m, n, w, st, longest_first=f)
-            for m, n, w, st, f in itertools.product((64, 128), (64, 128), (4, 8), (2, 3), (True, False))]
+    cfgs = [Config(m, n, w, st) for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
     rows, ok = [], []
-    for d in (64, 128):
+    for d in sorted({d for d, _, _ in shapes}):
         q, k, v, meta = paged_inputs(2, 700, 700, 32, 8, d)
         want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
         for cfg in cfgs:
@@ -319,7 +318,7 @@ def run_prefill_tune(caps) -> list[dict]:
                 print(f"  d={d} {cfg}: {type(exc).__name__}", flush=True)
             if err < 1e-2:
                 ok.append((d, cfg))
-    for d, batch, length in FA4_PREFILL[:3]:
+    for d, batch, length in shapes:
         q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d)
         flops = 4 * batch * 32 * d * length * (length + 1) / 2
         base = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta))
@@ -454,6 +453,8 @@ def main() -> None:
                         "and a prefill config sweep of ours")
     parser.add_argument("--no-fa4-table", action="store_true", help="with --fa4: the prefill sweep only")
     parser.add_argument("--no-prefill-tune", action="store_true", help="with --fa4: the table only")
+    parser.add_argument("--prefill-tune", default=None, metavar="DxBxL,...",
+                        help="only the prefill config sweep at these shapes (no FA4 needed), e.g. 128x1x2048")
     parser.add_argument("--mixed-step", action="store_true", help="only a mixed step's attention as its graph "
                         "launches it vs launches sized for its decodes and its prompt")
     args = parser.parse_args()
@@ -479,6 +480,14 @@ def main() -> None:
         path = os.path.join(args.out, f"kernels-mixed-step-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
         with open(path, "w") as f:
             json.dump(dict(env=env, ceilings=caps, rows=run_mixed_step(caps)), f, indent=1)
+        print(f"wrote {path}", flush=True)
+        return
+    if args.prefill_tune:
+        path = os.path.join(args.out, f"kernels-prefill-tune-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.prefill_tune.split(",")]
+            json.dump(dict(env=env, ceilings=caps, prefill_tune=run_prefill_tune(caps, shapes)), f, indent=1)
         print(f"wrote {path}", flush=True)
         return
     if args.fa4:

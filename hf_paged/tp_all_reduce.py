@@ -27,10 +27,12 @@ import torch.distributed as dist
 __all__ = ["DEFAULT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory", "row_parallel_all_reduce",
            "symmetric_all_reduce"]
 
-# Messages up to this size take symmetric memory, NCCL's all-reduce beyond (bench/all_reduce.py, two H100s).
+# Messages up to this size take symmetric memory, NCCL's all-reduce beyond; the one-shot kernel up to
+# ONE_SHOT_MAX_BYTES, two-shot beyond. Two H100s (bench/all_reduce.py, microseconds in CUDA graphs): one-shot
+# 8.9 / 13.2 us at 8 / 512 KB (NCCL 10.9 / 16.2, two-shot 12.5 / 15.4); two-shot 21.2 / 43.8 / 79.8 us at
+# 2 / 8 / 16 MB (one-shot 23.7 / 64.0 / 143.6, NCCL 35.0 / 53.8 / 92.5); at 32 MB and beyond NCCL is as fast or faster.
 DEFAULT_MAX_BYTES = 16 << 20
-# The one-shot kernel up to this size, two-shot beyond.
-ONE_SHOT_MAX_BYTES = 128 << 10
+ONE_SHOT_MAX_BYTES = 1 << 20
 
 # One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
 _buffers: dict[str, torch.Tensor] = {}
