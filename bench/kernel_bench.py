@@ -339,6 +339,28 @@ def run_prefill_tune(caps, shapes=FA4_PREFILL[:3]) -> list[dict]:
     return rows
 
 
+def run_graph_decode(caps, plan_context: int = 32768) -> list[dict]:
+    """Batch-1 decode as a CUDA graph launches it: planned for the graph's context (``max_context_len``), so
+    the split count follows that bound, not the sequence's actual length. Each split count is timed at
+    short and long actual contexts, for the 8B shape on one GPU (32 / 8 heads) and per rank under TP=2
+    (16 / 4); "auto" is the heuristic's count for the plan."""
+    rows = []
+    for heads, kv_heads in ((32, 8), (16, 4)):
+        for ctx in (256, 2048, plan_context):
+            q, k, v, meta = paged_inputs(1, ctx, 1, heads, kv_heads, 128)
+            meta["max_context_len"] = plan_context
+            floor = 2 * ctx * kv_heads * 128 * 2 / (caps["copy_TBps"] * 1e9)
+            for splits in (None, 1, 4, 8, 16, 32, 64):
+                ms = bench_graph(lambda: triton_attention.paged_attention(q, k, v, **meta, num_splits=splits))
+                rows.append(dict(kind="graph-decode", heads=heads, kv_heads=kv_heads, context=ctx,
+                                 plan_context=plan_context, num_splits=splits or "auto", us=ms * 1e3,
+                                 frac_copy_bw=floor / ms))
+                print(f"graph decode {heads}/{kv_heads} heads ctx {ctx:>6} (plan {plan_context}) splits "
+                      f"{splits or 'auto':>4}: {ms * 1e3:7.1f} us ({100 * floor / ms:.0f}% copy bw)", flush=True)
+            del q, k, v
+    return rows
+
+
 MIXED_STEPS = ((511, 520, 2048), (500, 200, 1024), (256, 2000, 4096))  # decodes, prompt tokens, graph bucket
 
 
@@ -455,6 +477,8 @@ def main() -> None:
     parser.add_argument("--no-prefill-tune", action="store_true", help="with --fa4: the table only")
     parser.add_argument("--prefill-tune", default=None, metavar="DxBxL,...",
                         help="only the prefill config sweep at these shapes (no FA4 needed), e.g. 128x1x2048")
+    parser.add_argument("--graph-decode", action="store_true", help="only batch-1 decode planned for a graph's "
+                        "context, by split count")
     parser.add_argument("--mixed-step", action="store_true", help="only a mixed step's attention as its graph "
                         "launches it vs launches sized for its decodes and its prompt")
     args = parser.parse_args()
@@ -482,12 +506,17 @@ def main() -> None:
             json.dump(dict(env=env, ceilings=caps, rows=run_mixed_step(caps)), f, indent=1)
         print(f"wrote {path}", flush=True)
         return
+    only = None  # one sweep alone: (file name, rows)
     if args.prefill_tune:
-        path = os.path.join(args.out, f"kernels-prefill-tune-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.prefill_tune.split(",")]
+        only = ("prefill-tune", run_prefill_tune(caps, shapes))
+    elif args.graph_decode:
+        only = ("graph-decode", run_graph_decode(caps))
+    if only:
+        path = os.path.join(args.out, f"kernels-{only[0]}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
         os.makedirs(args.out, exist_ok=True)
-        with open(path, "w") as f:
-            shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.prefill_tune.split(",")]
-            json.dump(dict(env=env, ceilings=caps, prefill_tune=run_prefill_tune(caps, shapes)), f, indent=1)
+        with open(path, "w") as f:  # opened once the rows exist: a run cut short leaves no empty file
+            json.dump(dict(env=env, ceilings=caps, rows=only[1]), f, indent=1)
         print(f"wrote {path}", flush=True)
         return
     if args.fa4:

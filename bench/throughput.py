@@ -491,6 +491,7 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
                 top = sorted(events, key=lambda e: getattr(e, attr, 0.0) or 0.0, reverse=True)[:12]
                 entry["top_kernels"] = [dict(name=e.key[:90], device_ms=(getattr(e, attr, 0.0) or 0.0) / 1e3,
                                              calls=e.count) for e in top]
+                entry["top_kernels_steps"] = steps  # one window's: not the kind's total step count
             if cuda and k not in syncs and engine.has_unfinished():
                 syncs[k] = _syncs_of_one_step(engine)
             if cuda and table is None and k == "prefill":  # the next step: most likely a prefill step too
@@ -515,6 +516,8 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
               f"device->host syncs in a step: {len(e['syncs'])}")
         for w in e["syncs"][:5]:
             print("     ", w)
+        if e.get("top_kernels"):
+            print(f"    top kernels of one window ({e['top_kernels_steps']} steps):")
         for t in e.get("top_kernels", []):
             print(f"      {t['device_ms']:9.3f} ms {t['calls']:6d}x  {t['name']}")
     if table:

@@ -74,6 +74,64 @@ def test_symmetric_styles_replace_row_parallel_ones_only_while_loading():
         dist.destroy_process_group()
 
 
+def test_symmetric_all_reduce_picks_one_shot_or_two_shot_by_size(monkeypatch):
+    """Up to ``one_shot_max_bytes`` the one-shot kernel sums straight from the input; beyond it the message
+    goes through the staging buffer to two-shot, unless it does not split into the ranks' 16-byte pieces.
+    (The kernels are CUDA-only: stand-ins record which one ran; bench/all_reduce.py checks their sums.)"""
+    from types import SimpleNamespace
+
+    import hf_paged.tp_all_reduce as ar
+
+    calls = []
+
+    def one_shot(staging, x, op, group):
+        calls.append(("one_shot", x.numel()))
+        return x * 2
+
+    def two_shot(staging, op, group, out):
+        calls.append(("two_shot", staging.numel()))
+        return out.copy_(staging * 2)
+
+    monkeypatch.setattr(torch.ops, "symm_mem", SimpleNamespace(one_shot_all_reduce_copy=one_shot,
+                                                               two_shot_all_reduce_out=two_shot), raising=False)
+    monkeypatch.setitem(ar._buffers, "g", torch.zeros(1 << 12, dtype=torch.uint8))
+    monkeypatch.setitem(ar._world_sizes, "g", 2)
+    x = torch.randn(512, dtype=torch.bfloat16)  # 1 KB, 2 x 8 bf16 per piece: divisible
+    for limit, expected in ((1024, "one_shot"), (1023, "two_shot")):
+        assert torch.equal(ar.symmetric_all_reduce(x, "g", one_shot_max_bytes=limit), x * 2)
+        assert calls.pop() == (expected, 512)
+    odd = torch.randn(500, dtype=torch.bfloat16)  # not a multiple of 16 elements: one-shot whatever its size
+    assert torch.equal(ar.symmetric_all_reduce(odd, "g", one_shot_max_bytes=0), odd * 2)
+    assert calls == [("one_shot", 500)]
+
+
+def test_greedy_steps_under_tp_take_no_broadcast(monkeypatch):
+    """Every rank holds the same gathered logits, so greedy rows need no broadcast from rank 0: a rank
+    other than 0 takes its own arg-max. A sampled row still waits for rank 0's draw."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from hf_paged import SamplingParams
+    from hf_paged.engine.sampler import Sampler
+    from hf_paged.engine.sequence import Request
+    from hf_paged.engine.tensor_parallel import BroadcastSampler
+
+    broadcasts = []
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, **kw: broadcasts.append(tensor.clone()))
+    sampler = BroadcastSampler(Sampler(), SimpleNamespace(rank=1, group=None))
+    logits = torch.randn(2, 50)
+
+    def seqs(params):
+        request = Request("r", [1, 2], params, frozenset())
+        return [SimpleNamespace(request=request, token_ids=[1, 2], num_prompt_tokens=2)] * 2
+
+    assert sampler(logits, seqs(SamplingParams(temperature=0.0))).token_ids == logits.argmax(-1).tolist()
+    assert broadcasts == []
+    sampler.tokens(logits, seqs(SamplingParams(temperature=0.8)))
+    assert len(broadcasts) == 1
+
+
 def test_paged_cache_takes_per_rank_kv_heads():
     cfg = make_config("llama-gqa")  # 2 layers, 2 KV heads of dim 16
     shard = torch.randn(1, 1, 3, 16)
