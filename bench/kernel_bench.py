@@ -330,6 +330,7 @@ def run_prefill_tune(caps, shapes=FA4_PREFILL[:3]) -> list[dict]:
             if isinstance(ms, float):
                 rows.append(dict(kind="prefill-tune", head_dim=d, batch=batch, length=length, config=repr(cfg), ms=ms,
                                  TFLOPs=flops / ms / 1e9))
+                print(f"  d={d} b={batch} L={length} {cfg}: {flops / ms / 1e9:.0f} TFLOP/s", flush=True)  # a run cut short keeps these
                 best = rows[-1] if best is None or ms < best["ms"] else best
         rows.append(dict(kind="prefill-heuristic", head_dim=d, batch=batch, length=length, ms=base,
                          TFLOPs=flops / base / 1e9))
