@@ -66,8 +66,8 @@ class Engine:
             output tok/s on the uniform workload, with ~25 s more warm-up (README).
         fuse_projections: compute each decoder layer's ``q_proj``/``k_proj``/``v_proj`` and
             ``gate_proj``/``up_proj`` as one matmul per group (`hf_paged.fused_projections`; in
-            place: parameter names, values and ``state_dict`` stay as they were). Fewer, larger
-            matmuls at small batches.
+            place: parameter names, values and ``state_dict`` stay as they were): fewer, larger
+            matmuls at small batches. Experimental, not yet timed on a GPU.
 
     Example:
         >>> with Engine(model, num_blocks=1024, tokenizer=tok) as engine:  # doctest: +SKIP
@@ -81,7 +81,7 @@ class Engine:
                  memory_fraction: float | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, tokenizer=None, stream_text: bool = False,
                  cuda_graphs: bool = True, async_scheduling: bool | None = None, compile_model: bool = False,
-                 fuse_projections: bool = True) -> None:
+                 fuse_projections: bool = False) -> None:
         _check_positive(block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         **({} if num_blocks is None else {"num_blocks": num_blocks}))
         prepare_model(model)
