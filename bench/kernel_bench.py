@@ -500,15 +500,10 @@ def main() -> None:
     print(env, flush=True)
     caps = ceilings()
     print(caps, flush=True)
-    if args.mixed_step:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"kernels-mixed-step-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
-        with open(path, "w") as f:
-            json.dump(dict(env=env, ceilings=caps, rows=run_mixed_step(caps)), f, indent=1)
-        print(f"wrote {path}", flush=True)
-        return
     only = None  # one sweep alone: (file name, rows)
-    if args.prefill_tune:
+    if args.mixed_step:
+        only = ("mixed-step", run_mixed_step(caps))
+    elif args.prefill_tune:
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.prefill_tune.split(",")]
         only = ("prefill-tune", run_prefill_tune(caps, shapes))
     elif args.graph_decode:
