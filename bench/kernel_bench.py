@@ -10,19 +10,23 @@
 * A small sweep of launch configs on a few shapes (what NOTES.md reasons about).
 * ``--mixed-step``: a mixed step's attention (decodes beside a prompt, padded as a graph runs it) against
   launches sized for its parts. Writes ``kernels-mixed-step-<gpu>-<date>.json``.
+* ``--prefill-order``: causal prefill with the longest query tiles launched first per KV head or across
+  heads (and the kernel's choice), beside FA4 when installed and SDPA. Writes ``kernels-prefill-order-...``.
 * ``--fa4``: FlashAttention-4 (flash-attn-4, paged) beside ours and SDPA at the shapes of issue 16,
   FA4 on our 16-token blocks and on 128-token pages (its TMA path on SM90), and a prefill config
   sweep of ours. Writes ``kernels-fa4-<gpu>-<date>.json``.
 
 Times are medians of CUDA-graph replays (device time), plus the eager (Python launch) time of ours.
 
-    PYTHONPATH=. python bench/kernel_bench.py [--out DIR] [--quick] [--fa4] [--mixed-step]
+    PYTHONPATH=. python bench/kernel_bench.py [--out DIR] [--quick] [--fa4] [--mixed-step] [--prefill-order]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -236,6 +240,14 @@ def _timed(fn) -> float | str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
+def _sdpa_prefill_ms(batch: int, length: int, d: int) -> float | str:
+    """SDPA's flash backend, causal, on contiguous K/V of 32 q / 8 kv heads (`_timed`)."""
+    qc = torch.randn(batch, 32, length, d, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(batch, 8, length, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    return _timed(lambda: sdpa_prefill(qc, kc, vc))
+
+
 def _fa4_error(q, k, v, meta) -> float:
     want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
     got = fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META})
@@ -287,11 +299,7 @@ def run_fa4(caps) -> dict:
                 row["ours_pages_only"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **pages))
             row[f"fa4_page{page}"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}))
             del q, k, v
-        qc = torch.randn(batch, 32, length, d, device="cuda", dtype=torch.bfloat16)
-        kc = torch.randn(batch, 8, length, d, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        row["sdpa"] = _timed(lambda: sdpa_prefill(qc, kc, vc))
-        del qc, kc, vc
+        row["sdpa"] = _sdpa_prefill_ms(batch, length, d)
         row.update({f"{n}_TFLOPs": flops / row[n] / 1e9 for n in list(row) if isinstance(row.get(n), float)})
         if isinstance(row.get("ours"), float) and isinstance(row.get("fa4_page128"), float):
             row["ours_over_fa4"] = row["fa4_page128"] / row["ours"]
@@ -359,6 +367,41 @@ def run_graph_decode(caps, plan_context: int = 32768) -> list[dict]:
                 print(f"graph decode {heads}/{kv_heads} heads ctx {ctx:>6} (plan {plan_context}) splits "
                       f"{splits or 'auto':>4}: {ms * 1e3:7.1f} us ({100 * floor / ms:.0f}% copy bw)", flush=True)
             del q, k, v
+    return rows
+
+
+def run_prefill_order(caps, shapes=FA4_PREFILL + [(128, 1, 4096), (64, 1, 2048)]) -> list[dict]:
+    """Causal prefill with its longest query tiles launched first, ordered per KV head or across heads
+    (``Config.across_heads``; "auto" is the kernel's rule), the step's K/V beside the pages as in the engine
+    and from the pages alone; FA4 on 128-token pages when it is installed, and SDPA's flash backend."""
+    import dataclasses
+
+    fa4 = fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16) is None
+    rows = []
+    for d, batch, length in shapes:
+        flops = 4 * batch * 32 * d * length * (length + 1) / 2
+        q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d)
+        pages = {n: x for n, x in meta.items() if n not in ("key", "value")}
+        row = dict(kind="prefill-order", head_dim=d, batch=batch, length=length)
+        for source, kwargs, step_kv in (("step_kv", meta, True), ("pages", pages, False)):
+            heuristic = triton_attention.choose_config(max(16, triton.next_power_of_2(d)), 4, length, step_kv)
+            for order, across in (("auto", None), ("per_head", False), ("across_heads", True)):
+                cfg = dataclasses.replace(heuristic, across_heads=across)
+                row[f"{source}_{order}_ms"] = _timed(
+                    lambda: triton_attention.paged_attention(q, k, v, **kwargs, config=cfg))
+        del q, k, v
+        if fa4:
+            q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d, block_size=128)
+            row["fa4_page128_ms"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}))
+            del q, k, v
+        row["sdpa_ms"] = _sdpa_prefill_ms(batch, length, d)
+        row.update({n.replace("_ms", "_TFLOPs"): flops / row[n] / 1e9 for n in list(row)
+                    if n.endswith("_ms") and isinstance(row[n], float)})
+        if isinstance(row.get("fa4_page128_ms"), float) and isinstance(row["step_kv_auto_ms"], float):
+            row["ours_over_fa4"] = row["fa4_page128_ms"] / row["step_kv_auto_ms"]
+        rows.append(row)
+        print(f"prefill order d={d} b={batch} L={length} (TFLOP/s): " + ", ".join(
+            f"{n[:-7]} {x:.0f}" for n, x in row.items() if n.endswith("_TFLOPs")), flush=True)
     return rows
 
 
@@ -480,6 +523,8 @@ def main() -> None:
                         help="only the prefill config sweep at these shapes (no FA4 needed), e.g. 128x1x2048")
     parser.add_argument("--graph-decode", action="store_true", help="only batch-1 decode planned for a graph's "
                         "context, by split count")
+    parser.add_argument("--prefill-order", action="store_true", help="only causal prefill by launch order "
+                        "(per KV head, across heads, the rule's), beside FA4 (when installed) and SDPA")
     parser.add_argument("--mixed-step", action="store_true", help="only a mixed step's attention as its graph "
                         "launches it vs launches sized for its decodes and its prompt")
     args = parser.parse_args()
@@ -508,6 +553,10 @@ def main() -> None:
         only = ("prefill-tune", run_prefill_tune(caps, shapes))
     elif args.graph_decode:
         only = ("graph-decode", run_graph_decode(caps))
+    elif args.prefill_order:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            env["flash_attn_4"] = importlib.metadata.version("flash-attn-4")
+        only = ("prefill-order", run_prefill_order(caps))
     if only:
         path = os.path.join(args.out, f"kernels-{only[0]}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
         os.makedirs(args.out, exist_ok=True)
@@ -516,8 +565,6 @@ def main() -> None:
         print(f"wrote {path}", flush=True)
         return
     if args.fa4:
-        import importlib.metadata
-
         why = fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16)
         if why:
             raise SystemExit(why)

@@ -10,7 +10,8 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
   engine ran under TP before both were enabled there);
 * ``tp2-nccl``, ...: every all-reduce through NCCL (no symmetric memory, `hf_paged.tp_all_reduce`);
-* ``tp1-fused``, ...: q/k/v and gate/up as one matmul each (``Engine(fuse_projections=True)``).
+* ``tp1-unfused``, ...: q/k/v and gate/up as matmuls of their own (``Engine(fuse_projections=False)``; the
+  default fuses each group into one).
 
 Each engine configuration measures output tokens/s on the ``uniform`` (512 in / 128 out) and
 ``mixed`` (in ~ U[16, 1024], out ~ U[16, 256]) workloads after a warm-up, and the batch-1 decode
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--no-async-scheduling", action="store_true")
     p.add_argument("--compile-model", action="store_true", help="Engine(compile_model=True) in every configuration")
-    p.add_argument("--fuse-projections", action="store_true", help="Engine(fuse_projections=True)")
+    p.add_argument("--no-fuse-projections", action="store_true", help="Engine(fuse_projections=False)")
     p.add_argument("--profile", action="store_true",
                    help="engine configurations (rank 0 under TP): device busy and top kernels per step kind")
     p.add_argument("--profile-steps", type=int, default=6)
@@ -152,7 +153,7 @@ def _engine_kwargs(args) -> dict:
                 num_blocks=args.num_blocks,
                 memory_fraction=None if args.num_blocks or args.device == "cpu" else args.memory_fraction,
                 cuda_graphs=not args.no_cuda_graphs, async_scheduling=False if args.no_async_scheduling else None,
-                compile_model=args.compile_model, fuse_projections=args.fuse_projections)
+                compile_model=args.compile_model, fuse_projections=not args.no_fuse_projections)
 
 
 def _workloads(args, vocab: int) -> dict:
@@ -351,8 +352,8 @@ def _spawn(args, config: str, out: Path, log: Path) -> dict:
         cmd += ["--no-cuda-graphs", "--no-async-scheduling"]
     elif variant == "nccl":
         cmd += ["--symmetric-max-bytes", "0"]
-    elif variant == "fused":
-        cmd += ["--fuse-projections"]
+    elif variant == "unfused":
+        cmd += ["--no-fuse-projections"]
     for name, value in vars(args).items():
         if variant == "nccl" and name == "symmetric_max_bytes":
             continue
@@ -446,9 +447,9 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for config in args.configs.split(","):
         base, _, variant = config.partition("-")
-        if base not in CONFIGS or variant not in ("", "eager", "nccl", "fused"):
+        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused"):
             raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, "
-                             "each maybe + '-eager', '-fused' or, under TP, '-nccl')")
+                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl')")
         needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(base, 1)
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
@@ -465,8 +466,8 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish
     print(f"\nwrote {out}")
     rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=2, NCCL only", "tp2-nccl"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
-            ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager"), ("one GPU, fused", "tp1-fused"),
-            ("TP=2, fused", "tp2-fused")]
+            ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager"), ("one GPU, unfused", "tp1-unfused"),
+            ("TP=2, unfused", "tp2-unfused")]
     print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:
         r = runs.get(key)

@@ -9,6 +9,11 @@ then computes the whole group's matmul, and each other member, called with the s
 slice of that result instead of a matmul of its own. A member called with another input (or before its
 group's first) computes its own matmul, so a model that does not call the group on one input stays correct.
 
+With gradients on (training a model that an engine shares, as TRL's rollouts do) every member runs its own
+forward as before, so autograd reaches its parameters. Under tensor parallelism (Transformers' ``tp_plan``)
+the members are column-parallel: each rank holds a row shard of every member's weight and, at inference,
+computes its own output columns from the replicated input. Those shards are fused the same way, per rank.
+
 Example:
     >>> fused = fuse_projections(model)  # doctest: +SKIP
     >>> fused  # two groups per decoder layer  # doctest: +SKIP
@@ -17,8 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
 
 __all__ = ["GROUPS", "fuse_projections"]
 
@@ -42,6 +50,8 @@ class _FusedFirst(torch.nn.Linear):
     """The first member of a fused group: computes the group's matmul, returns its own slice, keeps the rest."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return _unfused(self, x)
         out = F.linear(x, self._hf_paged_fused_weight, self._hf_paged_fused_bias)
         first, *rest = out.split(self._hf_paged_sizes, dim=-1)
         _pending.entry = (self._hf_paged_fused_weight, x, dict(enumerate(rest, 1)))
@@ -52,6 +62,8 @@ class _FusedMember(torch.nn.Linear):
     """Another member: its slice of the group's matmul on the same input, else a matmul of its own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return _unfused(self, x)
         entry = _pending.entry
         if entry is not None and entry[0] is self._hf_paged_fused_weight and entry[1] is x:
             out = entry[2].pop(self._hf_paged_index, None)
@@ -59,18 +71,33 @@ class _FusedMember(torch.nn.Linear):
                 if not entry[2]:
                     _pending.entry = None  # the group's outputs are all handed out: nothing stays referenced
                 return out
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, _local(self.weight), _local(self.bias))
+
+
+def _unfused(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The member's forward as before fusing (Transformers' tensor-parallel one where it had one): with
+    gradients on, autograd must reach the member's own parameters (a trainer may share the model with an
+    engine), which the fused weight, a buffer, would bypass."""
+    tp_forward = m.__dict__.get("_hf_paged_tp_forward")
+    return tp_forward(x) if tp_forward is not None else torch.nn.Linear.forward(m, x)
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a tensor-parallel parameter (the tensor itself when it is not one)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def fuse_projections(model: torch.nn.Module) -> int:
     """Fuse every `GROUPS` group of plain ``nn.Linear`` siblings in ``model`` (in place); returns how many.
 
     A group is fused when its members are exactly ``torch.nn.Linear`` (not quantized or adapter layers), share
-    the input size, dtype and device, all have a bias or none does, carry no hooks (tensor-parallel styles,
-    offloading) and hold plain tensors (not DTensors). Parameters keep their names and values (views of the
-    group's weight), so ``state_dict`` and ``save_pretrained`` are unchanged; memory stays the same (moving
-    the model to another device or dtype afterwards copies the fused weights apart from their views). Calling
-    it again fuses nothing more.
+    the input size, dtype and device, all have a bias or none does, and either all carry no hooks and hold
+    plain tensors, or all are column-parallel under Transformers' tensor parallelism (``"colwise"`` in a
+    ``tp_plan``: DTensor row shards on one mesh; fused per rank, for inference, which is all such a layer's
+    forward does without gradients). Parameters keep their names and values (views of the group's weight),
+    so ``state_dict`` and ``save_pretrained`` are unchanged; memory stays the same (moving the model to
+    another device or dtype afterwards copies the fused weights apart from their views). Calling it again
+    fuses nothing more.
     """
     fused = 0
     for parent in list(model.modules()):
@@ -86,20 +113,47 @@ def _fusable(members: list) -> bool:
     if not all(type(m) is torch.nn.Linear for m in members):
         return False
     first = members[0]
-    tensors = [t for m in members for t in (m.weight, m.bias) if t is not None]
+    tensors = [_local(t) for m in members for t in (m.weight, m.bias) if t is not None]
+    meshes = {_column_parallel_mesh(m) for m in members}
     return (all(m.in_features == first.in_features for m in members)
             and len({(t.dtype, t.device) for t in tensors}) == 1
             and len({m.bias is None for m in members}) == 1
-            and all(type(t.data) is torch.Tensor for t in tensors)
-            and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in members))
+            and (all(_plain(m) for m in members) or (len(meshes) == 1 and None not in meshes)))
+
+
+def _plain(m: torch.nn.Linear) -> bool:
+    return (not (m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or "forward" in m.__dict__)
+            and all(type(t.data) is torch.Tensor for t in (m.weight, m.bias) if t is not None))
+
+
+def _column_parallel_mesh(m: torch.nn.Linear):
+    """The device mesh of ``m`` when Transformers sharded it column-parallel with a local output (its
+    ``ColwiseParallel`` style replaced ``m.forward``; without gradients and given a plain, replicated input,
+    that forward is ``F.linear`` on the rank's shards), else None."""
+    from transformers.distributed.tensor_parallel import ColwiseParallel
+
+    forward = m.__dict__.get("forward")
+    if forward is None or m._forward_hooks or m._forward_pre_hooks or not hasattr(forward, "__code__"):
+        return None
+    style = inspect.getclosurevars(forward).nonlocals.get("self")
+    params = [t for t in (m.weight, m.bias) if t is not None]
+    if (type(style) is not ColwiseParallel or not style.use_local_output
+            or not (isinstance(style.output_layouts, Shard) and style.output_layouts.dim == -1)
+            or not all(isinstance(t, DTensor) and tuple(t.placements) == (Shard(0),) for t in params)
+            or len({t.device_mesh for t in params}) != 1):
+        return None
+    return m.weight.device_mesh
 
 
 @torch.no_grad()
 def _fuse(members: list) -> None:
     def concatenated(name: str) -> torch.Tensor:
         parts = [getattr(m, name) for m in members]
-        whole = torch.cat([p.detach() for p in parts])
-        for m, part, piece in zip(members, parts, whole.split([p.shape[0] for p in parts])):
+        whole = torch.cat([_local(p).detach() for p in parts])
+        for m, part, piece in zip(members, parts, whole.split([_local(p).shape[0] for p in parts])):
+            if isinstance(part, DTensor):  # the shard becomes a view; the DTensor keeps its global shape
+                piece = DTensor.from_local(piece, part.device_mesh, part.placements, run_check=False,
+                                           shape=part.shape, stride=part.stride())
             setattr(m, name, torch.nn.Parameter(piece, part.requires_grad))
         return whole
 
@@ -108,7 +162,9 @@ def _fuse(members: list) -> None:
     for index, m in enumerate(members):
         m.register_buffer("_hf_paged_fused_weight", weight, persistent=False)
         m._hf_paged_index = index
+        if "forward" in m.__dict__:  # a tensor-parallel style's: the class's fused forward replaces it without grads
+            m._hf_paged_tp_forward = m.__dict__.pop("forward")
         m.__class__ = _FusedFirst if index == 0 else _FusedMember
     first = members[0]
     first.register_buffer("_hf_paged_fused_bias", bias, persistent=False)
-    first._hf_paged_sizes = tuple(m.out_features for m in members)
+    first._hf_paged_sizes = tuple(_local(m.weight).shape[0] for m in members)

@@ -221,6 +221,10 @@ def test_torchrun_two_ranks_match_single_process(tiny_llama, single_process, tmp
     assert r["generate"] == single_process["generate"]
     _assert_same_as_single(r["generate_batch"], single_process)
     _assert_same_as_single(r["engine"], single_process)
+    # Column-parallel q/k/v and gate/up fused per rank (two groups in each of the tiny model's layers).
+    assert r["fused_groups"] == 2 * r["layers"] and r["fused_logits_max_diff"] < 1e-5, r
+    assert r["fused_grad_logits_max_diff"] < 1e-5, r
+    _assert_same_as_single(r["engine_unfused"], single_process)
 
 
 def test_driver_engine_over_spawned_ranks(tiny_llama, single_process, tmp_path):

@@ -86,3 +86,26 @@ def test_engine_with_fused_projections_gives_the_same_tokens(compile_model, monk
             outputs.append([o.token_ids for o in engine.generate(prompts, params)])
         assert (type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear) is not fuse
     assert outputs[0] == outputs[1]
+
+
+def test_training_a_fused_model_reaches_every_parameter():
+    """With gradients on, each member runs its own matmul on its own parameters, so a trainer that shares the
+    model with an engine (TRL's rollouts) gets the gradients of the unfused model, and its updates reach
+    the fused weight (the parameters are views of it)."""
+    _, plain = make_pair("llama-gqa")
+    _, fused = make_pair("llama-gqa")
+    fuse_projections(fused)
+    ids = torch.randint(4, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    for model in (plain, fused):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in fused.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert grads[name] is not None, name
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+    k_proj = fused.model.layers[0].self_attn.k_proj
+    with torch.no_grad():
+        k_proj.weight.sub_(k_proj.weight.grad)  # an optimizer step in place
+        x = torch.randn(1, 3, k_proj.in_features)
+        fused.model.layers[0].self_attn.q_proj(x)  # the group's matmul, handing out k_proj's slice
+        torch.testing.assert_close(k_proj(x), torch.nn.functional.linear(x, k_proj.weight))

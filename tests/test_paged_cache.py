@@ -52,6 +52,17 @@ def test_memory_fraction_sizes_the_pool():
     assert cache.pool.nbytes == cache.pool.num_blocks * per_block
 
 
+def test_cuda_pool_sizing_counts_memory_the_allocator_holds_unused(monkeypatch):
+    """Memory this process's allocator keeps after tensors were freed (weights replaced by fused ones) is
+    free for the pool: it is given back when the pool's allocation needs it."""
+    from hf_paged.cache.geometry import num_blocks_for_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 30 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 24 << 30)
+    assert num_blocks_for_memory(0.5, "cuda", 1 << 20) == (16 << 30) // 2 // (1 << 20)
+
+
 @pytest.mark.parametrize("mode", [dict(prompt_lookup_num_tokens=3), "assistant"])
 def test_speculative_decoding_crops_correctly(mode):
     paged, ref = make_pair("llama-gqa")

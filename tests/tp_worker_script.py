@@ -1,7 +1,8 @@
 """Run under ``torchrun --nproc-per-node N`` by tests/test_distributed.py: one tensor-parallel run.
 
 argv: model_dir out_dir. Every rank writes ``rank{r}.json`` with what it generated through
-``model.generate`` (PagedCache), ``generate_batch`` and an ``Engine`` with a small pool.
+``model.generate`` (PagedCache), an ``Engine`` with a small pool, unfused, then after
+`fuse_projections`, ``generate_batch`` and the Engine again.
 """
 
 import json
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import hf_paged
 from hf_paged.cache.geometry import tensor_parallel_size
 from hf_paged.distributed import load_tensor_parallel_model
+from hf_paged.fused_projections import fuse_projections
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from tp_cases import engine_cases, generate_inputs  # noqa: E402
@@ -33,6 +35,20 @@ def main(model_dir: str, out_dir: str) -> None:
     result["generate"] = out[:, ids.shape[1]:].tolist()
 
     prompts, params, engine_kwargs = engine_cases()
+    engine = hf_paged.Engine(model, **engine_kwargs, fuse_projections=False)
+    outs = engine.generate(prompts, params, progress=False)
+    result["engine_unfused"] = [o.samples[0].token_ids if o.samples else o.error for o in outs]
+    engine.close()
+
+    # q/k/v and gate/up fused per rank over their column shards (what an Engine does by default): the same
+    # logits, one matmul per group.
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        result["fused_groups"], result["layers"] = fuse_projections(model), model.config.num_hidden_layers
+        result["fused_logits_max_diff"] = (model(ids, attention_mask=mask).logits - logits).abs().max().item()
+    with torch.enable_grad():  # each member's own (tensor-parallel) forward, as before fusing
+        result["fused_grad_logits_max_diff"] = (model(ids, attention_mask=mask).logits - logits).abs().max().item()
+
     outs = hf_paged.generate_batch(model, prompts, params, progress=False)
     result["generate_batch"] = [o.samples[0].token_ids if o.samples else o.error for o in outs]
     engine = hf_paged.Engine(model, **engine_kwargs)

@@ -111,7 +111,9 @@ def max_model_len(model: torch.nn.Module) -> int | None:
 
 
 def num_blocks_for_memory(fraction: float, device: torch.device | str, bytes_per_block: int) -> int:
-    """How many blocks fit in ``fraction`` of the memory now free on ``device`` (at least 1).
+    """How many blocks fit in ``fraction`` of the memory now free on ``device`` (at least 1). On CUDA that
+    counts what this process's allocator holds unused (tensors freed since loading, such as the weights
+    `hf_paged.fused_projections` replaced), which it gives back when a larger allocation needs it.
 
     Example:
         >>> num_blocks_for_memory(0.5, "cpu", 2**20) > 0
@@ -121,7 +123,7 @@ def num_blocks_for_memory(fraction: float, device: torch.device | str, bytes_per
         raise ValueError(f"memory_fraction must be in (0, 1], got {fraction}")
     device = torch.device(device)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     else:
         import psutil
 

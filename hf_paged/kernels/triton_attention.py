@@ -50,6 +50,12 @@ MAX_SPLITS = 64
 # The attention launch merges up to this many splits itself, one split at a time (measured on the H100 at 16:
 # no slower on the device than the merge kernel); beyond it `_reduce_kernel` loads them all at once.
 MAX_MERGED_SPLITS = 16
+# Causal prefill launches its longest query tiles first. In a grid of at most this many waves (programs per SM
+# taken as 8 // num_warps) it orders them across KV heads (every head's last tile, then every head's second-last,
+# ...), beyond that one head's tiles after another's, whose concurrent programs read one head's keys (L2 reuse).
+# H100, 32/8 heads, TFLOP/s per head order / across heads (.dev A/B in bench/RESULTS.md, session 17): d128 b1 2k
+# 344 / 369 and from the pages 221 / 282; d64 b1 2k 255 / 329; d128 b1 4k 465 / 445, 8k 521 / 501.
+ACROSS_HEADS_WAVES = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -179,14 +185,14 @@ def _attend_range(
 # (the 8B shape's first 16-prompt step on an H100 compiled for 2.6-3.7 s). The metadata is read a scalar or a
 # gathered row at a time, which alignment does not speed up.
 @triton.jit(do_not_specialize=["count_ptr", "cu_ptr", "ctx_ptr", "bt_ptr", "kv_start_ptr", "tiles_ptr", "slot_ptr",
-                               "stride_bt", "tiles_per_seq", "num_splits", "num_seqs"])
+                               "stride_bt", "tiles_per_seq", "num_splits", "num_seqs", "across_heads"])
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr,
     cu_ptr, ctx_ptr, bt_ptr, kv_start_ptr, tiles_ptr, new_k, new_v, slot_ptr,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_nt, stride_nh,
-    stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits, num_seqs,
+    stride_bt, block_size, window, qk_scale, cap_in, cap_out, tiles_per_seq, num_splits, num_seqs, across_heads,
     NUM_HEADS: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
@@ -214,8 +220,20 @@ def _paged_attention_kernel(
     else:
         seq = pid // tiles_per_seq
         tile = pid % tiles_per_seq
-        if LONGEST_FIRST:  # causal: later query tiles see more keys; start them first so none runs alone at the end
+        if LONGEST_FIRST:
+            # Causal: later query tiles see more keys; blocks start in launch order (axis 0 fastest). Per pair:
+            # one (sequence, KV head) pair's tiles after another's, each pair's last tile first. Across heads
+            # (a runtime flag, so that either order runs the same compiled kernel): the launch index walks
+            # every pair's last tile, then every pair's second-last...: the longest programs of all heads
+            # start in the first wave and none runs alone at the end.
             tile = tiles_per_seq - 1 - tile
+            if across_heads != 0:
+                pairs = num_seqs * tl.num_programs(1)
+                order = kvh * tl.num_programs(0) + pid
+                tile = tiles_per_seq - 1 - order // pairs
+                seq = (order % pairs) // tl.num_programs(1)
+                kvh = order % tl.num_programs(1)
+                pid = seq * tiles_per_seq + tile
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     if tile * BLOCK_Q >= q_len:  # the grid is sized by max_seqlen_q; shorter sequences stop here
@@ -385,7 +403,8 @@ def _tile_map_kernel(cu_ptr, map_ptr, num_seqs, block_q, SKIP_DECODES: tl.conste
 @dataclass(frozen=True)
 class Config:
     """Launch shape of the attention kernel. ``split_target`` is programs per SM that splitting aims for;
-    ``longest_first`` launches a sequence's last query tiles (the most keys) first."""
+    ``longest_first`` launches the last query tiles (the most keys) first, ordered across KV heads when
+    ``across_heads`` (None: by the grid's size, see `ACROSS_HEADS_WAVES`)."""
 
     block_m: int
     block_n: int
@@ -393,6 +412,7 @@ class Config:
     num_stages: int
     split_target: float = 2.0
     longest_first: bool = True
+    across_heads: bool | None = None
 
 
 def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int, step_kv: bool = False) -> Config:
@@ -637,6 +657,8 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
             int(sliding_window) if use_window else 0, scale * LOG2E,
             2.0 * LOG2E * scale / softcap if use_softcap else 0.0, softcap * LOG2E if use_softcap else 0.0,
             tiles_per_seq, num_splits, num_seqs,
+            int(cfg.across_heads if cfg.across_heads is not None else
+                grid[0] * grid[1] <= ACROSS_HEADS_WAVES * _num_sms(query.device) * max(1, 8 // cfg.num_warps)),
         )
         consts = dict(
             common, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // groups, BLOCK_N=cfg.block_n, TILE_MAP=tile_map,
