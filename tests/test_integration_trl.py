@@ -52,6 +52,7 @@ def test_grpo_step_with_engine_rollouts(tmp_path, monkeypatch):
     assert all(1 <= len(c) == len(lp) <= 6 for c, lp in zip(out["completion_ids"], out["logprobs"]))
     assert not torch.equal(before, model.lm_head.weight)  # the step trained the model
     assert trainer._hf_paged_engine.engine.model is model  # the engine wraps the trained model, no copy
+    assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear  # projections not fused under a trainer
     assert model.config._attn_implementation == "sdpa"  # restored for training forwards
 
     # A rollout after the update samples from the new weights: its logprobs are those of a plain

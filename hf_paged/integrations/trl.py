@@ -18,7 +18,8 @@ current weights. Around each rollout the model is put in eval mode on ``"paged"`
 then restored (training forwards keep their attention implementation), and the prefix cache is
 dropped because its KV came from older weights. ``logprobs`` are log-softmax of the model's raw
 logits (like vLLM's), i.e. the sampling distribution when ``temperature == 1``.
-Use `make_rollout_func` to size the engine (``num_blocks``, ``max_num_seqs``...).
+Use `make_rollout_func` to size the engine (``num_blocks``, ``max_num_seqs``...). Unlike other front
+ends, the engine here keeps each layer's projections apart (``fuse_projections=False`` unless given).
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def _client(trainer, model: torch.nn.Module, engine_kwargs: dict) -> AsyncEngine
     if client is None or client.engine.model is not model or not client.alive:
         if client is not None:
             client.shutdown()  # an engine of an older model object: free its KV pool
-        client = AsyncEngine(Engine(model, **engine_kwargs), name="hf-paged-trl")
+        # Projections stay apart unless asked for: fused, their parameters become views of one weight, which a
+        # trainer that swaps parameter tensors (ZeRO, FSDP, load_state_dict(assign=True)) would leave behind.
+        client = AsyncEngine(Engine(model, **{"fuse_projections": False, **engine_kwargs}), name="hf-paged-trl")
         setattr(trainer, _ENGINE_ATTR, client)
     return client
 
