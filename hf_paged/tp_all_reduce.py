@@ -119,10 +119,10 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, 
 
 def _row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, chunks: int) -> torch.Tensor:
     buffer = _buffers.get(group_name)
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    if buffer is not None and out.numel() * out.element_size() <= buffer.numel():
+    if buffer is not None and x.numel() // x.shape[-1] * weight.shape[0] * x.element_size() <= buffer.numel():
         return _symmetric(F.linear(x, weight), group_name, ONE_SHOT_MAX_BYTES)
     group = _groups[group_name]
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
     rows, sums = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
     works = [dist.all_reduce(torch.mm(part, weight.t(), out=part_sum), group=group, async_op=True)
              for part, part_sum in zip(rows.chunk(chunks), sums.chunk(chunks))]
