@@ -71,13 +71,13 @@ class _FusedMember(torch.nn.Linear):
                 if not entry[2]:
                     _pending.entry = None  # the group's outputs are all handed out: nothing stays referenced
                 return out
-        return F.linear(x, _local(self.weight), _local(self.bias))
+        return _unfused(self, x)
 
 
 def _unfused(m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The member's forward as before fusing (Transformers' tensor-parallel one where it had one): with
-    gradients on, autograd must reach the member's own parameters (a trainer may share the model with an
-    engine), which the fused weight, a buffer, would bypass."""
+    """The member's forward as before fusing (Transformers' tensor-parallel one where it had one): for a member
+    called apart from its group, and with gradients on, where autograd must reach the member's own parameters
+    (a trainer may share the model with an engine), which the fused weight, a buffer, would bypass."""
     tp_forward = m.__dict__.get("_hf_paged_tp_forward")
     return tp_forward(x) if tp_forward is not None else torch.nn.Linear.forward(m, x)
 

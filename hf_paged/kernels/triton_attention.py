@@ -226,7 +226,6 @@ def _paged_attention_kernel(
             # (a runtime flag, so that either order runs the same compiled kernel): the launch index walks
             # every pair's last tile, then every pair's second-last...: the longest programs of all heads
             # start in the first wave and none runs alone at the end.
-            tile = tiles_per_seq - 1 - tile
             if across_heads != 0:
                 pairs = num_seqs * tl.num_programs(1)
                 order = kvh * tl.num_programs(0) + pid
@@ -234,6 +233,8 @@ def _paged_attention_kernel(
                 seq = (order % pairs) // tl.num_programs(1)
                 kvh = order % tl.num_programs(1)
                 pid = seq * tiles_per_seq + tile
+            else:
+                tile = tiles_per_seq - 1 - tile
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     if tile * BLOCK_Q >= q_len:  # the grid is sized by max_seqlen_q; shorter sequences stop here
