@@ -309,9 +309,11 @@ def run_fa4(caps) -> dict:
 
 
 def run_prefill_tune(caps, shapes=FA4_PREFILL[:3]) -> list[dict]:
-    """Our prefill over tile configs (each checked against the reference first) at ``shapes`` (D, B, L)."""
+    """Our prefill over tile configs (each checked against the reference first) at ``shapes`` (D, B, L), beside
+    FA4 on 128-token pages when it is installed (same process)."""
     import itertools
 
+    fa4 = fa4_backend.why_unavailable(torch.device("cuda"), torch.bfloat16) is None
     cfgs = [Config(m, n, w, st) for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
     rows, ok = [], []
     for d in sorted({d for d, _, _ in shapes}):
@@ -342,9 +344,18 @@ def run_prefill_tune(caps, shapes=FA4_PREFILL[:3]) -> list[dict]:
                 best = rows[-1] if best is None or ms < best["ms"] else best
         rows.append(dict(kind="prefill-heuristic", head_dim=d, batch=batch, length=length, ms=base,
                          TFLOPs=flops / base / 1e9))
-        print(f"prefill tune d={d} b={batch} L={length}: heuristic {flops / base / 1e9:.0f} TFLOP/s, best "
-              f"{best and best['config']} {best and best['TFLOPs']:.0f} TFLOP/s", flush=True)
         del q, k, v
+        fa4_note = ""
+        if fa4:
+            q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d, block_size=128)
+            ms = _timed(lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}))
+            del q, k, v
+            if isinstance(ms, float):
+                rows.append(dict(kind="prefill-fa4-page128", head_dim=d, batch=batch, length=length, ms=ms,
+                                 TFLOPs=flops / ms / 1e9))
+                fa4_note = f"; FA4 {flops / ms / 1e9:.0f} TFLOP/s (heuristic {ms / base:.2f}x of it)"
+        print(f"prefill tune d={d} b={batch} L={length}: heuristic {flops / base / 1e9:.0f} TFLOP/s, best "
+              f"{best and best['config']} {best and best['TFLOPs']:.0f} TFLOP/s{fa4_note}", flush=True)
     return rows
 
 
@@ -520,7 +531,7 @@ def main() -> None:
     parser.add_argument("--no-fa4-table", action="store_true", help="with --fa4: the prefill sweep only")
     parser.add_argument("--no-prefill-tune", action="store_true", help="with --fa4: the table only")
     parser.add_argument("--prefill-tune", default=None, metavar="DxBxL,...",
-                        help="only the prefill config sweep at these shapes (no FA4 needed), e.g. 128x1x2048")
+                        help="only the prefill config sweep at these shapes (beside FA4 when installed), e.g. 128x1x2048")
     parser.add_argument("--graph-decode", action="store_true", help="only batch-1 decode planned for a graph's "
                         "context, by split count")
     parser.add_argument("--prefill-order", action="store_true", help="only causal prefill by launch order "
@@ -545,6 +556,8 @@ def main() -> None:
     print(env, flush=True)
     caps = ceilings()
     print(caps, flush=True)
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        env["flash_attn_4"] = importlib.metadata.version("flash-attn-4")
     only = None  # one sweep alone: (file name, rows)
     if args.mixed_step:
         only = ("mixed-step", run_mixed_step(caps))
@@ -554,8 +567,6 @@ def main() -> None:
     elif args.graph_decode:
         only = ("graph-decode", run_graph_decode(caps))
     elif args.prefill_order:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            env["flash_attn_4"] = importlib.metadata.version("flash-attn-4")
         only = ("prefill-order", run_prefill_order(caps))
     if only:
         path = os.path.join(args.out, f"kernels-{only[0]}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")

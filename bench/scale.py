@@ -10,8 +10,6 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
   engine ran under TP before both were enabled there);
 * ``tp2-nccl``, ...: every all-reduce through NCCL (no symmetric memory, `hf_paged.tp_all_reduce`);
-* ``tp2-overlap``, ...: all-reduces past the symmetric ones overlapped with their layer's matmul in 4 row
-  chunks (``load_tensor_parallel_model(overlap_chunks=4)``; ``--overlap-chunks`` sets it for every TP config);
 * ``tp1-unfused``, ...: q/k/v and gate/up as matmuls of their own (``Engine(fuse_projections=False)``; the
   default fuses each group into one).
 
@@ -92,8 +90,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument("--symmetric-max-bytes", type=int, default=None,
                    help="TP: largest all-reduce taking symmetric memory (0: NCCL for all; default: the library's)")
-    p.add_argument("--overlap-chunks", type=int, default=1,
-                   help="TP: overlap all-reduces past the symmetric ones with their matmul in N row chunks")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (TP over gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -228,8 +224,6 @@ def run_child(args) -> dict:
         model_kwargs = dict(dtype=dtype)
         if args.symmetric_max_bytes is not None:
             model_kwargs["symmetric_max_bytes"] = args.symmetric_max_bytes
-        if args.overlap_chunks > 1:
-            model_kwargs["overlap_chunks"] = args.overlap_chunks
         with start_tensor_parallel_engine(args.model_dir, size, tokenizer=False, model_kwargs=model_kwargs,
                                           **_engine_kwargs(args)) as engine:
             start_s = time.perf_counter() - started  # the ranks' loading and rank 0's engine warm-up
@@ -360,10 +354,8 @@ def _spawn(args, config: str, out: Path, log: Path) -> dict:
         cmd += ["--symmetric-max-bytes", "0"]
     elif variant == "unfused":
         cmd += ["--no-fuse-projections"]
-    elif variant == "overlap":
-        cmd += ["--overlap-chunks", "4"]
     for name, value in vars(args).items():
-        if (variant, name) in (("nccl", "symmetric_max_bytes"), ("overlap", "overlap_chunks")):
+        if variant == "nccl" and name == "symmetric_max_bytes":
             continue
         if name in ("child", "child_out", "build", "draw_weights", "configs", "out", "logs") or value is None or value is False:
             continue
@@ -455,9 +447,9 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for config in args.configs.split(","):
         base, _, variant = config.partition("-")
-        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused", "overlap"):
+        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused"):
             raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, "
-                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl' or '-overlap')")
+                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl')")
         needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(base, 1)
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
@@ -475,7 +467,7 @@ def main(argv=None) -> int:
     print(f"\nwrote {out}")
     rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=2, NCCL only", "tp2-nccl"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
             ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager"), ("one GPU, unfused", "tp1-unfused"),
-            ("TP=2, unfused", "tp2-unfused"), ("TP=2, overlapped", "tp2-overlap")]
+            ("TP=2, unfused", "tp2-unfused")]
     print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:
         r = runs.get(key)

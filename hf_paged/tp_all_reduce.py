@@ -8,13 +8,8 @@ either side, capturable in CUDA graphs, no multicast: up to ``ONE_SHOT_MAX_BYTES
 message (``one_shot_all_reduce_copy``), beyond it each sums its share and gathers the others' (two-shot:
 ``two_shot_all_reduce_out``, half the NVLink traffic per rank on two GPUs). `row_parallel_all_reduce` installs
 that for a model being loaded; messages over ``max_bytes`` (prefill), other groups and every group that is
-not NCCL keep ``dist.all_reduce``.
-
-With ``overlap_chunks=N`` (experimental) those larger messages overlap with the layer's own matmul instead:
-the row-parallel matmul runs in N row chunks and each chunk's all-reduce starts (on NCCL's stream) while the
-next chunk multiplies, so only the last chunk's all-reduce waits alone (`row_parallel_linear`). Two H100s,
-8B shape: a TP=2 prompt step of 8,192 tokens spent 22 of 116 ms in 64 NCCL all-reduces of 64 MB that nothing
-overlapped (bench/RESULTS.md, session 17).
+not NCCL keep ``dist.all_reduce`` (overlapping those with the layer's matmul, in row chunks, measured slower
+on two H200s: NCCL's kernels take the matmul's SMs; bench/RESULTS.md, session 18).
 
 Example:
     >>> with row_parallel_all_reduce():  # doctest: +SKIP
@@ -29,10 +24,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 __all__ = ["DEFAULT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory", "row_parallel_all_reduce",
-           "row_parallel_linear", "symmetric_all_reduce"]
+           "symmetric_all_reduce"]
 
 # Messages up to this size take symmetric memory, NCCL's all-reduce beyond; the one-shot kernel up to
 # ONE_SHOT_MAX_BYTES, two-shot beyond. Two H100s (bench/all_reduce.py, microseconds in CUDA graphs): one-shot
@@ -44,8 +38,6 @@ ONE_SHOT_MAX_BYTES = 1 << 20
 # One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
 _buffers: dict[str, torch.Tensor] = {}
 _world_sizes: dict[str, int] = {}
-# The process groups that overlapped row-parallel layers sum over, by name.
-_groups: dict[str, dist.ProcessGroup] = {}
 
 
 def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
@@ -103,72 +95,19 @@ def _(x, group_name, one_shot_max_bytes):
     return torch.empty_like(x)
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, chunks: int) -> torch.Tensor:
-    """``F.linear(x, weight)`` summed over the group named ``group_name`` (this rank's ``weight`` holds a slice
-    of the input features): through `symmetric_all_reduce` when the group has a staging buffer that holds
-    the output, else in ``chunks`` row chunks whose all-reduces (``dist.all_reduce``, asynchronous: NCCL's own
-    stream) overlap the next chunk's matmul. One opaque op under torch.compile, so the size is no guard.
-
-    Example:
-        >>> out = row_parallel_linear(x, down_proj_shard, group.group_name, chunks=4)  # doctest: +SKIP
-    """
-    if torch.compiler.is_compiling():
-        return _row_parallel_linear_op(x, weight, group_name, chunks)
-    return _row_parallel_linear(x, weight, group_name, chunks)
-
-
-def _row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group_name: str, chunks: int) -> torch.Tensor:
-    buffer = _buffers.get(group_name)
-    if buffer is not None and x.numel() // x.shape[-1] * weight.shape[0] * x.element_size() <= buffer.numel():
-        return _symmetric(F.linear(x, weight), group_name, ONE_SHOT_MAX_BYTES)
-    group = _groups[group_name]
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    rows, sums = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
-    works = [dist.all_reduce(torch.mm(part, weight.t(), out=part_sum), group=group, async_op=True)
-             for part, part_sum in zip(rows.chunk(chunks), sums.chunk(chunks))]
-    for work in works:
-        work.wait()  # the current stream waits for the sums; the host does not
-    return out
-
-
-_row_parallel_linear_op = torch.library.custom_op("hf_paged::row_parallel_linear", mutates_args=())(_row_parallel_linear)
-
-
-@_row_parallel_linear_op.register_fake
-def _(x, weight, group_name, chunks):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 def _tp_group(mesh) -> dist.ProcessGroup:
     return mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
 
 
-def _symmetric_style(base, groups: list, overlap_chunks: int):
+def _symmetric_style(base, groups: list):
     """A copy of the row-parallel style ``base`` whose inference all-reduce takes symmetric memory
-    (once its group has a buffer), and with ``overlap_chunks`` > 1 larger ones overlap the layer's
-    matmul (`row_parallel_linear`); the groups of the layers it is installed on go to ``groups``."""
+    (once its group has a buffer); the groups of the layers it is installed on go to ``groups``."""
     from torch.distributed.tensor import DTensor
 
     class SymmetricRowwise(type(base)):
         def install_forward(self, module, mesh):
-            group = _tp_group(mesh)
-            groups.append(group)
-            module = super().install_forward(module, mesh)
-            if overlap_chunks > 1 and isinstance(module, torch.nn.Linear) and module.bias is None:
-                _groups[group.group_name] = group
-                tp_forward = module.forward
-
-                def overlapped_forward(x, *args, **kwargs):
-                    # Transformers' inference path (no gradients, a plain input sharded on features) with the
-                    # matmul and the sum in one op; anything else takes the style's own forward.
-                    if torch.is_grad_enabled() or args or kwargs or isinstance(x, DTensor):
-                        return tp_forward(x, *args, **kwargs)
-                    weight = module.weight
-                    return row_parallel_linear(x, weight.to_local() if isinstance(weight, DTensor) else weight,
-                                               group.group_name, overlap_chunks)
-
-                module.forward = overlapped_forward
-            return module
+            groups.append(_tp_group(mesh))
+            return super().install_forward(module, mesh)
 
         def transform_output_post_forward(self, module, output, mesh):
             group = _tp_group(mesh)
@@ -187,32 +126,28 @@ def _symmetric_style(base, groups: list, overlap_chunks: int):
 
 
 @contextlib.contextmanager
-def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES, overlap_chunks: int = 1) -> Iterator[None]:
+def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[None]:
     """Models loaded with a ``tp_plan`` in the block sum the partial outputs of their row-parallel
     layers (the styles that end replicated) through symmetric memory (`symmetric_all_reduce`), for messages of up to
-    ``max_bytes``; larger ones and groups that are not NCCL (gloo on CPU) keep ``dist.all_reduce``, overlapped
-    with the layer's matmul in ``overlap_chunks`` row chunks when that is > 1 (`row_parallel_linear`).
+    ``max_bytes``; larger ones and groups that are not NCCL (gloo on CPU) keep ``dist.all_reduce``.
 
     Leaving the block sets up a symmetric buffer of ``max_bytes`` for each NCCL group a model was
     sharded over: collective (every rank loads the same model), and outside any graph capture.
-    ``max_bytes=0`` with ``overlap_chunks=1`` changes nothing.
+    ``max_bytes=0`` changes nothing.
     """
     from torch.distributed.tensor import Replicate
     from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, RowwiseParallel
 
-    if overlap_chunks < 1:
-        raise ValueError(f"overlap_chunks must be >= 1, got {overlap_chunks}")
-    if max_bytes <= 0 and overlap_chunks == 1:
+    if max_bytes <= 0:
         yield
         return
     groups: list[dist.ProcessGroup] = []
     saved = {name: style for name, style in ALL_PARALLEL_STYLES.items()
              if isinstance(style, RowwiseParallel) and isinstance(style.output_layouts, Replicate)}
-    ALL_PARALLEL_STYLES.update({name: _symmetric_style(style, groups, overlap_chunks) for name, style in saved.items()})
+    ALL_PARALLEL_STYLES.update({name: _symmetric_style(style, groups) for name, style in saved.items()})
     try:
         yield
     finally:
         ALL_PARALLEL_STYLES.update(saved)
-    if max_bytes > 0:
-        for group in {g.group_name: g for g in groups}.values():
-            enable_symmetric_memory(group, max_bytes)
+    for group in {g.group_name: g for g in groups}.values():
+        enable_symmetric_memory(group, max_bytes)

@@ -67,10 +67,6 @@ def test_symmetric_styles_replace_row_parallel_ones_only_while_loading():
     assert inside["colwise"] is before["colwise"]
     with row_parallel_all_reduce(max_bytes=0):
         assert dict(ALL_PARALLEL_STYLES.items()) == before
-    with row_parallel_all_reduce(max_bytes=0, overlap_chunks=2):  # overlap alone still swaps the styles
-        assert type(ALL_PARALLEL_STYLES["rowwise"]).__name__ == "SymmetricRowwise"
-    with pytest.raises(ValueError, match="overlap_chunks"), row_parallel_all_reduce(overlap_chunks=0):
-        pass
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         assert not enable_symmetric_memory(dist.group.WORLD)
@@ -107,30 +103,6 @@ def test_symmetric_all_reduce_picks_one_shot_or_two_shot_by_size(monkeypatch):
     odd = torch.randn(500, dtype=torch.bfloat16)  # not a multiple of 16 elements: one-shot whatever its size
     assert torch.equal(ar.symmetric_all_reduce(odd, "g", one_shot_max_bytes=0), odd * 2)
     assert calls == [("one_shot", 500)]
-
-
-def test_row_parallel_linear_sums_chunks_or_takes_the_symmetric_path(monkeypatch):
-    """`row_parallel_linear`: without a staging buffer big enough the matmul runs in row chunks, each chunk's
-    all-reduce asynchronous (one gloo rank here: the sum is the rank's own product), uneven chunks included,
-    eager and compiled; with one it is the matmul then `symmetric_all_reduce`."""
-    import torch.distributed as dist
-
-    import hf_paged.tp_all_reduce as ar
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        group = dist.group.WORLD
-        monkeypatch.setitem(ar._groups, group.group_name, group)
-        x, w = torch.randn(2, 7, 12), torch.randn(5, 12)
-        for chunks in (1, 3, 20):
-            torch.testing.assert_close(ar.row_parallel_linear(x, w, group.group_name, chunks), x @ w.T)
-        compiled = torch.compile(lambda a, b: ar.row_parallel_linear(a, b, group.group_name, 4) + 1, fullgraph=True)
-        torch.testing.assert_close(compiled(x, w), x @ w.T + 1)
-        monkeypatch.setitem(ar._buffers, group.group_name, torch.zeros(2 * 7 * 5 * 4, dtype=torch.uint8))
-        monkeypatch.setattr(ar, "_symmetric", lambda y, name, one_shot: y * 2)
-        torch.testing.assert_close(ar.row_parallel_linear(x, w, group.group_name, 4), 2 * (x @ w.T))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_greedy_steps_under_tp_take_no_broadcast(monkeypatch):
@@ -253,8 +225,6 @@ def test_torchrun_two_ranks_match_single_process(tiny_llama, single_process, tmp
     assert r["fused_groups"] == 2 * r["layers"] and r["fused_logits_max_diff"] < 1e-5, r
     assert r["fused_grad_logits_max_diff"] < 1e-5, r
     _assert_same_as_single(r["engine_unfused"], single_process)
-    assert r["overlapped_forward"] == "overlapped_forward" and r["overlapped_logits_max_diff"] < 1e-5, r
-    _assert_same_as_single(r["engine_overlapped"], single_process)
 
 
 def test_driver_engine_over_spawned_ranks(tiny_llama, single_process, tmp_path):

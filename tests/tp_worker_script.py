@@ -2,8 +2,7 @@
 
 argv: model_dir out_dir. Every rank writes ``rank{r}.json`` with what it generated through
 ``model.generate`` (PagedCache), an ``Engine`` with a small pool, unfused, then after
-`fuse_projections`, ``generate_batch`` and the Engine again, and an Engine on the model loaded with its
-row-parallel all-reduces overlapped (``overlap_chunks``).
+`fuse_projections`, ``generate_batch`` and the Engine again.
 """
 
 import json
@@ -57,15 +56,6 @@ def main(model_dir: str, out_dir: str) -> None:
     outs = engine.generate(prompts, params, progress=False)
     result["engine"] = [o.samples[0].token_ids if o.samples else o.error for o in outs]
     result["preemptions"] = engine.stats().preemptions
-    engine.close()
-
-    # Row-parallel matmuls in row chunks, each chunk's all-reduce overlapping the next chunk's matmul.
-    overlapped = load_tensor_parallel_model(model_dir, overlap_chunks=3)
-    result["overlapped_forward"] = overlapped.model.layers[0].mlp.down_proj.forward.__name__
-    with torch.no_grad():
-        result["overlapped_logits_max_diff"] = (overlapped(ids, attention_mask=mask).logits - logits).abs().max().item()
-    outs = hf_paged.Engine(overlapped, **engine_kwargs).generate(prompts, params, progress=False)
-    result["engine_overlapped"] = [o.samples[0].token_ids if o.samples else o.error for o in outs]
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
