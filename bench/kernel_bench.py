@@ -189,14 +189,15 @@ def run_sweep(quick: bool) -> list[dict]:
 TUNE_SHAPES = "1x32768x64,8x8192x64,32x2048x64,32x8192x64,32x32768x64,1x32768x128"
 
 
-def run_tune(shapes: str, caps: dict) -> list[dict]:
+def run_tune(shapes: str, caps: dict, save=lambda rows: None) -> list[dict]:
     """Decode tile configs (key tile, warps, stages, splits) at ``shapes`` ("BxCTXxD,..."), each config
-    first checked against the reference; prints the best per shape beside the heuristic's choice."""
+    first checked against the reference; prints the best per shape beside the heuristic's choice and
+    calls ``save`` with the rows so far after each shape (a run cut short keeps its finished shapes)."""
     import itertools
 
     from hf_paged.kernels import reference
 
-    cfgs = [Config(16, n, w, st) for n, w, st in itertools.product((64, 128, 256), (2, 4), (2, 3, 4))]
+    cfgs = [Config(16, n, w, st) for n, w, st in itertools.product((64, 128, 256), (2, 4, 8), (2, 3, 4))]
     q, k, v, meta = paged_inputs(3, 3000, 1, 32, 8, 64)
     want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
     for cfg in cfgs:
@@ -225,6 +226,7 @@ def run_tune(shapes: str, caps: dict) -> list[dict]:
               f"best {best['config']} splits {best['num_splits']} {best['ms'] * 1e3:.1f} us "
               f"({100 * best['frac_copy_bw']:.0f}%)", flush=True)
         del q, k, v
+        save(rows)
     return rows
 
 
@@ -543,11 +545,14 @@ def main() -> None:
 
     if args.tune:
         caps = ceilings()
-        rows = run_tune(args.tune_shapes, caps)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "decode-tune.json"), "w") as f:
-            json.dump(dict(gpu=torch.cuda.get_device_name(), triton=triton.__version__, ceilings=caps, rows=rows),
-                      f, indent=1)
+
+        def save(rows):
+            with open(os.path.join(args.out, "decode-tune.json"), "w") as f:
+                json.dump(dict(gpu=torch.cuda.get_device_name(), triton=triton.__version__, ceilings=caps, rows=rows),
+                          f, indent=1)
+
+        run_tune(args.tune_shapes, caps, save)
         return
 
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
