@@ -10,6 +10,8 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
   engine ran under TP before both were enabled there);
 * ``tp2-nccl``, ...: every all-reduce through NCCL (no symmetric memory, `hf_paged.tp_all_reduce`);
+* ``tp2-lamport``, ...: all-reduces up to ``LAMPORT_MAX_BYTES`` through the barrier-free kernel instead of
+  the one-shot kernel with its barriers (``--lamport-max-bytes``);
 * ``tp1-unfused``, ...: q/k/v and gate/up as matmuls of their own (``Engine(fuse_projections=False)``; the
   default fuses each group into one).
 
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (MODEL_TINY, RESULTS, device_span_ms, make_workload, profile_engine, run_hf_paged,  # noqa: E402
                         versions)
 
-from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES  # noqa: E402
+from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES, LAMPORT_MAX_BYTES  # noqa: E402
 
 SHAPES = {
     "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -90,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument("--symmetric-max-bytes", type=int, default=None,
                    help="TP: largest all-reduce taking symmetric memory (0: NCCL for all; default: the library's)")
+    p.add_argument("--lamport-max-bytes", type=int, default=None,
+                   help="TP: largest all-reduce taking the barrier-free kernel (default 0: none)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (TP over gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -224,6 +228,8 @@ def run_child(args) -> dict:
         model_kwargs = dict(dtype=dtype)
         if args.symmetric_max_bytes is not None:
             model_kwargs["symmetric_max_bytes"] = args.symmetric_max_bytes
+        if args.lamport_max_bytes is not None:
+            model_kwargs["lamport_max_bytes"] = args.lamport_max_bytes
         with start_tensor_parallel_engine(args.model_dir, size, tokenizer=False, model_kwargs=model_kwargs,
                                           **_engine_kwargs(args)) as engine:
             start_s = time.perf_counter() - started  # the ranks' loading and rank 0's engine warm-up
@@ -354,8 +360,10 @@ def _spawn(args, config: str, out: Path, log: Path) -> dict:
         cmd += ["--symmetric-max-bytes", "0"]
     elif variant == "unfused":
         cmd += ["--no-fuse-projections"]
+    elif variant == "lamport":
+        cmd += ["--lamport-max-bytes", str(LAMPORT_MAX_BYTES)]
     for name, value in vars(args).items():
-        if variant == "nccl" and name == "symmetric_max_bytes":
+        if (variant, name) in (("nccl", "symmetric_max_bytes"), ("lamport", "lamport_max_bytes")):
             continue
         if name in ("child", "child_out", "build", "draw_weights", "configs", "out", "logs") or value is None or value is False:
             continue
@@ -447,9 +455,9 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for config in args.configs.split(","):
         base, _, variant = config.partition("-")
-        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused"):
+        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused", "lamport"):
             raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, "
-                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl')")
+                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl' or '-lamport')")
         needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(base, 1)
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
@@ -461,13 +469,14 @@ def main(argv=None) -> int:
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,
             build_s=build_s, num_requests=args.num_requests, versions=versions(), engine_kwargs=_engine_kwargs(args),
             symmetric_max_bytes=DEFAULT_MAX_BYTES if args.symmetric_max_bytes is None else args.symmetric_max_bytes,
+            lamport_max_bytes=args.lamport_max_bytes or 0,
             **summarize(runs, args), runs=runs,
         )
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish
     print(f"\nwrote {out}")
     rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=2, NCCL only", "tp2-nccl"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
             ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager"), ("one GPU, unfused", "tp1-unfused"),
-            ("TP=2, unfused", "tp2-unfused")]
+            ("TP=2, unfused", "tp2-unfused"), ("TP=2, barrier-free all-reduce", "tp2-lamport")]
     print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:
         r = runs.get(key)

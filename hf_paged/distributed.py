@@ -74,7 +74,8 @@ logger = logging.getLogger(__name__)
 
 
 def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, *,
-                               symmetric_max_bytes: int = DEFAULT_MAX_BYTES, **from_pretrained_kwargs):
+                               symmetric_max_bytes: int = DEFAULT_MAX_BYTES,
+                               lamport_max_bytes: int = 0, **from_pretrained_kwargs):
     """`hf_paged.loader.load_causal_lm` of ``model_path`` sharded by Transformers (``tp_plan="auto"``).
 
     Call it on every rank (under ``torchrun``, or after ``init_process_group``). ``tp_size``
@@ -82,7 +83,9 @@ def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, *,
     that cannot be sharded fails with a clear message instead of a shape error inside a layer.
     ``from_pretrained_kwargs`` take ``dtype`` as the loader does (``"auto"``: the checkpoint's).
     On NCCL, row-parallel layers sum messages of up to ``symmetric_max_bytes`` over symmetric
-    memory (`hf_paged.tp_all_reduce`: one-shot or two-shot by size; 0: NCCL's all-reduce for all).
+    memory (`hf_paged.tp_all_reduce`: one-shot or two-shot by size; 0: NCCL's all-reduce for all), those of
+    up to ``lamport_max_bytes`` without a barrier (opt-in until timed in the engine: 0 by default, and
+    ``LAMPORT_MAX_BYTES`` is the size up to which it measured faster).
 
     Example:
         >>> model = load_tensor_parallel_model("path/to/model", dtype="bfloat16")  # doctest: +SKIP
@@ -96,7 +99,7 @@ def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, *,
     if tp_size <= 1:
         return load_causal_lm(model_path, **from_pretrained_kwargs)
     from_pretrained_kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_size)
-    with row_parallel_all_reduce(symmetric_max_bytes):
+    with row_parallel_all_reduce(symmetric_max_bytes, lamport_max_bytes):
         return load_causal_lm(model_path, **from_pretrained_kwargs)
 
 

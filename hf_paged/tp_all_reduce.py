@@ -6,7 +6,10 @@ their ranks' partial outputs with ``dist.all_reduce``, two per layer. A decode s
 them. With symmetric memory each rank reads its peers' partial sums directly, one kernel with a barrier on
 either side, capturable in CUDA graphs, no multicast: up to ``ONE_SHOT_MAX_BYTES`` every rank sums the whole
 message (``one_shot_all_reduce_copy``), beyond it each sums its share and gathers the others' (two-shot:
-``two_shot_all_reduce_out``, half the NVLink traffic per rank on two GPUs). `row_parallel_all_reduce` installs
+``two_shot_all_reduce_out``, half the NVLink traffic per rank on two GPUs). Opt-in (``lamport_max_bytes``,
+measured faster up to ``LAMPORT_MAX_BYTES``: a batch-1 decode's 8 KB, up to 64 tokens at hidden 4,096), bf16/fp16
+messages skip both barriers: each rank writes its partials into every rank's receive buffer and the data is
+its own arrival flag (`hf_paged.kernels.triton_all_reduce`). `row_parallel_all_reduce` installs
 that for a model being loaded; messages over ``max_bytes`` (prefill), other groups and every group that is
 not NCCL keep ``dist.all_reduce`` (overlapping those with the layer's matmul, in row chunks, measured slower
 on two H200s: NCCL's kernels take the matmul's SMs; bench/RESULTS.md, session 18).
@@ -25,8 +28,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory", "row_parallel_all_reduce",
-           "symmetric_all_reduce"]
+__all__ = ["DEFAULT_MAX_BYTES", "LAMPORT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory",
+           "row_parallel_all_reduce", "symmetric_all_reduce"]
 
 # Messages up to this size take symmetric memory, NCCL's all-reduce beyond; the one-shot kernel up to
 # ONE_SHOT_MAX_BYTES, two-shot beyond. Two H100s (bench/all_reduce.py, microseconds in CUDA graphs): one-shot
@@ -34,16 +37,23 @@ __all__ = ["DEFAULT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory",
 # 2 / 8 / 16 MB (one-shot 23.7 / 64.0 / 143.6, NCCL 35.0 / 53.8 / 92.5); at 32 MB and beyond NCCL is as fast or faster.
 DEFAULT_MAX_BYTES = 16 << 20
 ONE_SHOT_MAX_BYTES = 1 << 20
+# bf16/fp16 messages up to this size may skip both barriers (`hf_paged.kernels.triton_all_reduce`, the data its
+# own flag; opt-in, ``lamport_max_bytes``, until timed inside the engine). Two H200s: 3.6 / 4.7 / 5.8 us at 8 / 256 / 512 KB against one-shot's 6.8 / 9.1 / 11.1; 37.5 vs 21.5 us
+# at 2 MB (bench/all_reduce.py, session 18).
+LAMPORT_MAX_BYTES = 512 << 10
 
 # One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
 _buffers: dict[str, torch.Tensor] = {}
 _world_sizes: dict[str, int] = {}
+# Per group with barrier-free sums: (launcher, receive buffer, peer addresses, call counter, rank, max bytes).
+_lamport: dict[str, tuple] = {}
 
 
-def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
-    """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `symmetric_all_reduce`
-    (collective; once per group, the first size stays). Returns whether the group has one (a gloo
-    group never does).
+def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES,
+                            lamport_max_bytes: int = 0) -> bool:
+    """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `symmetric_all_reduce`, and receive
+    buffers for its barrier-free sums of up to ``lamport_max_bytes`` (0: none) (collective; once per group,
+    the first sizes stay). Returns whether the group has them (a gloo group never does).
 
     Example:
         >>> enable_symmetric_memory(dist.group.WORLD)  # doctest: +SKIP
@@ -57,27 +67,56 @@ def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_M
             warnings.simplefilter("ignore", FutureWarning)
             if hasattr(symm_mem, "enable_symm_mem_for_group"):
                 symm_mem.enable_symm_mem_for_group(name)
-        buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=torch.device("cuda", torch.cuda.current_device()))
+        device = torch.device("cuda", torch.cuda.current_device())
+        buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(buffer, name)
+        if lamport_max_bytes > 0:
+            _lamport[name] = _lamport_buffers(name, group.size(), lamport_max_bytes, device)
         _buffers[name], _world_sizes[name] = buffer, group.size()
     return name in _buffers
 
 
-def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES) -> torch.Tensor:
+def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device) -> tuple:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from .kernels import triton_all_reduce
+
+    slot_elems = max_bytes // 2
+    receive = symm_mem.empty(triton_all_reduce.receive_elems(world, slot_elems), dtype=torch.int16, device=device)
+    receive.fill_(triton_all_reduce.NOT_WRITTEN)
+    handle = symm_mem.rendezvous(receive, name)
+    # Peers map the same allocation at their own addresses; this tensor may sit at an offset inside it.
+    offset = receive.data_ptr() - handle.buffer_ptrs[handle.rank]
+    peers = torch.tensor([ptr + offset for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
+    torch.cuda.synchronize(device)
+    handle.barrier()  # every rank's buffers hold NOT_WRITTEN before anyone's first write
+    counter = torch.zeros(2, dtype=torch.int32, device=device)
+    return triton_all_reduce.all_reduce, receive, peers, counter, handle.rank, max_bytes
+
+
+def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES,
+                         lamport_max_bytes: int | None = None) -> torch.Tensor:
     """``x`` summed over the group named ``group_name`` (after `enable_symmetric_memory`; ``x``
-    contiguous and within the group's buffer), through its staging buffer: the one-shot kernel up
-    to ``one_shot_max_bytes``, two-shot beyond. Under torch.compile it is one opaque op (the choice
-    by size is no compiler guard); eager calls skip the dispatcher.
+    contiguous and within the group's buffer): bf16/fp16 messages up to ``lamport_max_bytes`` (None: the
+    group's) without a barrier, else through its staging buffer: the one-shot kernel up to
+    ``one_shot_max_bytes``, two-shot beyond. Under torch.compile it is one opaque op (the choice by
+    size is no compiler guard); eager calls skip the dispatcher.
 
     Example:
         >>> total = symmetric_all_reduce(partial, dist.group.WORLD.group_name)  # doctest: +SKIP
     """
     if torch.compiler.is_compiling():
-        return _symmetric_op(x, group_name, one_shot_max_bytes)
-    return _symmetric(x, group_name, one_shot_max_bytes)
+        return _symmetric_op(x, group_name, one_shot_max_bytes, lamport_max_bytes)
+    return _symmetric(x, group_name, one_shot_max_bytes, lamport_max_bytes)
 
 
-def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int) -> torch.Tensor:
+def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lamport_max_bytes: int | None) -> torch.Tensor:
+    lamport = _lamport.get(group_name)
+    if lamport is not None and x.dtype in (torch.bfloat16, torch.float16):
+        launch, _, peers, counter, rank, max_bytes = lamport
+        limit = max_bytes if lamport_max_bytes is None else min(max_bytes, lamport_max_bytes)
+        if x.numel() * x.element_size() <= limit:
+            return launch(x, peers, counter, max_bytes // 2, rank, _world_sizes[group_name])
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     # Two-shot splits the message into 16-byte pieces per rank.
     pieces = _world_sizes[group_name] * 16 // x.element_size()
@@ -91,7 +130,7 @@ _symmetric_op = torch.library.custom_op("hf_paged::symmetric_all_reduce", mutate
 
 
 @_symmetric_op.register_fake
-def _(x, group_name, one_shot_max_bytes):
+def _(x, group_name, one_shot_max_bytes, lamport_max_bytes):
     return torch.empty_like(x)
 
 
@@ -126,10 +165,11 @@ def _symmetric_style(base, groups: list):
 
 
 @contextlib.contextmanager
-def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[None]:
+def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES, lamport_max_bytes: int = 0) -> Iterator[None]:
     """Models loaded with a ``tp_plan`` in the block sum the partial outputs of their row-parallel
     layers (the styles that end replicated) through symmetric memory (`symmetric_all_reduce`), for messages of up to
-    ``max_bytes``; larger ones and groups that are not NCCL (gloo on CPU) keep ``dist.all_reduce``.
+    ``max_bytes`` (up to ``lamport_max_bytes`` without a barrier); larger ones and groups that are not NCCL
+    (gloo on CPU) keep ``dist.all_reduce``.
 
     Leaving the block sets up a symmetric buffer of ``max_bytes`` for each NCCL group a model was
     sharded over: collective (every rank loads the same model), and outside any graph capture.
@@ -150,4 +190,4 @@ def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[None
     finally:
         ALL_PARALLEL_STYLES.update(saved)
     for group in {g.group_name: g for g in groups}.values():
-        enable_symmetric_memory(group, max_bytes)
+        enable_symmetric_memory(group, max_bytes, lamport_max_bytes)

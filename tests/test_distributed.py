@@ -105,6 +105,80 @@ def test_symmetric_all_reduce_picks_one_shot_or_two_shot_by_size(monkeypatch):
     assert calls == [("one_shot", 500)]
 
 
+def test_symmetric_all_reduce_takes_the_barrier_free_kernel_for_small_half_precision_messages(monkeypatch):
+    """bf16/fp16 messages up to the group's ``lamport_max_bytes`` (or a smaller per-call limit) go to the
+    barrier-free kernel; larger ones, fp32 and ``lamport_max_bytes=0`` to one-shot / two-shot."""
+    from types import SimpleNamespace
+
+    import hf_paged.tp_all_reduce as ar
+
+    calls = []
+
+    def lamport(x, peers, counter, slot_elems, rank, world):
+        calls.append(("lamport", x.numel(), slot_elems, rank, world))
+        return x * 2
+
+    def one_shot(staging, x, op, group):
+        calls.append(("one_shot", x.numel()))
+        return x * 2
+
+    monkeypatch.setattr(torch.ops, "symm_mem", SimpleNamespace(one_shot_all_reduce_copy=one_shot), raising=False)
+    monkeypatch.setitem(ar._buffers, "g", torch.zeros(1 << 14, dtype=torch.uint8))
+    monkeypatch.setitem(ar._world_sizes, "g", 2)
+    monkeypatch.setitem(ar._lamport, "g", (lamport, None, None, None, 1, 2048))
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(1024, dtype=dtype)  # 2 KB: at the limit
+        assert torch.equal(ar.symmetric_all_reduce(x, "g"), x * 2)
+        assert calls.pop() == ("lamport", 1024, 1024, 1, 2)
+    for x, limit in ((torch.randn(1025, dtype=torch.bfloat16), None), (torch.randn(512, dtype=torch.float32), None),
+                     (torch.randn(8, dtype=torch.bfloat16), 0), (torch.randn(1024, dtype=torch.bfloat16), 2046)):
+        assert torch.equal(ar.symmetric_all_reduce(x, "g", lamport_max_bytes=limit), x * 2)
+        assert calls.pop() == ("one_shot", x.numel())
+
+
+def test_barrier_free_all_reduce_kernel_on_one_rank():
+    """`triton_all_reduce.all_reduce` under the interpreter with one rank (its own peer): the sum is the input
+    (-0.0 sent as +0.0), the call counter walks the three receive buffers and each is cleared after reading,
+    messages of any length (masked tails), bf16 and fp16. Two ranks over NVLink: bench/all_reduce.py."""
+    pytest.importorskip("triton")
+    from hf_paged.kernels import triton_all_reduce as tar
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    slot_elems = 3000
+    receive = torch.full((tar.receive_elems(1, slot_elems),), tar.NOT_WRITTEN, dtype=torch.int16, device=device)
+    peers = torch.tensor([receive.data_ptr()], dtype=torch.int64, device=device)
+    counter = torch.zeros(2, dtype=torch.int32, device=device)
+    for call, (n, dtype) in enumerate([(100, torch.bfloat16), (3000, torch.float16), (1024, torch.bfloat16),
+                                       (7, torch.float16)]):
+        x = torch.randn(n, device=device).to(dtype)
+        x[:2] = -0.0
+        out = tar.all_reduce(x, peers, counter, slot_elems, 0, 1)
+        assert torch.equal(out, x) and not torch.signbit(out[:2]).any()
+        assert counter.tolist() == [call + 1, 0]
+        assert (receive == tar.NOT_WRITTEN).all()
+
+
+@pytest.mark.gpu
+def test_barrier_free_all_reduce_replays_from_a_cuda_graph():
+    """Captured once, the launch picks the next receive buffer at every replay (the counter lives on the device)."""
+    from hf_paged.kernels import triton_all_reduce as tar
+
+    slot_elems = 4096
+    receive = torch.full((tar.receive_elems(1, slot_elems),), tar.NOT_WRITTEN, dtype=torch.int16, device="cuda")
+    peers = torch.tensor([receive.data_ptr()], dtype=torch.int64, device="cuda")
+    counter = torch.zeros(2, dtype=torch.int32, device="cuda")
+    x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    tar.all_reduce(x, peers, counter, slot_elems, 0, 1)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [tar.all_reduce(x, peers, counter, slot_elems, 0, 1) for _ in range(5)]
+    for replay in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(out, x) for out in outs)
+        assert counter.tolist() == [1 + 5 * (replay + 1), 0] and (receive == tar.NOT_WRITTEN).all()
+
+
 def test_greedy_steps_under_tp_take_no_broadcast(monkeypatch):
     """Every rank holds the same gathered logits, so greedy rows need no broadcast from rank 0: a rank
     other than 0 takes its own arg-max. A sampled row still waits for rank 0's draw."""
