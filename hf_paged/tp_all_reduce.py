@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,15 +39,28 @@ __all__ = ["DEFAULT_MAX_BYTES", "LAMPORT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enab
 DEFAULT_MAX_BYTES = 16 << 20
 ONE_SHOT_MAX_BYTES = 1 << 20
 # bf16/fp16 messages up to this size may skip both barriers (`hf_paged.kernels.triton_all_reduce`, the data its
-# own flag; opt-in, ``lamport_max_bytes``, until timed inside the engine). Two H200s: 3.6 / 4.7 / 5.8 us at 8 / 256 / 512 KB against one-shot's 6.8 / 9.1 / 11.1; 37.5 vs 21.5 us
-# at 2 MB (bench/all_reduce.py, session 18).
+# own flag; opt-in, ``lamport_max_bytes``, until timed inside the engine). Two H200s: 3.6 / 4.7 / 5.8 us at
+# 8 / 256 / 512 KB against one-shot's 6.8 / 9.1 / 11.1; 37.5 vs 21.5 us at 2 MB (bench/all_reduce.py, session 18).
 LAMPORT_MAX_BYTES = 512 << 10
 
 # One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
 _buffers: dict[str, torch.Tensor] = {}
 _world_sizes: dict[str, int] = {}
-# Per group with barrier-free sums: (launcher, receive buffer, peer addresses, call counter, rank, max bytes).
-_lamport: dict[str, tuple] = {}
+
+
+class _LamportGroup(NamedTuple):
+    """A group's barrier-free sums (`hf_paged.kernels.triton_all_reduce`): its launcher, this rank's receive
+    buffer (kept alive here), every rank's buffer address, the call counter, this rank, the largest message."""
+
+    launch: Callable
+    receive: torch.Tensor
+    peers: torch.Tensor
+    counter: torch.Tensor
+    rank: int
+    max_bytes: int
+
+
+_lamport: dict[str, _LamportGroup] = {}
 
 
 def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -76,7 +90,7 @@ def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_M
     return name in _buffers
 
 
-def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device) -> tuple:
+def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device) -> _LamportGroup:
     import torch.distributed._symmetric_memory as symm_mem
 
     from .kernels import triton_all_reduce
@@ -91,7 +105,7 @@ def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device
     torch.cuda.synchronize(device)
     handle.barrier()  # every rank's buffers hold NOT_WRITTEN before anyone's first write
     counter = torch.zeros(2, dtype=torch.int32, device=device)
-    return triton_all_reduce.all_reduce, receive, peers, counter, handle.rank, max_bytes
+    return _LamportGroup(triton_all_reduce.all_reduce, receive, peers, counter, handle.rank, max_bytes)
 
 
 def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES,
@@ -113,10 +127,10 @@ def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: i
 def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lamport_max_bytes: int | None) -> torch.Tensor:
     lamport = _lamport.get(group_name)
     if lamport is not None and x.dtype in (torch.bfloat16, torch.float16):
-        launch, _, peers, counter, rank, max_bytes = lamport
-        limit = max_bytes if lamport_max_bytes is None else min(max_bytes, lamport_max_bytes)
+        limit = lamport.max_bytes if lamport_max_bytes is None else min(lamport.max_bytes, lamport_max_bytes)
         if x.numel() * x.element_size() <= limit:
-            return launch(x, peers, counter, max_bytes // 2, rank, _world_sizes[group_name])
+            return lamport.launch(x, lamport.peers, lamport.counter, lamport.max_bytes // 2, lamport.rank,
+                                  _world_sizes[group_name])
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     # Two-shot splits the message into 16-byte pieces per rank.
     pieces = _world_sizes[group_name] * 16 // x.element_size()
