@@ -11,7 +11,8 @@
 * ``--mixed-step``: a mixed step's attention (decodes beside a prompt, padded as a graph runs it) against
   launches sized for its parts. Writes ``kernels-mixed-step-<gpu>-<date>.json``.
 * ``--prefill-order``: causal prefill with the longest query tiles launched first per KV head or across
-  heads (and the kernel's choice), beside FA4 when installed and SDPA. Writes ``kernels-prefill-order-...``.
+  heads (and the kernel's choice; the six timed in three rotating rounds, medians), beside FA4 when installed
+  and SDPA. Writes ``kernels-prefill-order-...``.
 * ``--fa4``: FlashAttention-4 (flash-attn-4, paged) beside ours and SDPA at the shapes of issue 16,
   FA4 on our 16-token blocks and on 128-token pages (its TMA path on SM90), and a prefill config
   sweep of ours. Writes ``kernels-fa4-<gpu>-<date>.json``.
@@ -30,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 
 import torch
 import triton
@@ -242,6 +244,19 @@ def _timed(fn) -> float | str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
+def _round_robin(fns: dict, rounds: int = 3) -> dict:
+    """`_timed` of each of ``fns`` in turn, ``rounds`` times over, each round starting one variant later; the
+    median per name (or its error). Timed back to back, one variant after another, a later one ran 2-8% slower
+    than the same kernel timed first (clocks under sustained load, bench/RESULTS.md session 18)."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(_timed(fns[name]))
+    return {name: statistics.median(ms) if all(isinstance(t, float) for t in ms) else next(
+        t for t in ms if isinstance(t, str)) for name, ms in times.items()}
+
+
 def _sdpa_prefill_ms(batch: int, length: int, d: int) -> float | str:
     """SDPA's flash backend, causal, on contiguous K/V of 32 q / 8 kv heads (`_timed`)."""
     qc = torch.randn(batch, 32, length, d, device="cuda", dtype=torch.bfloat16)
@@ -396,12 +411,14 @@ def run_prefill_order(caps, shapes=FA4_PREFILL + [(128, 1, 4096), (64, 1, 2048)]
         q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d)
         pages = {n: x for n, x in meta.items() if n not in ("key", "value")}
         row = dict(kind="prefill-order", head_dim=d, batch=batch, length=length)
+        variants = {}
         for source, kwargs, step_kv in (("step_kv", meta, True), ("pages", pages, False)):
             heuristic = triton_attention.choose_config(max(16, triton.next_power_of_2(d)), 4, length, step_kv)
             for order, across in (("auto", None), ("per_head", False), ("across_heads", True)):
                 cfg = dataclasses.replace(heuristic, across_heads=across)
-                row[f"{source}_{order}_ms"] = _timed(
-                    lambda: triton_attention.paged_attention(q, k, v, **kwargs, config=cfg))
+                variants[f"{source}_{order}_ms"] = (
+                    lambda kwargs=kwargs, cfg=cfg: triton_attention.paged_attention(q, k, v, **kwargs, config=cfg))
+        row.update(_round_robin(variants))
         del q, k, v
         if fa4:
             q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d, block_size=128)
