@@ -12,7 +12,7 @@ all-reduce (CUDA events, median of 20 replays after 5) and the bus bandwidth ``2
 Both methods' sums are compared first (``identical``). Rank 0 writes
 ``bench/results/all-reduce-<n>x<gpu>-<date>.json``.
 
-``lamport`` (up to 2 MB) is the barrier-free one-shot kernel (`hf_paged.kernels.triton_all_reduce`) that
+``lamport`` (up to 8 MB) is the barrier-free one-shot kernel (`hf_paged.kernels.triton_all_reduce`) that
 row-parallel layers use up to ``LAMPORT_MAX_BYTES``: the data is its own arrival flag.
 """
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_paged.tp_all_reduce import enable_symmetric_memory, symmetric_all_reduce  # noqa: E402
 
-LAMPORT_BENCH_MAX_BYTES = 2 << 20  # past the library's LAMPORT_MAX_BYTES, to show where it stops paying
+LAMPORT_BENCH_MAX_BYTES = 8 << 20  # past the library's LAMPORT_MAX_BYTES, to show where it stops paying
 SIZES = [8 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20]
 CALLS = 64
 

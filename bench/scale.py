@@ -10,8 +10,9 @@ each configuration then runs in a process of its own (an engine holds most of a 
 * ``tp1-eager``, ``tp2-eager``, ...: the same without CUDA graphs and async scheduling (how the
   engine ran under TP before both were enabled there);
 * ``tp2-nccl``, ...: every all-reduce through NCCL (no symmetric memory, `hf_paged.tp_all_reduce`);
-* ``tp2-lamport``, ...: all-reduces up to ``LAMPORT_MAX_BYTES`` through the barrier-free kernel instead of
-  the one-shot kernel with its barriers (``--lamport-max-bytes``);
+* ``tp2-barriers``, ...: no barrier-free all-reduce (``lamport_max_bytes=0``): the one-shot / two-shot kernels
+  with their barriers sum what it would (the library's default up to ``LAMPORT_MAX_BYTES``, or
+  ``--lamport-max-bytes``);
 * ``tp1-unfused``, ...: q/k/v and gate/up as matmuls of their own (``Engine(fuse_projections=False)``; the
   default fuses each group into one).
 
@@ -93,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--symmetric-max-bytes", type=int, default=None,
                    help="TP: largest all-reduce taking symmetric memory (0: NCCL for all; default: the library's)")
     p.add_argument("--lamport-max-bytes", type=int, default=None,
-                   help="TP: largest all-reduce taking the barrier-free kernel (default 0: none)")
+                   help="TP: largest all-reduce taking the barrier-free kernel (default: the library's; "
+                        "'-barriers' variants take 0)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (TP over gloo)")
     p.add_argument("--seed", type=int, default=0)
@@ -360,10 +362,10 @@ def _spawn(args, config: str, out: Path, log: Path) -> dict:
         cmd += ["--symmetric-max-bytes", "0"]
     elif variant == "unfused":
         cmd += ["--no-fuse-projections"]
-    elif variant == "lamport":
-        cmd += ["--lamport-max-bytes", str(LAMPORT_MAX_BYTES)]
+    elif variant == "barriers":
+        cmd += ["--lamport-max-bytes", "0"]
     for name, value in vars(args).items():
-        if (variant, name) in (("nccl", "symmetric_max_bytes"), ("lamport", "lamport_max_bytes")):
+        if (variant, name) in (("nccl", "symmetric_max_bytes"), ("barriers", "lamport_max_bytes")):
             continue
         if name in ("child", "child_out", "build", "draw_weights", "configs", "out", "logs") or value is None or value is False:
             continue
@@ -419,11 +421,12 @@ def summarize(runs: dict, args) -> dict:
     if one and two:
         summary[f"{args.dtype}_tp2_identical_greedy"] = f"{sum(a == b for a, b in zip(one, two))}/{len(one)}"
         summary[f"{args.dtype}_tp2_first_divergence"] = [_first_divergence(a, b) for a, b in zip(one, two)]
-    nccl = runs.get("tp2-nccl", {}).get("greedy_tokens")
-    if two and nccl:  # two ranks' sums are a + b on either path: the tokens must be the same
-        summary["tp2_symmetric_vs_nccl_identical_greedy"] = f"{sum(a == b for a, b in zip(two, nccl))}/{len(two)}"
-        summary["tp2_nccl_tok_s"] = tok_s("tp2-nccl", "uniform")
-        summary["tp2_nccl_batch1_ms_per_token"] = latency("tp2-nccl")
+    for variant in ("nccl", "barriers"):
+        other = runs.get(f"tp2-{variant}", {}).get("greedy_tokens")
+        if two and other:  # two ranks' sums are a + b on every path: the tokens must be the same
+            summary[f"tp2_{variant}_vs_tp2_identical_greedy"] = f"{sum(a == b for a, b in zip(two, other))}/{len(two)}"
+            summary[f"tp2_{variant}_tok_s"] = tok_s(f"tp2-{variant}", "uniform")
+            summary[f"tp2_{variant}_batch1_ms_per_token"] = latency(f"tp2-{variant}")
     if "parity" in runs:
         summary["fp32_tp2_identical_greedy"] = f"{runs['parity'].get('identical')}/{runs['parity'].get('prompts')}"
     return summary
@@ -455,9 +458,9 @@ def main(argv=None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for config in args.configs.split(","):
         base, _, variant = config.partition("-")
-        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused", "lamport"):
+        if base not in CONFIGS or variant not in ("", "eager", "nccl", "unfused", "barriers"):
             raise SystemExit(f"unknown configuration {config!r} (choose from {', '.join(CONFIGS)}, "
-                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl' or '-lamport')")
+                             "each maybe + '-eager', '-unfused' or, under TP, '-nccl' or '-barriers')")
         needed = {"tp2": 2, "tp4": 4, "dp2": 2, "parity": 2}.get(base, 1)
         if args.device == "cuda" and gpus < needed:
             runs[config] = {"error": f"needs {needed} GPUs, found {gpus}"}
@@ -469,14 +472,14 @@ def main(argv=None) -> int:
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,
             build_s=build_s, num_requests=args.num_requests, versions=versions(), engine_kwargs=_engine_kwargs(args),
             symmetric_max_bytes=DEFAULT_MAX_BYTES if args.symmetric_max_bytes is None else args.symmetric_max_bytes,
-            lamport_max_bytes=args.lamport_max_bytes or 0,
+            lamport_max_bytes=LAMPORT_MAX_BYTES if args.lamport_max_bytes is None else args.lamport_max_bytes,
             **summarize(runs, args), runs=runs,
         )
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish
     print(f"\nwrote {out}")
     rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=2, NCCL only", "tp2-nccl"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
             ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager"), ("one GPU, unfused", "tp1-unfused"),
-            ("TP=2, unfused", "tp2-unfused"), ("TP=2, barrier-free all-reduce", "tp2-lamport")]
+            ("TP=2, unfused", "tp2-unfused"), ("TP=2, all-reduce barriers", "tp2-barriers")]
     print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:
         r = runs.get(key)

@@ -75,7 +75,7 @@ logger = logging.getLogger(__name__)
 
 def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, *,
                                symmetric_max_bytes: int = DEFAULT_MAX_BYTES,
-                               lamport_max_bytes: int = 0, **from_pretrained_kwargs):
+                               lamport_max_bytes: int | None = None, **from_pretrained_kwargs):
     """`hf_paged.loader.load_causal_lm` of ``model_path`` sharded by Transformers (``tp_plan="auto"``).
 
     Call it on every rank (under ``torchrun``, or after ``init_process_group``). ``tp_size``
@@ -83,9 +83,9 @@ def load_tensor_parallel_model(model_path: str, tp_size: int | None = None, *,
     that cannot be sharded fails with a clear message instead of a shape error inside a layer.
     ``from_pretrained_kwargs`` take ``dtype`` as the loader does (``"auto"``: the checkpoint's).
     On NCCL, row-parallel layers sum messages of up to ``symmetric_max_bytes`` over symmetric
-    memory (`hf_paged.tp_all_reduce`: one-shot or two-shot by size; 0: NCCL's all-reduce for all), those of
-    up to ``lamport_max_bytes`` without a barrier (opt-in until timed in the engine: 0 by default, and
-    ``LAMPORT_MAX_BYTES`` is the size up to which it measured faster).
+    memory (`hf_paged.tp_all_reduce`: one-shot or two-shot by size; 0: NCCL's all-reduce for all), bf16/fp16
+    ones of up to ``lamport_max_bytes`` without a barrier (None: ``LAMPORT_MAX_BYTES`` on two ranks, less on
+    more; 0: never).
 
     Example:
         >>> model = load_tensor_parallel_model("path/to/model", dtype="bfloat16")  # doctest: +SKIP

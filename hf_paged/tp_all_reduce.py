@@ -6,10 +6,10 @@ their ranks' partial outputs with ``dist.all_reduce``, two per layer. A decode s
 them. With symmetric memory each rank reads its peers' partial sums directly, one kernel with a barrier on
 either side, capturable in CUDA graphs, no multicast: up to ``ONE_SHOT_MAX_BYTES`` every rank sums the whole
 message (``one_shot_all_reduce_copy``), beyond it each sums its share and gathers the others' (two-shot:
-``two_shot_all_reduce_out``, half the NVLink traffic per rank on two GPUs). Opt-in (``lamport_max_bytes``,
-measured faster up to ``LAMPORT_MAX_BYTES``: a batch-1 decode's 8 KB, up to 64 tokens at hidden 4,096), bf16/fp16
-messages skip both barriers: each rank writes its partials into every rank's receive buffer and the data is
-its own arrival flag (`hf_paged.kernels.triton_all_reduce`). `row_parallel_all_reduce` installs
+``two_shot_all_reduce_out``, half the NVLink traffic per rank on two GPUs). bf16/fp16 messages up to
+``lamport_max_bytes`` (by default ``LAMPORT_MAX_BYTES`` on two ranks) skip both barriers: each rank writes its
+partials into every rank's receive buffer and the data is its own arrival flag
+(`hf_paged.kernels.triton_all_reduce`). `row_parallel_all_reduce` installs
 that for a model being loaded; messages over ``max_bytes`` (prefill), other groups and every group that is
 not NCCL keep ``dist.all_reduce`` (overlapping those with the layer's matmul, in row chunks, measured slower
 on two H200s: NCCL's kernels take the matmul's SMs; bench/RESULTS.md, session 18).
@@ -38,10 +38,12 @@ __all__ = ["DEFAULT_MAX_BYTES", "LAMPORT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enab
 # 2 / 8 / 16 MB (one-shot 23.7 / 64.0 / 143.6, NCCL 35.0 / 53.8 / 92.5); at 32 MB and beyond NCCL is as fast or faster.
 DEFAULT_MAX_BYTES = 16 << 20
 ONE_SHOT_MAX_BYTES = 1 << 20
-# bf16/fp16 messages up to this size may skip both barriers (`hf_paged.kernels.triton_all_reduce`, the data its
-# own flag; opt-in, ``lamport_max_bytes``, until timed inside the engine). Two H200s: 3.6 / 4.7 / 5.8 us at
-# 8 / 256 / 512 KB against one-shot's 6.8 / 9.1 / 11.1; 37.5 vs 21.5 us at 2 MB (bench/all_reduce.py, session 18).
-LAMPORT_MAX_BYTES = 512 << 10
+# bf16/fp16 messages up to this size skip both barriers on two ranks (`hf_paged.kernels.triton_all_reduce`, the
+# data its own flag). Two H200s (bench/all_reduce.py, session 19): 3.3 / 5.3 / 10.0 / 30.4 us at 8 KB / 512 KB /
+# 2 MB / 8 MB against the best of one-shot and two-shot 6.7 / 11.3 / 19.3 / 42.6; in the engine (8B, TP=2) 3.7%
+# more tokens/s and a 6% faster batch-1 token. Each rank sends (ranks - 1) x the message, so more ranks take
+# LAMPORT_MAX_BYTES / (ranks - 1) (not measured beyond two).
+LAMPORT_MAX_BYTES = 8 << 20
 
 # One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
 _buffers: dict[str, torch.Tensor] = {}
@@ -64,9 +66,10 @@ _lamport: dict[str, _LamportGroup] = {}
 
 
 def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES,
-                            lamport_max_bytes: int = 0) -> bool:
+                            lamport_max_bytes: int | None = None) -> bool:
     """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `symmetric_all_reduce`, and receive
-    buffers for its barrier-free sums of up to ``lamport_max_bytes`` (0: none) (collective; once per group,
+    buffers for its barrier-free sums of up to ``lamport_max_bytes`` (None: ``LAMPORT_MAX_BYTES / (ranks -
+    1)``, within ``max_bytes``; 0: none; they take 3 x ranks x that many bytes) (collective; once per group,
     the first sizes stay). Returns whether the group has them (a gloo group never does).
 
     Example:
@@ -84,6 +87,8 @@ def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_M
         device = torch.device("cuda", torch.cuda.current_device())
         buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(buffer, name)
+        if lamport_max_bytes is None:
+            lamport_max_bytes = min(max_bytes, LAMPORT_MAX_BYTES // max(1, group.size() - 1))
         if lamport_max_bytes > 0:
             _lamport[name] = _lamport_buffers(name, group.size(), lamport_max_bytes, device)
         _buffers[name], _world_sizes[name] = buffer, group.size()
@@ -99,9 +104,13 @@ def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device
     receive = symm_mem.empty(triton_all_reduce.receive_elems(world, slot_elems), dtype=torch.int16, device=device)
     receive.fill_(triton_all_reduce.NOT_WRITTEN)
     handle = symm_mem.rendezvous(receive, name)
-    # Peers map the same allocation at their own addresses; this tensor may sit at an offset inside it.
+    # Every rank's buffer as mapped here (this tensor may sit at an offset inside the allocation), in int16
+    # elements from this rank's: the mappings are page-aligned, so the kernel may take them as multiples of 16.
     offset = receive.data_ptr() - handle.buffer_ptrs[handle.rank]
-    peers = torch.tensor([ptr + offset for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
+    elems = [(ptr + offset - receive.data_ptr()) // 2 for ptr in handle.buffer_ptrs]
+    if any(e % 16 for e in elems):
+        raise RuntimeError(f"symmetric-memory peer buffers are not 32-byte aligned to each other: {elems}")
+    peers = torch.tensor(elems, dtype=torch.int64, device=device)
     torch.cuda.synchronize(device)
     handle.barrier()  # every rank's buffers hold NOT_WRITTEN before anyone's first write
     counter = torch.zeros(2, dtype=torch.int32, device=device)
@@ -129,7 +138,7 @@ def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lampor
     if lamport is not None and x.dtype in (torch.bfloat16, torch.float16):
         limit = lamport.max_bytes if lamport_max_bytes is None else min(lamport.max_bytes, lamport_max_bytes)
         if x.numel() * x.element_size() <= limit:
-            return lamport.launch(x, lamport.peers, lamport.counter, lamport.max_bytes // 2, lamport.rank,
+            return lamport.launch(x, lamport.receive, lamport.peers, lamport.counter, lamport.max_bytes // 2, lamport.rank,
                                   _world_sizes[group_name])
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     # Two-shot splits the message into 16-byte pieces per rank.
@@ -179,11 +188,11 @@ def _symmetric_style(base, groups: list):
 
 
 @contextlib.contextmanager
-def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES, lamport_max_bytes: int = 0) -> Iterator[None]:
+def row_parallel_all_reduce(max_bytes: int = DEFAULT_MAX_BYTES, lamport_max_bytes: int | None = None) -> Iterator[None]:
     """Models loaded with a ``tp_plan`` in the block sum the partial outputs of their row-parallel
     layers (the styles that end replicated) through symmetric memory (`symmetric_all_reduce`), for messages of up to
-    ``max_bytes`` (up to ``lamport_max_bytes`` without a barrier); larger ones and groups that are not NCCL
-    (gloo on CPU) keep ``dist.all_reduce``.
+    ``max_bytes`` (up to ``lamport_max_bytes`` without a barrier: `enable_symmetric_memory`); larger ones and
+    groups that are not NCCL (gloo on CPU) keep ``dist.all_reduce``.
 
     Leaving the block sets up a symmetric buffer of ``max_bytes`` for each NCCL group a model was
     sharded over: collective (every rank loads the same model), and outside any graph capture.

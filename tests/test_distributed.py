@@ -114,7 +114,7 @@ def test_symmetric_all_reduce_takes_the_barrier_free_kernel_for_small_half_preci
 
     calls = []
 
-    def lamport(x, peers, counter, slot_elems, rank, world):
+    def lamport(x, receive, peers, counter, slot_elems, rank, world):
         calls.append(("lamport", x.numel(), slot_elems, rank, world))
         return x * 2
 
@@ -146,13 +146,13 @@ def test_barrier_free_all_reduce_kernel_on_one_rank():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     slot_elems = 3000
     receive = torch.full((tar.receive_elems(1, slot_elems),), tar.NOT_WRITTEN, dtype=torch.int16, device=device)
-    peers = torch.tensor([receive.data_ptr()], dtype=torch.int64, device=device)
+    peers = torch.zeros(1, dtype=torch.int64, device=device)  # its own buffer, 0 elements away
     counter = torch.zeros(2, dtype=torch.int32, device=device)
     for call, (n, dtype) in enumerate([(100, torch.bfloat16), (3000, torch.float16), (1024, torch.bfloat16),
                                        (7, torch.float16)]):
         x = torch.randn(n, device=device).to(dtype)
         x[:2] = -0.0
-        out = tar.all_reduce(x, peers, counter, slot_elems, 0, 1)
+        out = tar.all_reduce(x, receive, peers, counter, slot_elems, 0, 1)
         assert torch.equal(out, x) and not torch.signbit(out[:2]).any()
         assert counter.tolist() == [call + 1, 0]
         assert (receive == tar.NOT_WRITTEN).all()
@@ -165,13 +165,13 @@ def test_barrier_free_all_reduce_replays_from_a_cuda_graph():
 
     slot_elems = 4096
     receive = torch.full((tar.receive_elems(1, slot_elems),), tar.NOT_WRITTEN, dtype=torch.int16, device="cuda")
-    peers = torch.tensor([receive.data_ptr()], dtype=torch.int64, device="cuda")
+    peers = torch.zeros(1, dtype=torch.int64, device="cuda")
     counter = torch.zeros(2, dtype=torch.int32, device="cuda")
     x = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
-    tar.all_reduce(x, peers, counter, slot_elems, 0, 1)  # compiled outside the capture
+    tar.all_reduce(x, receive, peers, counter, slot_elems, 0, 1)  # compiled outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = [tar.all_reduce(x, peers, counter, slot_elems, 0, 1) for _ in range(5)]
+        outs = [tar.all_reduce(x, receive, peers, counter, slot_elems, 0, 1) for _ in range(5)]
     for replay in range(2):
         graph.replay()
         torch.cuda.synchronize()

@@ -31,19 +31,22 @@ _BUFFERS = tl.constexpr(3)  # receive buffers each rank cycles through
 
 
 @triton.jit
-def _all_reduce_kernel(x_ptr, out_ptr, peers_ptr, counter_ptr, n, slot_elems, rank,
+def _all_reduce_kernel(x_ptr, out_ptr, receive_ptr, peers_ptr, counter_ptr, n, slot_elems, rank,
                        WORLD: tl.constexpr, BLOCK: tl.constexpr):
-    """``out`` = sum over ranks of ``x`` (``n`` elements). ``peers_ptr[r]``: rank r's receive buffer, int16,
-    ``3 x WORLD`` slots of ``slot_elems``; ``counter_ptr``: [calls so far, programs finished in this call]."""
+    """``out`` = sum over ranks of ``x`` (``n`` elements). ``receive_ptr``: this rank's receive buffer, int16,
+    ``3 x WORLD`` slots of ``slot_elems``; ``peers_ptr[r]``: where rank r's is, in int16 elements from
+    ``receive_ptr``; ``counter_ptr``: [calls so far, programs finished in this call]."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     slot = tl.load(counter_ptr) % _BUFFERS * WORLD
     bits = tl.load(x_ptr + offs, mask=mask).to(tl.int16, bitcast=True)
     bits = tl.where(bits == _NOT_WRITTEN, tl.zeros_like(bits), bits)
     for r in tl.static_range(WORLD):
-        peer = tl.load(peers_ptr + r).to(tl.pointer_type(tl.int16))
+        # An offset from a real pointer, hinted aligned, so the stores move 16 bytes each (a pointer made from
+        # an integer would move 2).
+        peer = receive_ptr + tl.multiple_of(tl.load(peers_ptr + r), 16)
         tl.store(peer + (slot + rank) * slot_elems + offs, bits, mask=mask)
-    local = tl.load(peers_ptr + rank).to(tl.pointer_type(tl.int16))
+    local = receive_ptr
     acc = tl.zeros([BLOCK], tl.float32)
     for r in tl.static_range(WORLD):
         src = local + (slot + r) * slot_elems + offs
@@ -59,18 +62,19 @@ def _all_reduce_kernel(x_ptr, out_ptr, peers_ptr, counter_ptr, n, slot_elems, ra
         tl.store(counter_ptr, tl.load(counter_ptr) + 1)
 
 
-def all_reduce(x: torch.Tensor, peers: torch.Tensor, counter: torch.Tensor, slot_elems: int, rank: int,
-               world: int) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, receive: torch.Tensor, peers: torch.Tensor, counter: torch.Tensor, slot_elems: int,
+               rank: int, world: int) -> torch.Tensor:
     """The sum over ``world`` ranks of the contiguous bf16/fp16 ``x`` (at most ``slot_elems`` elements), every
-    rank calling with its partials. ``peers``: int64 addresses of each rank's receive buffer (int16, ``3 x
-    world x slot_elems``, filled with `NOT_WRITTEN` before the first call); ``counter``: int32 [2], zeros.
+    rank calling with its partials. ``receive``: this rank's receive buffer (int16, ``3 x world x slot_elems``,
+    filled with `NOT_WRITTEN` before the first call); ``peers``: int64, where each rank's buffer is mapped
+    here, in int16 elements from ``receive`` (multiples of 16); ``counter``: int32 [2], zeros.
 
     Example:
-        >>> total = all_reduce(partial, peer_addresses, counter, 1 << 18, rank, 2)  # doctest: +SKIP
+        >>> total = all_reduce(partial, receive, offsets, counter, 1 << 18, rank, 2)  # doctest: +SKIP
     """
     out = torch.empty_like(x)
-    _all_reduce_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, peers, counter, x.numel(), slot_elems, rank,
-                                                          WORLD=world, BLOCK=_BLOCK)
+    _all_reduce_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, receive, peers, counter, x.numel(), slot_elems,
+                                                          rank, WORLD=world, BLOCK=_BLOCK)
     return out
 
 
