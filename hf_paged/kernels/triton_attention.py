@@ -55,6 +55,9 @@ MAX_MERGED_SPLITS = 16
 # ...), beyond that one head's tiles after another's, whose concurrent programs read one head's keys (L2 reuse).
 # H100, 32/8 heads, TFLOP/s per head order / across heads (.dev A/B in bench/RESULTS.md, session 17): d128 b1 2k
 # 344 / 369 and from the pages 221 / 282; d64 b1 2k 255 / 329; d128 b1 4k 465 / 445, 8k 521 / 501.
+# A launch of one tile per sequence (decode) always goes across heads: a sequence's KV heads start together and read their
+# slices of the same key rows at once. H200, 32/8 heads, 2k keys, us seq-fastest / heads-fastest: b256 d64
+# 260.4 / 256.0, d128 524.9 / 517.7; b128 132.6 / 130.8, 267.5 / 264.3; b32 within 1% (session 19).
 ACROSS_HEADS_WAVES = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -658,12 +661,12 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
             int(sliding_window) if use_window else 0, scale * LOG2E,
             2.0 * LOG2E * scale / softcap if use_softcap else 0.0, softcap * LOG2E if use_softcap else 0.0,
             tiles_per_seq, num_splits, num_seqs,
-            int(cfg.across_heads if cfg.across_heads is not None else
+            int(cfg.across_heads if cfg.across_heads is not None else tiles_per_seq == 1 or
                 grid[0] * grid[1] <= ACROSS_HEADS_WAVES * _num_sms(query.device) * max(1, 8 // cfg.num_warps)),
         )
         consts = dict(
             common, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // groups, BLOCK_N=cfg.block_n, TILE_MAP=tile_map,
-            LONGEST_FIRST=cfg.longest_first and tiles_per_seq > 1, HAS_NEW_KV=new_kv and not store,
+            LONGEST_FIRST=cfg.longest_first, HAS_NEW_KV=new_kv and not store,
             DECODES_ONLY=decodes_only, STORE=store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return PreparedLaunch(_paged_attention_kernel, grid, scalars, consts)
