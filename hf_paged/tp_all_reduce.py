@@ -138,8 +138,8 @@ def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lampor
     if lamport is not None and x.dtype in (torch.bfloat16, torch.float16):
         limit = lamport.max_bytes if lamport_max_bytes is None else min(lamport.max_bytes, lamport_max_bytes)
         if x.numel() * x.element_size() <= limit:
-            return lamport.launch(x, lamport.receive, lamport.peers, lamport.counter, lamport.max_bytes // 2, lamport.rank,
-                                  _world_sizes[group_name])
+            return lamport.launch(x, lamport.receive, lamport.peers, lamport.counter, lamport.max_bytes // 2,
+                                  lamport.rank, _world_sizes[group_name])
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     # Two-shot splits the message into 16-byte pieces per rank.
     pieces = _world_sizes[group_name] * 16 // x.element_size()

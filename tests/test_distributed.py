@@ -158,6 +158,31 @@ def test_barrier_free_all_reduce_kernel_on_one_rank():
         assert (receive == tar.NOT_WRITTEN).all()
 
 
+def test_barrier_free_all_reduce_kernel_reaches_a_peer_by_its_offset():
+    """Rank 0 of two under the interpreter, its peer's buffer 1 x its size further on in memory: its partials land
+    in the peer's buffer at rank 0's slot, and the sum takes the peer's partials found in its own buffer (put
+    there first, as the peer's launch would)."""
+    pytest.importorskip("triton")
+    from hf_paged.kernels import triton_all_reduce as tar
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    slot_elems, n = 1024, 1000
+    elems = tar.receive_elems(2, slot_elems)
+    both = torch.full((2 * elems,), tar.NOT_WRITTEN, dtype=torch.int16, device=device)
+    mine, peer = both[:elems], both[elems:]
+    x0, x1 = (torch.randn(n, device=device).to(torch.bfloat16) for _ in range(2))
+    x0[0] = -0.0
+    mine[slot_elems: slot_elems + n] = x1.view(torch.int16)  # rank 1's partials, slot (0 x 2 + 1)
+    counter = torch.zeros(2, dtype=torch.int32, device=device)
+    out = tar.all_reduce(x0, mine, torch.tensor([0, elems], device=device), counter, slot_elems, 0, 2)
+    # Within a bf16 step: Triton's interpreter rounds the fp32 sum toward zero (the GPU to nearest, as NCCL).
+    torch.testing.assert_close(out.float(), x0.float() + x1.float(), rtol=2**-7, atol=0)
+    sent = peer[:n].view(torch.bfloat16)
+    assert torch.equal(sent, x0) and not torch.signbit(sent[0])  # -0.0 sent as +0.0
+    assert (mine == tar.NOT_WRITTEN).all() and (peer[n:] == tar.NOT_WRITTEN).all()
+    assert counter.tolist() == [1, 0]
+
+
 @pytest.mark.gpu
 def test_barrier_free_all_reduce_replays_from_a_cuda_graph():
     """Captured once, the launch picks the next receive buffer at every replay (the counter lives on the device)."""

@@ -8,9 +8,10 @@ calls later, after clearing it itself as it reads; a call counter on the device 
 CUDA graph replays the launch unchanged. Every rank adds the ranks' partials in rank order (fp32), so all
 get the same sums.
 
-Two H200s, 64 calls in a CUDA graph (bench/all_reduce.py, session 18): 3.6 us at 8 KB (PyTorch's
-symmetric-memory one-shot kernel, with a barrier on either side: 6.8 us; NCCL 12.4), 5.8 us at 512 KB (11.1),
-but 37.5 us at 2 MB (one-shot 21.5): every rank writes the whole message to every peer.
+Two H200s, 64 calls in a CUDA graph (bench/all_reduce.py, session 19): 3.3 us at 8 KB (PyTorch's
+symmetric-memory one-shot kernel, with a barrier on either side: 6.7 us; NCCL 11.6), 5.3 us at 512 KB (11.3),
+10.0 us at 2 MB (two-shot 19.3), 30.4 us at 8 MB (42.6). Every rank writes the whole message to every peer, so
+the bytes each sends grow with the ranks.
 
 The buffers and peer addresses come from the caller (`hf_paged.tp_all_reduce` sets them up in symmetric
 memory); this module only launches.

@@ -55,9 +55,9 @@ MAX_MERGED_SPLITS = 16
 # ...), beyond that one head's tiles after another's, whose concurrent programs read one head's keys (L2 reuse).
 # H100, 32/8 heads, TFLOP/s per head order / across heads (.dev A/B in bench/RESULTS.md, session 17): d128 b1 2k
 # 344 / 369 and from the pages 221 / 282; d64 b1 2k 255 / 329; d128 b1 4k 465 / 445, 8k 521 / 501.
-# A launch of one tile per sequence (decode) always goes across heads: a sequence's KV heads start together and read their
-# slices of the same key rows at once. H200, 32/8 heads, 2k keys, us seq-fastest / heads-fastest: b256 d64
-# 260.4 / 256.0, d128 524.9 / 517.7; b128 132.6 / 130.8, 267.5 / 264.3; b32 within 1% (session 19).
+# A launch of one tile per sequence (decode) always goes across heads: a sequence's KV heads start together and
+# read their slices of the same key rows at once. H200, 32/8 heads, 2k keys, us one head after another / across
+# heads: b256 d64 260.4 / 256.0, d128 524.9 / 517.7; b128 132.6 / 130.8, 267.5 / 264.3; b32 within 1% (session 19).
 ACROSS_HEADS_WAVES = 4
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
