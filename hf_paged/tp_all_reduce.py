@@ -52,7 +52,8 @@ _world_sizes: dict[str, int] = {}
 
 class _LamportGroup(NamedTuple):
     """A group's barrier-free sums (`hf_paged.kernels.triton_all_reduce`): its launcher, this rank's receive
-    buffer (kept alive here), every rank's buffer address, the call counter, this rank, the largest message."""
+    buffer, every rank's buffer as an offset from it, the call counter, this rank, the largest message, and the
+    elements of one slot of the buffer (a multiple of 16, so that the kernel's stores stay 16-byte wide)."""
 
     launch: Callable
     receive: torch.Tensor
@@ -60,6 +61,7 @@ class _LamportGroup(NamedTuple):
     counter: torch.Tensor
     rank: int
     max_bytes: int
+    slot_elems: int
 
 
 _lamport: dict[str, _LamportGroup] = {}
@@ -100,7 +102,7 @@ def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device
 
     from .kernels import triton_all_reduce
 
-    slot_elems = max_bytes // 2
+    slot_elems = -(-max_bytes // 32) * 16
     receive = symm_mem.empty(triton_all_reduce.receive_elems(world, slot_elems), dtype=torch.int16, device=device)
     receive.fill_(triton_all_reduce.NOT_WRITTEN)
     handle = symm_mem.rendezvous(receive, name)
@@ -114,7 +116,7 @@ def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device
     torch.cuda.synchronize(device)
     handle.barrier()  # every rank's buffers hold NOT_WRITTEN before anyone's first write
     counter = torch.zeros(2, dtype=torch.int32, device=device)
-    return _LamportGroup(triton_all_reduce.all_reduce, receive, peers, counter, handle.rank, max_bytes)
+    return _LamportGroup(triton_all_reduce.all_reduce, receive, peers, counter, handle.rank, max_bytes, slot_elems)
 
 
 def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES,
@@ -138,7 +140,7 @@ def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lampor
     if lamport is not None and x.dtype in (torch.bfloat16, torch.float16):
         limit = lamport.max_bytes if lamport_max_bytes is None else min(lamport.max_bytes, lamport_max_bytes)
         if x.numel() * x.element_size() <= limit:
-            return lamport.launch(x, lamport.receive, lamport.peers, lamport.counter, lamport.max_bytes // 2,
+            return lamport.launch(x, lamport.receive, lamport.peers, lamport.counter, lamport.slot_elems,
                                   lamport.rank, _world_sizes[group_name])
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     # Two-shot splits the message into 16-byte pieces per rank.

@@ -125,7 +125,7 @@ def test_symmetric_all_reduce_takes_the_barrier_free_kernel_for_small_half_preci
     monkeypatch.setattr(torch.ops, "symm_mem", SimpleNamespace(one_shot_all_reduce_copy=one_shot), raising=False)
     monkeypatch.setitem(ar._buffers, "g", torch.zeros(1 << 14, dtype=torch.uint8))
     monkeypatch.setitem(ar._world_sizes, "g", 2)
-    monkeypatch.setitem(ar._lamport, "g", ar._LamportGroup(lamport, None, None, None, 1, 2048))
+    monkeypatch.setitem(ar._lamport, "g", ar._LamportGroup(lamport, None, None, None, 1, 2048, 1024))
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(1024, dtype=dtype)  # 2 KB: at the limit
         assert torch.equal(ar.symmetric_all_reduce(x, "g"), x * 2)
