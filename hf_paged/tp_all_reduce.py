@@ -89,12 +89,19 @@ def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_M
         device = torch.device("cuda", torch.cuda.current_device())
         buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(buffer, name)
-        if lamport_max_bytes is None:
-            lamport_max_bytes = min(max_bytes, LAMPORT_MAX_BYTES // max(1, group.size() - 1))
+        lamport_max_bytes = _lamport_bound(lamport_max_bytes, group.size(), max_bytes)
         if lamport_max_bytes > 0:
             _lamport[name] = _lamport_buffers(name, group.size(), lamport_max_bytes, device)
         _buffers[name], _world_sizes[name] = buffer, group.size()
     return name in _buffers
+
+
+def _lamport_bound(requested: int | None, world: int, max_bytes: int) -> int:
+    """The largest barrier-free message: ``requested``, or by default `LAMPORT_MAX_BYTES` shared among the
+    ``world - 1`` peers each rank sends to; never past the staging buffer's ``max_bytes``."""
+    if requested is None:
+        requested = LAMPORT_MAX_BYTES // max(1, world - 1)
+    return min(requested, max_bytes)
 
 
 def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device) -> _LamportGroup:

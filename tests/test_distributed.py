@@ -136,6 +136,18 @@ def test_symmetric_all_reduce_takes_the_barrier_free_kernel_for_small_half_preci
         assert calls.pop() == ("one_shot", x.numel())
 
 
+def test_barrier_free_bound_by_ranks_and_staging_buffer():
+    """By default two ranks sum up to LAMPORT_MAX_BYTES without a barrier and more ranks less (each sends to
+    every peer); an explicit bound stays as given; neither passes the staging buffer."""
+    import hf_paged.tp_all_reduce as ar
+
+    big = 1 << 30
+    assert ar._lamport_bound(None, 2, big) == ar.LAMPORT_MAX_BYTES
+    assert ar._lamport_bound(None, 4, big) == ar.LAMPORT_MAX_BYTES // 3
+    assert ar._lamport_bound(None, 2, 1 << 20) == 1 << 20
+    assert ar._lamport_bound(0, 2, big) == 0 and ar._lamport_bound(12345, 8, big) == 12345
+
+
 def test_barrier_free_all_reduce_kernel_on_one_rank():
     """`triton_all_reduce.all_reduce` under the interpreter with one rank (its own peer): the sum is the input
     (-0.0 sent as +0.0), the call counter walks the three receive buffers and each is cleared after reading,
