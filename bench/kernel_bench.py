@@ -435,6 +435,36 @@ def run_prefill_order(caps, shapes=FA4_PREFILL + [(128, 1, 4096), (64, 1, 2048)]
     return rows
 
 
+def run_decode_order(caps, shapes=((64, 32, 2048), (64, 128, 2048), (64, 256, 2048), (64, 32, 8192),
+                                   (128, 32, 2048), (128, 128, 2048), (128, 256, 2048), (128, 32, 8192))) -> list[dict]:
+    """Decode launched one KV head across sequences (``across_heads=False``) or with a sequence's KV heads
+    together (``True``, the kernel's rule since session 19), and the heuristic's own launch; one compiled
+    kernel (the order is a runtime flag), checked against the reference at the first shape."""
+    import dataclasses
+
+    rows = []
+    for i, (d, batch, ctx) in enumerate(shapes):
+        q, k, v, meta = paged_inputs(batch, ctx, 1, 32, 8, d)
+        if i == 0:
+            want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
+            got = triton_attention.paged_attention(q, k, v, **meta)
+            assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+        base = triton_attention.choose_config(max(16, triton.next_power_of_2(d)), 4, 1)
+        variants = {f"{name}_ms": (lambda cfg=dataclasses.replace(base, across_heads=flag):
+                                   triton_attention.paged_attention(q, k, v, **meta, config=cfg))
+                    for name, flag in (("per_head", False), ("across_heads", True))}
+        variants["heuristic_ms"] = lambda: triton_attention.paged_attention(q, k, v, **meta)
+        floor = (2 * batch * ctx * 8 * d * 2 + 2 * q.numel() * 2) / (caps["copy_TBps"] * 1e9)
+        row = dict(kind="decode-order", head_dim=d, batch=batch, context=ctx, **_round_robin(variants))
+        row.update({n.replace("_ms", "_frac_copy_bw"): floor / row[n] for n in list(row)
+                    if n.endswith("_ms") and isinstance(row[n], float)})
+        rows.append(row)
+        print(f"decode order d={d} b={batch} ctx={ctx} (us): " + ", ".join(
+            f"{n[:-3]} {x * 1e3:.1f}" for n, x in row.items() if n.endswith("_ms") and isinstance(x, float)), flush=True)
+        del q, k, v
+    return rows
+
+
 MIXED_STEPS = ((511, 520, 2048), (500, 200, 1024), (256, 2000, 4096))  # decodes, prompt tokens, graph bucket
 
 
@@ -555,6 +585,8 @@ def main() -> None:
                         "context, by split count")
     parser.add_argument("--prefill-order", action="store_true", help="only causal prefill by launch order "
                         "(per KV head, across heads, the rule's), beside FA4 (when installed) and SDPA")
+    parser.add_argument("--decode-order", action="store_true", help="only decode by launch order (one KV head "
+                        "across sequences, a sequence's KV heads together, the rule's)")
     parser.add_argument("--mixed-step", action="store_true", help="only a mixed step's attention as its graph "
                         "launches it vs launches sized for its decodes and its prompt")
     args = parser.parse_args()
@@ -590,6 +622,8 @@ def main() -> None:
         only = ("graph-decode", run_graph_decode(caps))
     elif args.prefill_order:
         only = ("prefill-order", run_prefill_order(caps))
+    elif args.decode_order:
+        only = ("decode-order", run_decode_order(caps))
     if only:
         path = os.path.join(args.out, f"kernels-{only[0]}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
         os.makedirs(args.out, exist_ok=True)
