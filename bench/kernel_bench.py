@@ -439,21 +439,22 @@ def run_decode_order(caps, shapes=((64, 32, 2048), (64, 128, 2048), (64, 256, 20
                                    (128, 32, 2048), (128, 128, 2048), (128, 256, 2048), (128, 32, 8192))) -> list[dict]:
     """Decode launched one KV head across sequences (``across_heads=False``) or with a sequence's KV heads
     together (``True``, the kernel's rule since session 19), and the heuristic's own launch; one compiled
-    kernel (the order is a runtime flag), checked against the reference at the first shape."""
+    kernel (the order is a runtime flag), each checked against the reference at the first shape."""
     import dataclasses
 
     rows = []
     for i, (d, batch, ctx) in enumerate(shapes):
         q, k, v, meta = paged_inputs(batch, ctx, 1, 32, 8, d)
-        if i == 0:
-            want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
-            got = triton_attention.paged_attention(q, k, v, **meta)
-            assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
         base = triton_attention.choose_config(max(16, triton.next_power_of_2(d)), 4, 1)
         variants = {f"{name}_ms": (lambda cfg=dataclasses.replace(base, across_heads=flag):
                                    triton_attention.paged_attention(q, k, v, **meta, config=cfg))
                     for name, flag in (("per_head", False), ("across_heads", True))}
         variants["heuristic_ms"] = lambda: triton_attention.paged_attention(q, k, v, **meta)
+        if i == 0:  # every variant against the reference once
+            want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
+            for name, fn in variants.items():
+                err = ((fn().float() - want).norm() / want.norm()).item()
+                assert err < 1e-2, f"{name}: rel_err {err:.2e}"
         floor = (2 * batch * ctx * 8 * d * 2 + 2 * q.numel() * 2) / (caps["copy_TBps"] * 1e9)
         row = dict(kind="decode-order", head_dim=d, batch=batch, context=ctx, **_round_robin(variants))
         row.update({n.replace("_ms", "_frac_copy_bw"): floor / row[n] for n in list(row)

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (MODEL_TINY, RESULTS, device_span_ms, make_workload, profile_engine, run_hf_paged,  # noqa: E402
                         versions)
 
-from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES, LAMPORT_MAX_BYTES  # noqa: E402
+from hf_paged.tp_all_reduce import DEFAULT_MAX_BYTES  # noqa: E402
 
 SHAPES = {
     "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -472,7 +472,8 @@ def main(argv=None) -> int:
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,
             build_s=build_s, num_requests=args.num_requests, versions=versions(), engine_kwargs=_engine_kwargs(args),
             symmetric_max_bytes=DEFAULT_MAX_BYTES if args.symmetric_max_bytes is None else args.symmetric_max_bytes,
-            lamport_max_bytes=LAMPORT_MAX_BYTES if args.lamport_max_bytes is None else args.lamport_max_bytes,
+            # None: the library's default, LAMPORT_MAX_BYTES / (ranks - 1)
+            lamport_max_bytes=args.lamport_max_bytes,
             **summarize(runs, args), runs=runs,
         )
         out.write_text(json.dumps(record, indent=1))  # after every configuration: a later one may not finish

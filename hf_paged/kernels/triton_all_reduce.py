@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import launch
+
 __all__ = ["NOT_WRITTEN", "all_reduce", "receive_elems"]
 
 NOT_WRITTEN = -32768  # int16 bits of -0.0 in bf16 and fp16
@@ -47,10 +49,9 @@ def _all_reduce_kernel(x_ptr, out_ptr, receive_ptr, peers_ptr, counter_ptr, n, s
         # an integer would move 2).
         peer = receive_ptr + tl.multiple_of(tl.load(peers_ptr + r), 16)
         tl.store(peer + (slot + rank) * slot_elems + offs, bits, mask=mask)
-    local = receive_ptr
     acc = tl.zeros([BLOCK], tl.float32)
     for r in tl.static_range(WORLD):
-        src = local + (slot + r) * slot_elems + offs
+        src = receive_ptr + (slot + r) * slot_elems + offs
         got = tl.load(src, mask=mask, other=0, volatile=True)
         while tl.max((got == _NOT_WRITTEN).to(tl.int32), 0) > 0:  # rank r's partials not all here yet
             got = tl.load(src, mask=mask, other=0, volatile=True)
@@ -74,8 +75,8 @@ def all_reduce(x: torch.Tensor, receive: torch.Tensor, peers: torch.Tensor, coun
         >>> total = all_reduce(partial, receive, offsets, counter, 1 << 18, rank, 2)  # doctest: +SKIP
     """
     out = torch.empty_like(x)
-    _all_reduce_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, receive, peers, counter, x.numel(), slot_elems,
-                                                          rank, WORLD=world, BLOCK=_BLOCK)
+    launch(_all_reduce_kernel, (triton.cdiv(x.numel(), _BLOCK),), x, out, receive, peers, counter, x.numel(),
+           slot_elems, rank, WORLD=world, BLOCK=_BLOCK)
     return out
 
 
