@@ -95,12 +95,30 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(rank * 1000 + size)
         x = torch.randn(size // 2, device="cuda", dtype=torch.bfloat16, generator=g)
         total = nccl(x.clone())
-        # Two ranks: a + b on every path. (More ranks may add in other orders.)
-        row = {"bytes": size, "identical": torch.equal(total, one_shot(x)) and torch.equal(total, two_shot(x))}
+        # Two ranks: a + b on every path. More ranks add in other orders, so each path is also held against the
+        # fp32 sum of every rank's partials (in units of the bf16 spacing at the largest sum).
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        exact = torch.stack(parts).float().sum(0)
+        ulp = exact.abs().max().item() * 2.0 ** -7
+
+        def err(y):
+            return (y.float() - exact).abs().max().item() / ulp
+
+        row = {"bytes": size, "identical": torch.equal(total, one_shot(x)) and torch.equal(total, two_shot(x)),
+               "nccl_err_ulp": err(total), "one_shot_err_ulp": err(one_shot(x)), "two_shot_err_ulp": err(two_shot(x))}
         methods = [("nccl", nccl), ("one_shot", one_shot), ("two_shot", two_shot)]
         if size <= LAMPORT_BENCH_MAX_BYTES:
             # Three calls in a row: each of the three buffers used, read and cleared once.
-            row["lamport_identical"] = all(torch.equal(total, lamport(x)) for _ in range(3))
+            outs = [lamport(x) for _ in range(3)]
+            row["lamport_identical"] = all(torch.equal(total, y) for y in outs)
+            row["lamport_err_ulp"] = max(err(y) for y in outs)
+            # Every rank must hold the same sums (else TP ranks drift apart): compare with rank 0's.
+            first = outs[0].clone()
+            dist.broadcast(first, 0, group=group)
+            agree = torch.tensor([int(torch.equal(first, outs[0]))], device="cuda")
+            dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=group)
+            row["lamport_same_on_ranks"] = bool(agree.item())
             methods.append(("lamport", lamport))
         for label, fn in methods:
             us = _time(_graph(fn, x))
@@ -121,7 +139,9 @@ def main() -> None:
             lamport_us = f"{r['lamport_us']:>11.1f}" if "lamport_us" in r else f"{'-':>11}"
             print(f"{r['bytes']:>10} {r['nccl_us']:>9.1f} {r['one_shot_us']:>12.1f} {r['two_shot_us']:>12.1f} "
                   f"{lamport_us} {r['nccl_busbw_gb_s']:>10.1f} {r['one_shot_busbw_gb_s']:>12.1f} "
-                  f"{r['two_shot_busbw_gb_s']:>12.1f} {r['identical']} {r.get('lamport_identical', '-')}")
+                  f"{r['two_shot_busbw_gb_s']:>12.1f} {r['identical']} {r.get('lamport_identical', '-')} "
+                  f"err ulp nccl {r['nccl_err_ulp']:.2f} lamport {r.get('lamport_err_ulp', float('nan')):.2f} "
+                  f"ranks agree {r.get('lamport_same_on_ranks', '-')}")
         print(f"wrote {out}")
     dist.destroy_process_group()
 

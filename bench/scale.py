@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import statistics
@@ -408,6 +409,8 @@ def summarize(runs: dict, args) -> dict:
         "tp4_mixed_tok_s": tok_s("tp4", "mixed"),
         "tp4_load_s": runs.get("tp4", {}).get("load_s"),  # the 70B shape's: loading, drawing its shards
         "tp4_batch1_ms_per_token": latency("tp4"),
+        "tp4_over_tp1": _ratio(tok_s("tp4", "uniform"), tok_s("tp1", "uniform")),
+        "tp4_batch1_latency_ratio": _ratio(latency("tp4"), latency("tp1")),
         "tp1_mixed_tok_s": tok_s("tp1", "mixed"),
         "tp2_mixed_tok_s": tok_s("tp2", "mixed"),
         "dp2_tok_s": tok_s("dp2", "mixed"),
@@ -421,12 +424,14 @@ def summarize(runs: dict, args) -> dict:
     if one and two:
         summary[f"{args.dtype}_tp2_identical_greedy"] = f"{sum(a == b for a, b in zip(one, two))}/{len(one)}"
         summary[f"{args.dtype}_tp2_first_divergence"] = [_first_divergence(a, b) for a, b in zip(one, two)]
-    for variant in ("nccl", "barriers"):
-        other = runs.get(f"tp2-{variant}", {}).get("greedy_tokens")
-        if two and other:  # two ranks' sums are a + b on every path: the tokens must be the same
-            summary[f"tp2_{variant}_vs_tp2_identical_greedy"] = f"{sum(a == b for a, b in zip(two, other))}/{len(two)}"
-            summary[f"tp2_{variant}_tok_s"] = tok_s(f"tp2-{variant}", "uniform")
-            summary[f"tp2_{variant}_batch1_ms_per_token"] = latency(f"tp2-{variant}")
+    # Two ranks' sums are a + b on every all-reduce path, so their tokens must be the same; four ranks' may add in
+    # other orders (bf16), so there the count says how far they went apart.
+    for tp, variant in itertools.product(("tp2", "tp4"), ("nccl", "barriers")):
+        base, other = runs.get(tp, {}).get("greedy_tokens"), runs.get(f"{tp}-{variant}", {}).get("greedy_tokens")
+        if base and other:
+            summary[f"{tp}_{variant}_vs_{tp}_identical_greedy"] = f"{sum(a == b for a, b in zip(base, other))}/{len(base)}"
+            summary[f"{tp}_{variant}_tok_s"] = tok_s(f"{tp}-{variant}", "uniform")
+            summary[f"{tp}_{variant}_batch1_ms_per_token"] = latency(f"{tp}-{variant}")
     if "parity" in runs:
         summary["fp32_tp2_identical_greedy"] = f"{runs['parity'].get('identical')}/{runs['parity'].get('prompts')}"
     return summary
@@ -472,7 +477,7 @@ def main(argv=None) -> int:
             date=now.strftime("%Y-%m-%d"), gpu=gpu, gpus=gpus, shape=args.shape, model_shape=shape, dtype=args.dtype,
             build_s=build_s, num_requests=args.num_requests, versions=versions(), engine_kwargs=_engine_kwargs(args),
             symmetric_max_bytes=DEFAULT_MAX_BYTES if args.symmetric_max_bytes is None else args.symmetric_max_bytes,
-            # None: the library's default, LAMPORT_MAX_BYTES / (ranks - 1)
+            # None: the library's default (8 MB on two ranks, 1.33 MB on four)
             lamport_max_bytes=args.lamport_max_bytes,
             **summarize(runs, args), runs=runs,
         )
@@ -480,7 +485,8 @@ def main(argv=None) -> int:
     print(f"\nwrote {out}")
     rows = [("one GPU", "tp1"), ("TP=2", "tp2"), ("TP=2, NCCL only", "tp2-nccl"), ("TP=4", "tp4"), ("DP=2 (Ray)", "dp2"),
             ("one GPU, eager", "tp1-eager"), ("TP=2, eager", "tp2-eager"), ("one GPU, unfused", "tp1-unfused"),
-            ("TP=2, unfused", "tp2-unfused"), ("TP=2, all-reduce barriers", "tp2-barriers")]
+            ("TP=2, unfused", "tp2-unfused"), ("TP=2, all-reduce barriers", "tp2-barriers"),
+            ("TP=4, NCCL only", "tp4-nccl"), ("TP=4, all-reduce barriers", "tp4-barriers")]
     print(f"{'run':<16} {'uniform tok/s':>14} {'mixed tok/s':>12} {'batch-1 ms/tok':>15}")
     for label, key in rows:
         r = runs.get(key)
@@ -493,7 +499,8 @@ def main(argv=None) -> int:
         cells = [w.get(n, {}).get("output_tok_per_s") for n in ("uniform", "mixed")] + [r.get("batch1_ms_per_token")]
         print(f"{label:<16} " + " ".join(f"{c:>{width},.1f}" if c else f"{'-':>{width}}"
                                           for c, width in zip(cells, (14, 12, 15))))
-    print({k: record[k] for k in ("tp2_over_tp1", "dp2_over_one", "tp2_batch1_latency_ratio")})
+    print({k: record[k] for k in ("tp2_over_tp1", "tp4_over_tp1", "dp2_over_one", "tp2_batch1_latency_ratio",
+                                  "tp4_batch1_latency_ratio")})
     return 0
 
 

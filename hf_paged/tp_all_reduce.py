@@ -42,7 +42,7 @@ ONE_SHOT_MAX_BYTES = 1 << 20
 # data its own flag). Two H200s (bench/all_reduce.py, session 19): 3.3 / 5.3 / 10.0 / 30.4 us at 8 KB / 512 KB /
 # 2 MB / 8 MB against the best of one-shot and two-shot 6.7 / 11.3 / 19.3 / 42.6; in the engine (8B, TP=2) 3.7%
 # more tokens/s and a 6% faster batch-1 token. Each rank sends (ranks - 1) x the message, so more ranks take
-# LAMPORT_MAX_BYTES / (ranks - 1) (not measured beyond two).
+# less (`_lamport_bound`: 1.33 MB on four, measured on four H200s).
 LAMPORT_MAX_BYTES = 8 << 20
 
 # One symmetric staging buffer per process group that takes the symmetric-memory path, and its size.
@@ -70,8 +70,8 @@ _lamport: dict[str, _LamportGroup] = {}
 def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES,
                             lamport_max_bytes: int | None = None) -> bool:
     """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `symmetric_all_reduce`, and receive
-    buffers for its barrier-free sums of up to ``lamport_max_bytes`` (None: ``LAMPORT_MAX_BYTES / (ranks -
-    1)``, within ``max_bytes``; 0: none; they take 3 x ranks x that many bytes) (collective; once per group,
+    buffers for its barrier-free sums of up to ``lamport_max_bytes`` (None: `LAMPORT_MAX_BYTES` on two ranks,
+    less on more (`_lamport_bound`), within ``max_bytes``; 0: none; they take 3 x ranks x that many bytes) (collective; once per group,
     the first sizes stay). Returns whether the group has them (a gloo group never does).
 
     Example:
@@ -97,10 +97,15 @@ def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_M
 
 
 def _lamport_bound(requested: int | None, world: int, max_bytes: int) -> int:
-    """The largest barrier-free message: ``requested``, or by default `LAMPORT_MAX_BYTES` shared among the
-    ``world - 1`` peers each rank sends to; never past the staging buffer's ``max_bytes``."""
+    """The largest barrier-free message: ``requested``, or by default `LAMPORT_MAX_BYTES` on two ranks and
+    ``LAMPORT_MAX_BYTES x 2 / (world x (world - 1))`` on more; never past the staging buffer's ``max_bytes``.
+
+    Each rank sends the whole message to each of ``world - 1`` peers, ``world / 2`` times what the two-shot
+    kernel moves, so the size up to which skipping the barriers pays shrinks with both. Four H200s (session 20):
+    barrier-free 10.5 / 29.4 us at 512 KB / 2 MB against two-shot 15.9 / 25.9: the crossover near 1.4 MB, the
+    default 1.33 MB."""
     if requested is None:
-        requested = LAMPORT_MAX_BYTES // max(1, world - 1)
+        requested = LAMPORT_MAX_BYTES * 2 // max(2, world * (world - 1))
     return min(requested, max_bytes)
 
 

@@ -143,7 +143,8 @@ def test_barrier_free_bound_by_ranks_and_staging_buffer():
 
     big = 1 << 30
     assert ar._lamport_bound(None, 2, big) == ar.LAMPORT_MAX_BYTES
-    assert ar._lamport_bound(None, 4, big) == ar.LAMPORT_MAX_BYTES // 3
+    assert ar._lamport_bound(None, 4, big) == ar.LAMPORT_MAX_BYTES // 6
+    assert ar._lamport_bound(None, 1, big) == ar.LAMPORT_MAX_BYTES
     assert ar._lamport_bound(None, 2, 1 << 20) == 1 << 20
     assert ar._lamport_bound(0, 2, big) == 0 and ar._lamport_bound(12345, 8, big) == 12345
 

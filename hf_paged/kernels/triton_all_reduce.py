@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import launch
+
 __all__ = ["NOT_WRITTEN", "all_reduce", "receive_elems"]
 
 NOT_WRITTEN = -32768  # int16 bits of -0.0 in bf16 and fp16
@@ -73,10 +75,8 @@ def all_reduce(x: torch.Tensor, receive: torch.Tensor, peers: torch.Tensor, coun
         >>> total = all_reduce(partial, receive, offsets, counter, 1 << 18, rank, 2)  # doctest: +SKIP
     """
     out = torch.empty_like(x)
-    # Triton's own launch path, as measured on the GPUs (`triton_launch.launch` would spare eager calls Triton's
-    # per-launch binding; not yet run on a GPU with this kernel).
-    _all_reduce_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, receive, peers, counter, x.numel(), slot_elems,
-                                                          rank, WORLD=world, BLOCK=_BLOCK)
+    launch(_all_reduce_kernel, (triton.cdiv(x.numel(), _BLOCK),), x, out, receive, peers, counter, x.numel(),
+           slot_elems, rank, WORLD=world, BLOCK=_BLOCK)
     return out
 
 
