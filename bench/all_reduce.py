@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_paged.tp_all_reduce import enable_symmetric_memory, symmetric_all_reduce  # noqa: E402
+from hf_paged.tp_all_reduce import (  # noqa: E402
+    _rms_norm, _symmetric_add_rms_norm, enable_symmetric_memory, symmetric_all_reduce)
 
 LAMPORT_BENCH_MAX_BYTES = 8 << 20  # past the library's LAMPORT_MAX_BYTES, to show where it stops paying
 SIZES = [8 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 2 << 20, 4 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20]
@@ -116,6 +117,16 @@ def main() -> None:
             # Every rank must hold the same sums (else TP ranks drift apart): compare with rank 0's.
             first = outs[0].clone()
             dist.broadcast(first, 0, group=group)
+            # The same kernel with a decoder layer's epilogue (residual add, Llama RMSNorm) against those ops
+            # after NCCL's sum, rows of 4,096.
+            rows_of = x.view(-1, 4096)
+            residual = torch.randn_like(rows_of)
+            weight = torch.randn(4096, device="cuda", dtype=x.dtype)
+            summed, normed = _symmetric_add_rms_norm(rows_of, residual, weight, 1e-5, name, 0, None)
+            reference = residual + total.view(-1, 4096)
+            row["epilogue_sum_identical"] = torch.equal(summed, reference)
+            row["epilogue_norm_err_ulp"] = ((normed.float() - _rms_norm(reference, weight, 1e-5).float()).abs().max()
+                                            / (normed.float().abs().max() * 2.0 ** -7)).item()
             agree = torch.tensor([int(torch.equal(first, outs[0]))], device="cuda")
             dist.all_reduce(agree, op=dist.ReduceOp.MIN, group=group)
             row["lamport_same_on_ranks"] = bool(agree.item())
@@ -141,7 +152,8 @@ def main() -> None:
                   f"{lamport_us} {r['nccl_busbw_gb_s']:>10.1f} {r['one_shot_busbw_gb_s']:>12.1f} "
                   f"{r['two_shot_busbw_gb_s']:>12.1f} {r['identical']} {r.get('lamport_identical', '-')} "
                   f"err ulp nccl {r['nccl_err_ulp']:.2f} lamport {r.get('lamport_err_ulp', float('nan')):.2f} "
-                  f"ranks agree {r.get('lamport_same_on_ranks', '-')}")
+                  f"ranks agree {r.get('lamport_same_on_ranks', '-')} epilogue sum same "
+                  f"{r.get('epilogue_sum_identical', '-')} norm err ulp {r.get('epilogue_norm_err_ulp', float('nan')):.2f}")
         print(f"wrote {out}")
     dist.destroy_process_group()
 

@@ -22,15 +22,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import operator
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DEFAULT_MAX_BYTES", "LAMPORT_MAX_BYTES", "ONE_SHOT_MAX_BYTES", "enable_symmetric_memory",
-           "row_parallel_all_reduce", "symmetric_all_reduce"]
+           "epilogue_fusion", "fuse_all_reduce_epilogues", "row_parallel_all_reduce", "symmetric_all_reduce"]
 
 # Messages up to this size take symmetric memory, NCCL's all-reduce beyond; the one-shot kernel up to
 # ONE_SHOT_MAX_BYTES, two-shot beyond. Two H100s (bench/all_reduce.py, microseconds in CUDA graphs): one-shot
@@ -51,17 +56,22 @@ _world_sizes: dict[str, int] = {}
 
 
 class _LamportGroup(NamedTuple):
-    """A group's barrier-free sums (`hf_paged.kernels.triton_all_reduce`): its launcher, this rank's receive
+    """A group's barrier-free sums: the kernels' module (`hf_paged.kernels.triton_all_reduce`), this rank's receive
     buffer, every rank's buffer as an offset from it, the call counter, this rank, the largest message, and the
     elements of one slot of the buffer (a multiple of 16, so that the kernel's stores stay 16-byte wide)."""
 
-    launch: Callable
+    kernels: ModuleType  # `hf_paged.kernels.triton_all_reduce`
     receive: torch.Tensor
     peers: torch.Tensor
     counter: torch.Tensor
     rank: int
     max_bytes: int
     slot_elems: int
+
+    @property
+    def buffers(self) -> tuple:
+        """The kernels' arguments after the message: receive buffer, peer offsets, counter, slot size, rank."""
+        return self.receive, self.peers, self.counter, self.slot_elems, self.rank
 
 
 _lamport: dict[str, _LamportGroup] = {}
@@ -128,7 +138,7 @@ def _lamport_buffers(name: str, world: int, max_bytes: int, device: torch.device
     torch.cuda.synchronize(device)
     handle.barrier()  # every rank's buffers hold NOT_WRITTEN before anyone's first write
     counter = torch.zeros(2, dtype=torch.int32, device=device)
-    return _LamportGroup(triton_all_reduce.all_reduce, receive, peers, counter, handle.rank, max_bytes, slot_elems)
+    return _LamportGroup(triton_all_reduce, receive, peers, counter, handle.rank, max_bytes, slot_elems)
 
 
 def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES,
@@ -148,12 +158,9 @@ def symmetric_all_reduce(x: torch.Tensor, group_name: str, one_shot_max_bytes: i
 
 
 def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lamport_max_bytes: int | None) -> torch.Tensor:
-    lamport = _lamport.get(group_name)
-    if lamport is not None and x.dtype in (torch.bfloat16, torch.float16):
-        limit = lamport.max_bytes if lamport_max_bytes is None else min(lamport.max_bytes, lamport_max_bytes)
-        if x.numel() * x.element_size() <= limit:
-            return lamport.launch(x, lamport.receive, lamport.peers, lamport.counter, lamport.slot_elems,
-                                  lamport.rank, _world_sizes[group_name])
+    lamport = _barrier_free(x, group_name, lamport_max_bytes)
+    if lamport is not None:
+        return lamport.kernels.all_reduce(x, *lamport.buffers, _world_sizes[group_name])
     staging = _buffers[group_name].view(x.dtype)[: x.numel()].view(x.shape)
     # Two-shot splits the message into 16-byte pieces per rank.
     pieces = _world_sizes[group_name] * 16 // x.element_size()
@@ -163,12 +170,173 @@ def _symmetric(x: torch.Tensor, group_name: str, one_shot_max_bytes: int, lampor
     return torch.ops.symm_mem.two_shot_all_reduce_out(staging, "sum", group_name, torch.empty_like(x))
 
 
+def _barrier_free(x: torch.Tensor, group_name: str, lamport_max_bytes: int | None) -> _LamportGroup | None:
+    """The group's barrier-free sums if they take ``x`` (bf16/fp16, within the bound), else None."""
+    lamport = _lamport.get(group_name)
+    if lamport is None or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    limit = lamport.max_bytes if lamport_max_bytes is None else min(lamport.max_bytes, lamport_max_bytes)
+    return lamport if x.numel() * x.element_size() <= limit else None
+
+
+def _symmetric_add(x: torch.Tensor, residual: torch.Tensor, group_name: str, one_shot_max_bytes: int,
+                   lamport_max_bytes: int | None) -> torch.Tensor:
+    """``residual + symmetric_all_reduce(x)``: one kernel where the sum takes no barrier."""
+    lamport = _barrier_free(x, group_name, lamport_max_bytes)
+    if lamport is not None and _alike(residual, x):
+        return lamport.kernels.all_reduce(x, *lamport.buffers, _world_sizes[group_name], residual=residual)
+    return residual + _symmetric(x, group_name, one_shot_max_bytes, lamport_max_bytes)
+
+
+def _symmetric_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            group_name: str, one_shot_max_bytes: int,
+                            lamport_max_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, rms_norm(h))`` of ``h = residual + symmetric_all_reduce(x)``: one kernel where the sum takes no
+    barrier, else the sum then one kernel for the rest. The norm is Llama's (`_rms_norm`)."""
+    fits = _alike(residual, x) and weight.dtype == x.dtype and weight.is_contiguous() and weight.shape == x.shape[-1:]
+    lamport = _barrier_free(x, group_name, lamport_max_bytes)
+    if lamport is not None and fits:
+        return lamport.kernels.all_reduce_rms_norm(x, residual, weight, eps, *lamport.buffers,
+                                                   _world_sizes[group_name])
+    total = _symmetric(x, group_name, one_shot_max_bytes, lamport_max_bytes)
+    if fits and total.is_cuda:
+        from .kernels import triton_all_reduce
+
+        return triton_all_reduce.add_rms_norm(total, residual, weight, eps)
+    summed = residual + total
+    return summed, _rms_norm(summed, weight, eps)
+
+
+def _alike(residual: torch.Tensor, x: torch.Tensor) -> bool:
+    return residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm``'s forward: fp32 statistics, the normalised row rounded to ``h``'s dtype before the weight."""
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
 _symmetric_op = torch.library.custom_op("hf_paged::symmetric_all_reduce", mutates_args=())(_symmetric)
+_symmetric_add_op = torch.library.custom_op("hf_paged::symmetric_all_reduce_add", mutates_args=())(_symmetric_add)
+_symmetric_add_rms_norm_op = torch.library.custom_op("hf_paged::symmetric_all_reduce_add_rms_norm",
+                                                     mutates_args=())(_symmetric_add_rms_norm)
 
 
 @_symmetric_op.register_fake
 def _(x, group_name, one_shot_max_bytes, lamport_max_bytes):
     return torch.empty_like(x)
+
+
+@_symmetric_add_op.register_fake
+def _(x, residual, group_name, one_shot_max_bytes, lamport_max_bytes):
+    return torch.empty_like(x)
+
+
+@_symmetric_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, group_name, one_shot_max_bytes, lamport_max_bytes):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def fuse_all_reduce_epilogues(graph: torch.fx.Graph) -> int:
+    """Rewrite a compiled graph's row-parallel sums with what follows them (an Inductor post-grad pass): an add of
+    the sum and a residual becomes one `_symmetric_add_op`, and where a Llama RMSNorm of that (``LlamaRMSNorm``:
+    Llama, Mistral, Qwen, ...; matched op by op) follows, one `_symmetric_add_rms_norm_op` gives both. On the
+    barrier-free path each is one kernel: a decoder layer's ``o_proj`` sum, residual add and
+    ``post_attention_layernorm``, and its ``down_proj`` sum and residual add. Returns how many sums it rewrote."""
+    aten = torch.ops.aten
+    fused = 0
+    for ar in list(graph.nodes):
+        if ar.target is not torch.ops.hf_paged.symmetric_all_reduce.default or len(ar.users) != 1:
+            continue
+        add = next(iter(ar.users))
+        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+            continue
+        residual = add.args[0] if add.args[1] is ar else add.args[1]
+        x, *options = ar.args
+        if not (isinstance(residual, torch.fx.Node) and residual is not ar
+                and _same_value(residual.meta.get("val"), x.meta.get("val"))):
+            continue
+        norm = _llama_rms_norm_of(add)
+        with graph.inserting_before(add):
+            if norm is None:
+                summed = graph.call_function(torch.ops.hf_paged.symmetric_all_reduce_add.default, (x, residual, *options))
+            else:
+                weight, eps, normed = norm
+                both = graph.call_function(torch.ops.hf_paged.symmetric_all_reduce_add_rms_norm.default, (x, residual, weight, eps, *options))
+                both.meta["val"] = (add.meta["val"], normed.meta["val"])
+                summed = graph.call_function(operator.getitem, (both, 0))
+                out = graph.call_function(operator.getitem, (both, 1))
+                out.meta["val"] = normed.meta["val"]
+                normed.replace_all_uses_with(out)
+        summed.meta["val"] = add.meta["val"]
+        add.replace_all_uses_with(summed)
+        fused += 1
+    if fused:
+        graph.eliminate_dead_code()  # the old sum, add and norm
+    return fused
+
+
+def _same_value(a, b) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+
+
+def _llama_rms_norm_of(h: torch.fx.Node) -> tuple | None:
+    """``(weight, eps, output)`` where ``h``'s users hold ``LlamaRMSNorm(h)`` as its forward decomposes:
+    ``weight * (hf * rsqrt(mean(hf ** 2, -1, keepdim) + eps)).to(h.dtype)`` with ``hf = h.to(float32)``, its
+    intermediates used by nothing else; else None."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+
+    def only_user(node, target):
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        return user if user.target is target else None
+
+    dtype = h.meta["val"].dtype
+    for hf in h.users:
+        if hf.target is not prims.convert_element_type.default or hf.args[1] is not torch.float32:
+            continue
+        pows = [u for u in hf.users if u.target is aten.pow.Tensor_Scalar and u.args == (hf, 2)]
+        if len(hf.users) != 2 or len(pows) != 1:
+            continue
+        mean = only_user(pows[0], aten.mean.dim)
+        if mean is None or list(mean.args[1]) not in ([-1], [h.meta["val"].dim() - 1]) or mean.args[2:] != (True,):
+            continue
+        plus = only_user(mean, aten.add.Tensor)
+        if plus is None or plus.args[0] is not mean or not isinstance(plus.args[1], float):
+            continue
+        rsqrt = only_user(plus, aten.rsqrt.default)
+        scaled = rsqrt and only_user(rsqrt, aten.mul.Tensor)
+        if scaled is None or set(scaled.args) != {hf, rsqrt} or scaled not in hf.users:
+            continue
+        cast = only_user(scaled, prims.convert_element_type.default)
+        out = cast and cast.args[1] is dtype and only_user(cast, aten.mul.Tensor)
+        if not out:
+            continue
+        weight = out.args[0] if out.args[1] is cast else out.args[1]
+        value = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+        if (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == h.meta["val"].shape[-1:]
+                and out.meta["val"].dtype == dtype):
+            return weight, plus.args[1], out
+    return None
+
+
+@functools.cache
+def epilogue_fusion():
+    """`fuse_all_reduce_epilogues` as Inductor takes a post-grad pass, for ``torch.compile(..., options=
+    {"post_grad_custom_post_pass": epilogue_fusion()})``; its uuid (this file's hash) keys Inductor's cache.
+    Built on first use: importing Inductor takes over a second."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class EpilogueFusion(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            fuse_all_reduce_epilogues(graph)
+
+        def uuid(self) -> bytes:
+            return hashlib.sha256(Path(__file__).read_bytes()).digest()
+
+    return EpilogueFusion()
 
 
 def _tp_group(mesh) -> dist.ProcessGroup:

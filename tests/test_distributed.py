@@ -125,7 +125,8 @@ def test_symmetric_all_reduce_takes_the_barrier_free_kernel_for_small_half_preci
     monkeypatch.setattr(torch.ops, "symm_mem", SimpleNamespace(one_shot_all_reduce_copy=one_shot), raising=False)
     monkeypatch.setitem(ar._buffers, "g", torch.zeros(1 << 14, dtype=torch.uint8))
     monkeypatch.setitem(ar._world_sizes, "g", 2)
-    monkeypatch.setitem(ar._lamport, "g", ar._LamportGroup(lamport, None, None, None, 1, 2048, 1024))
+    monkeypatch.setitem(ar._lamport, "g", ar._LamportGroup(SimpleNamespace(all_reduce=lamport), None, None, None, 1,
+                                                           2048, 1024))
     for dtype in (torch.bfloat16, torch.float16):
         x = torch.randn(1024, dtype=dtype)  # 2 KB: at the limit
         assert torch.equal(ar.symmetric_all_reduce(x, "g"), x * 2)
@@ -377,3 +378,83 @@ def test_lost_ranks_fail_the_engine_and_never_outlive_it(tiny_llama, tmp_path):
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(_gone(pid) for pid in pids), f"worker ranks {pids} outlived their driver"
+
+
+def _one_rank_barrier_free_group(monkeypatch, name: str, device: str):
+    """Group ``name`` of one rank whose sums take the barrier-free kernel (under the interpreter on the CPU)."""
+    import hf_paged.tp_all_reduce as ar
+    from hf_paged.kernels import triton_all_reduce as tar
+
+    slot_elems = 1 << 14
+    receive = torch.full((tar.receive_elems(1, slot_elems),), tar.NOT_WRITTEN, dtype=torch.int16, device=device)
+    group = ar._LamportGroup(tar, receive, torch.zeros(1, dtype=torch.int64, device=device),
+                             torch.zeros(2, dtype=torch.int32, device=device), 0, 2 * slot_elems, slot_elems)
+    monkeypatch.setitem(ar._lamport, name, group)
+    monkeypatch.setitem(ar._world_sizes, name, 1)
+    return group
+
+
+def test_barrier_free_sum_with_residual_and_rms_norm_in_one_kernel(monkeypatch):
+    """The kernel's epilogues against the ops they replace (one rank: the sum is the partial): ``residual + sum``
+    and Llama's RMSNorm of it, rows of a width that is not a power of two; the add alone on the flat layout; the
+    epilogue's own launch, for sums taken another way, bit for bit the same."""
+    pytest.importorskip("triton")
+    import hf_paged.tp_all_reduce as ar
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _one_rank_barrier_free_group(monkeypatch, "g", device)
+    x, residual = (torch.randn(3, 96, device=device).to(torch.float16) for _ in range(2))
+    weight = torch.randn(96, device=device).to(torch.float16)
+    summed, normed = ar._symmetric_add_rms_norm(x, residual, weight, 1e-5, "g", 0, None)
+    assert torch.equal(summed, residual + x)
+    torch.testing.assert_close(normed, ar._rms_norm(residual + x, weight, 1e-5), rtol=2e-3, atol=2e-3)
+    assert torch.equal(ar._symmetric_add(x, residual, "g", 0, None), residual + x)
+    # The epilogue alone (after a sum that took another way) rounds alike.
+    from hf_paged.kernels import triton_all_reduce as tar
+
+    alone = tar.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(alone[0], summed) and torch.equal(alone[1], normed)
+    # Not the barrier-free path (fp32): the same results from the separate sum, add and norm.
+    monkeypatch.setattr(ar, "_symmetric", lambda x, *args: x)
+    xf, rf, wf = x.float(), residual.float(), weight.float()
+    summed, normed = ar._symmetric_add_rms_norm(xf, rf, wf, 1e-5, "g", 0, None)
+    assert torch.equal(summed, rf + xf)
+    torch.testing.assert_close(normed, ar._rms_norm(rf + xf, wf, 1e-5))  # on a GPU: the epilogue's own launch
+
+
+def test_compiled_layer_sums_take_their_add_and_rms_norm(monkeypatch):
+    """Under torch.compile with `epilogue_fusion`, a row-parallel sum followed by a residual add and a Llama
+    RMSNorm becomes one op, a sum followed by an add alone another; outputs match the eager layer's."""
+    pytest.importorskip("triton")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    import hf_paged.tp_all_reduce as ar
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _one_rank_barrier_free_group(monkeypatch, "g", device)
+    # Compile afresh: a cached graph (an earlier run's) skips the passes.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    rewrites = []
+    fuse = ar.fuse_all_reduce_epilogues
+    monkeypatch.setattr(ar, "fuse_all_reduce_epilogues", lambda graph: rewrites.append(
+        (fuse(graph), sorted(str(n.target) for n in graph.nodes if "hf_paged" in str(n.target)))))
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5).to(device, torch.float16)
+    norm.weight.data.normal_()
+    w_o, w_d = (torch.randn(96, 64, dtype=torch.float16, device=device) / 8 for _ in range(2))
+
+    def layer(h, residual):
+        hidden = residual + ar.symmetric_all_reduce(torch.nn.functional.linear(h, w_o), "g")
+        normed = norm(hidden)
+        return hidden + ar.symmetric_all_reduce(torch.nn.functional.linear(normed[:, :64], w_d), "g"), normed
+
+    h, residual = (torch.randn(4, n, dtype=torch.float16, device=device) for n in (64, 96))
+    with torch.inference_mode():
+        eager = layer(h, residual)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, options={"post_grad_custom_post_pass": ar.epilogue_fusion()})(h, residual)
+    assert rewrites == [(2, ["hf_paged.symmetric_all_reduce_add.default",
+                             "hf_paged.symmetric_all_reduce_add_rms_norm.default"])]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

@@ -13,6 +13,7 @@ from ..cache.geometry import max_model_len
 from ..cache.kv_pool import KVPool
 from ..cache.metadata import PagedAttentionMetadata
 from ..registration import ATTN_IMPLEMENTATION
+from ..tp_all_reduce import epilogue_fusion
 from .block_manager import BlockManager
 from ..kernels import get_backend
 from .host_copy import upload
@@ -48,9 +49,11 @@ def _compile_layers(model: torch.nn.Module) -> None:
                          f"{type(decoder).__name__} has none")
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    # Under TP the row-parallel sums take their residual adds and RMSNorms with them (`epilogue_fusion`).
+    options = {"post_grad_custom_post_pass": epilogue_fusion()}
     for stack in stacks:
         for layer in stack:
-            layer.compile()
+            layer.compile(options=options)
 
 
 def prepare_model(model: torch.nn.Module) -> None:
