@@ -153,7 +153,8 @@ def main() -> None:
                   f"{r['two_shot_busbw_gb_s']:>12.1f} {r['identical']} {r.get('lamport_identical', '-')} "
                   f"err ulp nccl {r['nccl_err_ulp']:.2f} lamport {r.get('lamport_err_ulp', float('nan')):.2f} "
                   f"ranks agree {r.get('lamport_same_on_ranks', '-')} epilogue sum same "
-                  f"{r.get('epilogue_sum_identical', '-')} norm err ulp {r.get('epilogue_norm_err_ulp', float('nan')):.2f}")
+                  f"{r.get('epilogue_sum_identical', '-')} "
+                  f"norm err ulp {r.get('epilogue_norm_err_ulp', float('nan')):.2f}")
         print(f"wrote {out}")
     dist.destroy_process_group()
 

@@ -429,7 +429,8 @@ def summarize(runs: dict, args) -> dict:
     for tp, variant in itertools.product(("tp2", "tp4"), ("nccl", "barriers")):
         base, other = runs.get(tp, {}).get("greedy_tokens"), runs.get(f"{tp}-{variant}", {}).get("greedy_tokens")
         if base and other:
-            summary[f"{tp}_{variant}_vs_{tp}_identical_greedy"] = f"{sum(a == b for a, b in zip(base, other))}/{len(base)}"
+            same = sum(a == b for a, b in zip(base, other))
+            summary[f"{tp}_{variant}_vs_{tp}_identical_greedy"] = f"{same}/{len(base)}"
             summary[f"{tp}_{variant}_tok_s"] = tok_s(f"{tp}-{variant}", "uniform")
             summary[f"{tp}_{variant}_batch1_ms_per_token"] = latency(f"{tp}-{variant}")
     if "parity" in runs:

@@ -81,8 +81,8 @@ def enable_symmetric_memory(group: dist.ProcessGroup, max_bytes: int = DEFAULT_M
                             lamport_max_bytes: int | None = None) -> bool:
     """Give an NCCL group a symmetric staging buffer of ``max_bytes`` for `symmetric_all_reduce`, and receive
     buffers for its barrier-free sums of up to ``lamport_max_bytes`` (None: `LAMPORT_MAX_BYTES` on two ranks,
-    less on more (`_lamport_bound`), within ``max_bytes``; 0: none; they take 3 x ranks x that many bytes) (collective; once per group,
-    the first sizes stay). Returns whether the group has them (a gloo group never does).
+    less on more (`_lamport_bound`), within ``max_bytes``; 0: none; they take 3 x ranks x that many bytes)
+    (collective; once per group, the first sizes stay). Returns whether the group has them (a gloo group never does).
 
     Example:
         >>> enable_symmetric_memory(dist.group.WORLD)  # doctest: +SKIP
@@ -258,22 +258,28 @@ def fuse_all_reduce_epilogues(graph: torch.fx.Graph) -> int:
                 and _same_value(residual.meta.get("val"), x.meta.get("val"))):
             continue
         norm = _llama_rms_norm_of(add)
+        ops = torch.ops.hf_paged
         with graph.inserting_before(add):
             if norm is None:
-                summed = graph.call_function(torch.ops.hf_paged.symmetric_all_reduce_add.default, (x, residual, *options))
+                summed = graph.call_function(ops.symmetric_all_reduce_add.default, (x, residual, *options))
+                replaced = [ar, add]
             else:
-                weight, eps, normed = norm
-                both = graph.call_function(torch.ops.hf_paged.symmetric_all_reduce_add_rms_norm.default, (x, residual, weight, eps, *options))
+                weight, eps, chain = norm
+                normed = chain[-1]
+                both = graph.call_function(ops.symmetric_all_reduce_add_rms_norm.default,
+                                           (x, residual, weight, eps, *options))
                 both.meta["val"] = (add.meta["val"], normed.meta["val"])
                 summed = graph.call_function(operator.getitem, (both, 0))
                 out = graph.call_function(operator.getitem, (both, 1))
                 out.meta["val"] = normed.meta["val"]
                 normed.replace_all_uses_with(out)
+                replaced = [ar, add, *chain]
         summed.meta["val"] = add.meta["val"]
         add.replace_all_uses_with(summed)
+        for node in reversed(replaced):  # only what was rewritten: the graph's other unused nodes stay as they are
+            if not node.users:
+                graph.erase_node(node)
         fused += 1
-    if fused:
-        graph.eliminate_dead_code()  # the old sum, add and norm
     return fused
 
 
@@ -282,7 +288,8 @@ def _same_value(a, b) -> bool:
 
 
 def _llama_rms_norm_of(h: torch.fx.Node) -> tuple | None:
-    """``(weight, eps, output)`` where ``h``'s users hold ``LlamaRMSNorm(h)`` as its forward decomposes:
+    """``(weight, eps, nodes)`` where ``h``'s users hold ``LlamaRMSNorm(h)`` as its forward decomposes (``nodes``:
+    those of the norm in order, its output last):
     ``weight * (hf * rsqrt(mean(hf ** 2, -1, keepdim) + eps)).to(h.dtype)`` with ``hf = h.to(float32)``, its
     intermediates used by nothing else; else None."""
     aten, prims = torch.ops.aten, torch.ops.prims
@@ -318,7 +325,7 @@ def _llama_rms_norm_of(h: torch.fx.Node) -> tuple | None:
         value = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
         if (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == h.meta["val"].shape[-1:]
                 and out.meta["val"].dtype == dtype):
-            return weight, plus.args[1], out
+            return weight, plus.args[1], [hf, pows[0], mean, plus, rsqrt, scaled, cast, out]
     return None
 
 
