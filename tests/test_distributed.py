@@ -422,10 +422,14 @@ def test_barrier_free_sum_with_residual_and_rms_norm_in_one_kernel(monkeypatch):
     torch.testing.assert_close(normed, ar._rms_norm(rf + xf, wf, 1e-5))  # on a GPU: the epilogue's own launch
 
 
-def test_compiled_layer_sums_take_their_add_and_rms_norm(monkeypatch):
+@pytest.mark.parametrize("norm_kind", ["llama", "gemma"])
+def test_compiled_layer_sums_take_their_add_and_rms_norm(monkeypatch, norm_kind):
     """Under torch.compile with `epilogue_fusion`, a row-parallel sum followed by a residual add and a Llama
-    RMSNorm becomes one op, a sum followed by an add alone another; outputs match the eager layer's."""
+    RMSNorm becomes one op, a sum followed by an add alone another; a norm that is not Llama's (Gemma's: the
+    weight as 1 + w, multiplied in fp32) keeps its own ops and only the add joins the sum. Outputs match the
+    eager layer's."""
     pytest.importorskip("triton")
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     import hf_paged.tp_all_reduce as ar
@@ -440,7 +444,7 @@ def test_compiled_layer_sums_take_their_add_and_rms_norm(monkeypatch):
     monkeypatch.setattr(ar, "fuse_all_reduce_epilogues", lambda graph: rewrites.append(
         (fuse(graph), sorted(str(n.target) for n in graph.nodes if "hf_paged" in str(n.target)))))
     torch.manual_seed(0)
-    norm = LlamaRMSNorm(96, eps=1e-5).to(device, torch.float16)
+    norm = (LlamaRMSNorm if norm_kind == "llama" else GemmaRMSNorm)(96, eps=1e-5).to(device, torch.float16)
     norm.weight.data.normal_()
     w_o, w_d = (torch.randn(96, 64, dtype=torch.float16, device=device) / 8 for _ in range(2))
 
@@ -454,7 +458,8 @@ def test_compiled_layer_sums_take_their_add_and_rms_norm(monkeypatch):
         eager = layer(h, residual)
         torch._dynamo.reset()
         compiled = torch.compile(layer, options={"post_grad_custom_post_pass": ar.epilogue_fusion()})(h, residual)
+    second = "add_rms_norm" if norm_kind == "llama" else "add"
     assert rewrites == [(2, ["hf_paged.symmetric_all_reduce_add.default",
-                             "hf_paged.symmetric_all_reduce_add_rms_norm.default"])]
+                             f"hf_paged.symmetric_all_reduce_{second}.default"])]
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
