@@ -246,6 +246,7 @@ def fuse_all_reduce_epilogues(graph: torch.fx.Graph) -> int:
     ``post_attention_layernorm``, and its ``down_proj`` sum and residual add. Returns how many sums it rewrote."""
     aten = torch.ops.aten
     fused = 0
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for ar in list(graph.nodes):
         if ar.target is not torch.ops.hf_paged.symmetric_all_reduce.default or len(ar.users) != 1:
             continue
@@ -258,6 +259,8 @@ def fuse_all_reduce_epilogues(graph: torch.fx.Graph) -> int:
                 and _same_value(residual.meta.get("val"), x.meta.get("val"))):
             continue
         norm = _llama_rms_norm_of(add)
+        if norm is not None and order[norm[0]] > order[add]:  # the fused op goes where the add was
+            norm = None
         ops = torch.ops.hf_paged
         with graph.inserting_before(add):
             if norm is None:
