@@ -424,8 +424,9 @@ def summarize(runs: dict, args) -> dict:
     if one and two:
         summary[f"{args.dtype}_tp2_identical_greedy"] = f"{sum(a == b for a, b in zip(one, two))}/{len(one)}"
         summary[f"{args.dtype}_tp2_first_divergence"] = [_first_divergence(a, b) for a, b in zip(one, two)]
-    # Two ranks' sums are a + b on every all-reduce path, so their tokens must be the same; four ranks' may add in
-    # other orders (bf16), so there the count says how far they went apart.
+    # "-barriers" against the default: two ranks' sums are a + b on either path and the residual add and RMSNorm after
+    # them the same kernel code, so their tokens must be the same. "-nccl": Inductor's add and norm, rounded its own
+    # way, and four ranks may add in other orders (bf16): there the count says how far the tokens went apart.
     for tp, variant in itertools.product(("tp2", "tp4"), ("nccl", "barriers")):
         base, other = runs.get(tp, {}).get("greedy_tokens"), runs.get(f"{tp}-{variant}", {}).get("greedy_tokens")
         if base and other:

@@ -208,7 +208,7 @@ def _symmetric_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
 
 
 def _alike(residual: torch.Tensor, x: torch.Tensor) -> bool:
-    return residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+    return _same_value(residual, x) and residual.is_contiguous()
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

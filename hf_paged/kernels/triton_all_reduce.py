@@ -124,12 +124,9 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     Example:
         >>> hidden, normed = all_reduce_rms_norm(partial, residual, norm.weight, 1e-5, *buffers)  # doctest: +SKIP
     """
-    row_len = x.shape[-1]
-    out, normed = torch.empty_like(x), torch.empty_like(x)
-    block = triton.next_power_of_2(row_len)
-    launch(_all_reduce_kernel, (x.numel() // row_len,), x, out, residual, weight, normed, receive, peers, counter,
-           x.numel(), row_len, slot_elems, rank, float(eps), WORLD=world, BLOCK=block, HAS_RESIDUAL=True,
-           HAS_NORM=True, num_warps=4 if block <= 4096 else 8)
+    out, normed, row_len, rows, options = _by_rows(x)
+    launch(_all_reduce_kernel, (rows,), x, out, residual, weight, normed, receive, peers, counter, x.numel(),
+           row_len, slot_elems, rank, float(eps), WORLD=world, HAS_RESIDUAL=True, HAS_NORM=True, **options)
     return out, normed
 
 
@@ -141,12 +138,18 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     Example:
         >>> hidden, normed = add_rms_norm(total, residual, norm.weight, 1e-5)  # doctest: +SKIP
     """
-    row_len = x.shape[-1]
-    out, normed = torch.empty_like(x), torch.empty_like(x)
-    block = triton.next_power_of_2(row_len)
-    launch(_add_rms_norm_kernel, (x.numel() // row_len,), x, residual, weight, out, normed, row_len, float(eps),
-           BLOCK=block, num_warps=4 if block <= 4096 else 8)
+    out, normed, row_len, rows, options = _by_rows(x)
+    launch(_add_rms_norm_kernel, (rows,), x, residual, weight, out, normed, row_len, float(eps), **options)
     return out, normed
+
+
+def _by_rows(x: torch.Tensor) -> tuple:
+    """A row-per-program launch over ``x``'s last dim: the two outputs, the row length, the rows, and the
+    tile and warps."""
+    row_len = x.shape[-1]
+    block = triton.next_power_of_2(row_len)
+    return (torch.empty_like(x), torch.empty_like(x), row_len, x.numel() // row_len,
+            dict(BLOCK=block, num_warps=4 if block <= 4096 else 8))
 
 
 def receive_elems(world: int, slot_elems: int) -> int:
