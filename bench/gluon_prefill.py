@@ -40,51 +40,17 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empt
         tma.async_copy_global_to_shared(v_desc, [kv_row + i * BLOCK_N, kv_col], ready.index(s), v_bufs.index(s))
 
 
-@gluon.jit
-def _consumer(q_smem, k_bufs, v_bufs, q_bar, ready, empty, o_ptr, stride_ot, o_row, o_col, rows_left, t0,
-              n_tiles, n_full, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    q_pos = t0 + gl.arange(0, BLOCK_M, layout=row_s)
-    mbarrier.wait(q_bar, 0)
-    for i in range(n_tiles):
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-        if i >= n_full:  # the causal edge
-            j = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            qk = gl.where(j[None, :] <= q_pos[:, None], qk, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-        p = gl.exp2(qk * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        acc = warpgroup_mma(p_op, v_bufs.index(s), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s), count=1)
-    out = acc / gl.convert_layout(l_i, row_o)[:, None]
-    r = gl.arange(0, BLOCK_M, layout=row_o)
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    ptrs = o_ptr + (o_row + r).to(gl.int64)[:, None] * stride_ot + o_col + d[None, :]
-    gl.store(ptrs, out.to(gl.bfloat16), mask=(r < rows_left)[:, None])
+@gluon.constexpr_function
+def _mma_layout(n, num_warps):
+    """The wgmma accumulator layout of ``num_warps`` warps over [rows, n]."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
 def _softmax_tile(qk, i, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    if i >= n_full:  # the causal edge
+    """Key tile ``i``'s probabilities (the causal mask past the ``n_full`` unmasked tiles), the rescale of what came
+    before, and the new running max and sum."""
+    if i >= n_full:
         j = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         qk = gl.where(j[None, :] <= q_pos[:, None], qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
@@ -95,15 +61,25 @@ def _softmax_tile(qk, i, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N: gl.constexp
 
 
 @gluon.jit
-def _consumer_overlap(q_smem, k_bufs, v_bufs, q_bar, ready, empty, o_ptr, stride_ot, o_row, o_col, rows_left, t0,
-                      n_tiles, n_full, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """As `_consumer`, with tile i's Q K^T running while tile i-1's P V runs and tile i's softmax follows
-    (FlashAttention-3's overlap within a warpgroup)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+def _store_rows(acc, l_i, o_ptr, stride_ot, o_row, o_col, rows_left, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                o_layout: gl.constexpr):
+    """The normalised rows that belong to the sequence (``rows_left`` of them) into ``o`` [T, H * D]."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out = acc / gl.convert_layout(l_i, row_o)[:, None]
+    r = gl.arange(0, BLOCK_M, layout=row_o)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    ptrs = o_ptr + (o_row + r).to(gl.int64)[:, None] * stride_ot + o_col + d[None, :]
+    gl.store(ptrs, out.to(gl.bfloat16), mask=(r < rows_left)[:, None])
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, v_bufs, q_bar, ready, empty, o_ptr, stride_ot, o_row, o_col, rows_left, t0,
+              n_tiles, n_full, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, NUM_WARPS: gl.constexpr, OVERLAP: gl.constexpr):
+    """Online softmax over the key tiles the producer fills. ``OVERLAP``: tile i's Q K^T runs while tile i-1's P V
+    runs, before tile i's softmax (FlashAttention-3's overlap within a warpgroup)."""
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N, NUM_WARPS)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM, NUM_WARPS)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -113,32 +89,41 @@ def _consumer_overlap(q_smem, k_bufs, v_bufs, q_bar, ready, empty, o_ptr, stride
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     q_pos = t0 + gl.arange(0, BLOCK_M, layout=row_s)
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(ready.index(0), 0)
-    qk = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-    p, alpha, m_i, l_i = _softmax_tile(qk, 0, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N, s_layout)
-    p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    for i in range(1, n_tiles):
-        s = i % STAGES
-        prev = (i - 1) % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
-        p, alpha, m_i, l_i = _softmax_tile(qk, i, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N, s_layout)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(prev), count=1)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    if OVERLAP:
+        mbarrier.wait(ready.index(0), 0)
+        qk = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+        p, alpha, m_i, l_i = _softmax_tile(qk, 0, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N, s_layout)
         p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-    last = (n_tiles - 1) % STAGES
-    acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    mbarrier.arrive(empty.index(last), count=1)
-    out = acc / gl.convert_layout(l_i, row_o)[:, None]
-    r = gl.arange(0, BLOCK_M, layout=row_o)
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    ptrs = o_ptr + (o_row + r).to(gl.int64)[:, None] * stride_ot + o_col + d[None, :]
-    gl.store(ptrs, out.to(gl.bfloat16), mask=(r < rows_left)[:, None])
+        for i in range(1, n_tiles):
+            s = i % STAGES
+            prev = (i - 1) % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+            p, alpha, m_i, l_i = _softmax_tile(qk, i, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N, s_layout)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        last = (n_tiles - 1) % STAGES
+        acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(last), count=1)
+    else:
+        for i in range(n_tiles):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            qk = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+            p, alpha, m_i, l_i = _softmax_tile(qk, i, n_full, q_pos, m_i, l_i, qk_scale, BLOCK_N, s_layout)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p_op, v_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(s), count=1)
+    _store_rows(acc, l_i, o_ptr, stride_ot, o_row, o_col, rows_left, BLOCK_M, HEAD_DIM, o_layout)
 
 
 @gluon.jit
@@ -167,9 +152,9 @@ def _prefill_kernel(q_desc, k_desc, v_desc, o_ptr, cu_ptr, stride_ot, qk_scale, 
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=1)
         gl.warp_specialize([
-            (_consumer_overlap if OVERLAP else _consumer,
-             (q_smem, k_bufs, v_bufs, q_bar, ready, empty, o_ptr, stride_ot, q_begin + t0, head * HEAD_DIM,
-              q_len - t0, t0, n_tiles, n_full, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_WARPS)),
+            (_consumer, (q_smem, k_bufs, v_bufs, q_bar, ready, empty, o_ptr, stride_ot, q_begin + t0,
+                         head * HEAD_DIM, q_len - t0, t0, n_tiles, n_full, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         STAGES, NUM_WARPS, OVERLAP)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, ready, empty, q_begin + t0,
                          head * HEAD_DIM, q_begin, (head // G) * HEAD_DIM, n_tiles, BLOCK_N, STAGES)),
         ], [1], [24])
