@@ -3,8 +3,9 @@ reference and timed beside hf_paged's Triton kernel: where the way past the `tl`
 
 One producer warp streams K/V tiles by TMA into a ring of shared buffers (mbarriers: ready / empty); the default
 partition (two warpgroups, 128 query rows of one head) runs Q K^T and P V on wgmma with an online softmax, the
-causal edge masked in the same loop. ``--overlap`` issues tile i's Q K^T while tile i-1's P V runs (FlashAttention-3's
-overlap within a warpgroup). Fresh prompts only (each sequence's keys are its own queries'), bf16, head_dim 64/128.
+causal edge masked in the same loop. The "overlap" variants issue tile i's Q K^T while tile i-1's P V runs
+(FlashAttention-3's overlap within a warpgroup). Fresh prompts only (each sequence's keys are its own queries'),
+bf16, head_dim 64/128.
 Not used by the engine: on an H200 it reached 0.86x of the Triton kernel at d128 b1 2k (bench/RESULTS.md, session 21).
 
     python bench/gluon_prefill.py [--out bench/results]   # needs an SM90 GPU and triton >= 3.6
