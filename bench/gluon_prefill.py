@@ -174,7 +174,7 @@ def prefill(q, k, v, cu_seqlens, max_q_len, scale, block_m=128, block_n=128, sta
     v_desc = TensorDescriptor.from_tensor(v.view(total, kv_heads * d), [block_n, d], kv_layout)
     tiles = triton.cdiv(max_q_len, block_m)
     grid = (len(cu_seqlens) - 1) * tiles, heads
-    _prefill_kernel[grid](q_desc, k_desc, v_desc, out, cu_seqlens, heads * d, scale * 1.4426950408889634, tiles,
+    _prefill_kernel[grid](q_desc, k_desc, v_desc, out, cu_seqlens, heads * d, scale * triton_attention.LOG2E, tiles,
                           heads // kv_heads, d, block_m, block_n, stages, num_warps, overlap, num_warps=num_warps)
     return out
 
