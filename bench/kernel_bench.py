@@ -13,13 +13,17 @@
 * ``--prefill-order``: causal prefill with the longest query tiles launched first per KV head or across
   heads (and the kernel's choice; the six timed in three rotating rounds, medians), beside FA4 when installed
   and SDPA. Writes ``kernels-prefill-order-...``.
+* ``--prompt-kernels``: the Gluon prompt kernel (Hopper, head_dim 128) against the `tl` kernel, fresh prompts
+  and chunks after keys in the pages, each checked against the reference. Writes ``kernels-prompt-kernels-...``.
 * ``--fa4``: FlashAttention-4 (flash-attn-4, paged) beside ours and SDPA at the shapes of issue 16,
   FA4 on our 16-token blocks and on 128-token pages (its TMA path on SM90), and a prefill config
-  sweep of ours. Writes ``kernels-fa4-<gpu>-<date>.json``.
+  sweep of ours. Prefill rows time ours as the plan chooses (``ours_kernel``: the Gluon kernel on Hopper at
+  head_dim 128, else tl) and the tl kernel alone (``ours_tl``), round robin with FA4. Writes ``kernels-fa4-<gpu>-<date>.json``.
 
 Times are medians of CUDA-graph replays (device time), plus the eager (Python launch) time of ours.
 
     PYTHONPATH=. python bench/kernel_bench.py [--out DIR] [--quick] [--fa4] [--mixed-step] [--prefill-order]
+        [--prompt-kernels]
 """
 
 from __future__ import annotations
@@ -233,7 +237,8 @@ def run_tune(shapes: str, caps: dict, save=lambda rows: None) -> list[dict]:
 
 
 FA4_DECODE = [(128, 32, 2048), (128, 1, 32768), (64, 32, 2048), (128, 256, 2048), (64, 1, 32768)]  # (D, B, ctx)
-FA4_PREFILL = [(128, 1, 2048), (128, 1, 8192), (64, 8, 2048), (64, 1, 8192), (128, 8, 512)]  # (D, B, L)
+FA4_PREFILL = [(128, 1, 2048), (128, 1, 4096), (128, 1, 8192), (64, 8, 2048), (64, 1, 2048), (64, 1, 8192),
+               (128, 8, 512)]  # (D, B, L)
 
 
 def _timed(fn) -> float | str:
@@ -274,6 +279,20 @@ def _fa4_error(q, k, v, meta) -> float:
 FA4_META = ("cu_seqlens_q", "context_lens", "block_tables", "scale", "max_seqlen_q")
 
 
+def _prompt_kernel(fn) -> str:
+    """Which kernel ``fn``'s prompt attention ran on: "gluon" (`gluon_prefill`, Hopper) or "tl"."""
+    gluon = triton_attention._gluon_prefill(torch.device("cuda"))
+    if gluon is None:
+        return "tl"
+    calls, run = [], gluon.prefill
+    gluon.prefill = lambda *args: calls.append(1) or run(*args)
+    try:
+        fn()
+    finally:
+        gluon.prefill = run
+    return "gluon" if calls else "tl"
+
+
 def run_fa4(caps) -> dict:
     """Ours vs FA4 (16-token blocks as ours, and 128-token pages) vs SDPA at issue 16's shapes."""
     torch.manual_seed(0)
@@ -308,24 +327,29 @@ def run_fa4(caps) -> dict:
     for d, batch, length in FA4_PREFILL:
         row = dict(head_dim=d, batch=batch, length=length)
         flops = 4 * batch * 32 * d * length * (length + 1) / 2
-        for page in (16, 128):
-            q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d, block_size=page)
-            if page == 16:
-                row["ours"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **meta))
-                pages = {n: x for n, x in meta.items() if n not in ("key", "value")}
-                row["ours_pages_only"] = _timed(lambda: triton_attention.paged_attention(q, k, v, **pages))
-            row[f"fa4_page{page}"] = _timed(lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}))
-            del q, k, v
+        q, k, v, meta = paged_inputs(batch, length, length, 32, 8, d)
+        q2, k2, v2, meta2 = paged_inputs(batch, length, length, 32, 8, d, block_size=128)
+        pages = {n: x for n, x in meta.items() if n not in ("key", "value")}
+        tl_cfg = triton_attention.choose_config(d, 4, length, step_kv=True)
+        row["ours_kernel"] = _prompt_kernel(lambda: triton_attention.paged_attention(q, k, v, **meta))
+        row.update(_round_robin({
+            "ours": lambda: triton_attention.paged_attention(q, k, v, **meta),
+            "ours_tl": lambda: triton_attention.paged_attention(q, k, v, **meta, config=tl_cfg),
+            "ours_pages_only": lambda: triton_attention.paged_attention(q, k, v, **pages),
+            "fa4_page16": lambda: fa4_backend.flash_attention(q, k, v, **{n: meta[n] for n in FA4_META}),
+            "fa4_page128": lambda: fa4_backend.flash_attention(q2, k2, v2, **{n: meta2[n] for n in FA4_META})}))
+        del q, k, v, q2, k2, v2
         row["sdpa"] = _sdpa_prefill_ms(batch, length, d)
         row.update({f"{n}_TFLOPs": flops / row[n] / 1e9 for n in list(row) if isinstance(row.get(n), float)})
-        if isinstance(row.get("ours"), float) and isinstance(row.get("fa4_page128"), float):
-            row["ours_over_fa4"] = row["fa4_page128"] / row["ours"]
+        for n in ("ours", "ours_tl"):
+            if isinstance(row.get(n), float) and isinstance(row.get("fa4_page128"), float):
+                row[f"{n}_over_fa4"] = row["fa4_page128"] / row[n]
         prefill.append(row)
         print("fa4 prefill", row, flush=True)
     return dict(errors=errors, decode=decode, prefill=prefill)
 
 
-def run_prefill_tune(caps, shapes=FA4_PREFILL[:3]) -> list[dict]:
+def run_prefill_tune(caps, shapes=((128, 1, 2048), (128, 1, 8192), (64, 8, 2048))) -> list[dict]:
     """Our prefill over tile configs (each checked against the reference first) at ``shapes`` (D, B, L), beside
     FA4 on 128-token pages when it is installed (same process)."""
     import itertools
@@ -432,6 +456,41 @@ def run_prefill_order(caps, shapes=FA4_PREFILL + [(128, 1, 4096), (64, 1, 2048)]
         rows.append(row)
         print(f"prefill order d={d} b={batch} L={length} (TFLOP/s): " + ", ".join(
             f"{n[:-7]} {x:.0f}" for n, x in row.items() if n.endswith("_TFLOPs")), flush=True)
+    return rows
+
+
+PROMPT_KERNEL_SHAPES = [(1, 512, 512), (1, 1024, 1024), (1, 2048, 2048), (1, 4096, 4096), (1, 8192, 8192),
+                        (8, 512, 512), (8, 2048, 2048), (4, 1024, 3072)]  # (B, new tokens, keys), d128
+
+
+def run_prompt_kernels(caps, shapes=PROMPT_KERNEL_SHAPES) -> list[dict]:
+    """The Gluon prompt kernel (Hopper) against the `tl` kernel (its heuristic tiles) at d128, round robin; every
+    length is given to Gluon here (what sets `GLUON_MAX_SEQLEN_Q`). Keys past the new tokens' come from the pages."""
+    if triton_attention._gluon_prefill(torch.device("cuda")) is None:
+        raise SystemExit("the Gluon prompt kernel needs Hopper and Triton " +
+                         " / ".join(triton_attention.GLUON_TRITON_VERSIONS))
+    limit, triton_attention.GLUON_MAX_SEQLEN_Q = triton_attention.GLUON_MAX_SEQLEN_Q, 1 << 30
+    rows = []
+    try:
+        for batch, length, ctx in shapes:
+            flops = 4 * batch * 32 * 128 * length * (ctx - length + (length + 1) / 2)
+            q, k, v, meta = paged_inputs(batch, ctx, length, 32, 8, 128)
+            tl_cfg = triton_attention.choose_config(128, 4, length, step_kv=True)
+            fns = {"gluon": lambda: triton_attention.paged_attention(q, k, v, **meta),
+                   "tl": lambda: triton_attention.paged_attention(q, k, v, **meta, config=tl_cfg)}
+            assert _prompt_kernel(fns["gluon"]) == "gluon"
+            want = reference.paged_attention(q.float(), k.float(), v.float(), **meta)
+            row = dict(kind="prompt-kernels", head_dim=128, batch=batch, new_tokens=length, keys=ctx,
+                       **{f"{n}_rel_err": ((fn().float() - want).norm() / want.norm()).item() for n, fn in fns.items()})
+            row.update({f"{n}_ms": ms for n, ms in _round_robin(fns).items()})
+            row.update({n.replace("_ms", "_TFLOPs"): flops / row[n] / 1e9 for n in ("gluon_ms", "tl_ms")
+                        if isinstance(row[n], float)})
+            rows.append(row)
+            print(f"prompt kernels b={batch} new={length} keys={ctx} (TFLOP/s): gluon {row.get('gluon_TFLOPs', 0):.0f}, "
+                  f"tl {row.get('tl_TFLOPs', 0):.0f}", flush=True)
+            del q, k, v, want
+    finally:
+        triton_attention.GLUON_MAX_SEQLEN_Q = limit
     return rows
 
 
@@ -588,6 +647,8 @@ def main() -> None:
                         "(per KV head, across heads, the rule's), beside FA4 (when installed) and SDPA")
     parser.add_argument("--decode-order", action="store_true", help="only decode by launch order (one KV head "
                         "across sequences, a sequence's KV heads together, the rule's)")
+    parser.add_argument("--prompt-kernels", action="store_true", help="only the Gluon prompt kernel vs the tl "
+                        "kernel at d128 (Hopper)")
     parser.add_argument("--mixed-step", action="store_true", help="only a mixed step's attention as its graph "
                         "launches it vs launches sized for its decodes and its prompt")
     args = parser.parse_args()
@@ -625,6 +686,8 @@ def main() -> None:
         only = ("prefill-order", run_prefill_order(caps))
     elif args.decode_order:
         only = ("decode-order", run_decode_order(caps))
+    elif args.prompt_kernels:
+        only = ("prompt-kernels", run_prompt_kernels(caps))
     if only:
         path = os.path.join(args.out, f"kernels-{only[0]}-{env['gpu'].replace(' ', '_')}-{env['date'][:10]}.json")
         os.makedirs(args.out, exist_ok=True)

@@ -315,6 +315,65 @@ def test_step_kv_read_directly(case):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+class _FakeGluon:
+    """Stands in for `gluon_prefill` on the CPU: counts its calls and answers with the reference."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def prefill(self, query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens, block_tables, scale,
+                max_seqlen_q, out):
+        self.calls += 1
+        out.copy_(reference.paged_attention(query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
+                                            context_lens=context_lens, block_tables=block_tables, scale=scale))
+        return out
+
+
+@pytest.mark.parametrize("case,gluon", [
+    ("prompts", True), ("chunked prompts, page 128", True), ("bf16, page 8", True), ("no step K/V", False),
+    ("fp32", False), ("head_dim 64", False), ("page 4", False), ("mostly decodes", False), ("a prompt past GLUON_MAX_SEQLEN_Q", False),
+    ("window", False), ("softcap", False), ("kv_start", False), ("config", False), ("num_splits", False),
+    ("static_grid", False), ("strided query", False), ("not on Hopper", False)])
+def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
+    """On Hopper (stood in for here) a prompt step at head_dim 128 in fp16/bf16 goes to the Gluon kernel, unless it
+    needs what that kernel does not do or is mostly decodes; the others keep the Triton launches. Either way the
+    result is the reference's."""
+    fake = _FakeGluon()
+    monkeypatch.setattr(triton_attention, "_gluon_prefill", lambda device: None if case == "not on Hopper" else fake)
+    monkeypatch.setattr(triton_attention, "_plans", {})
+    q_lens, kv_lens, page, dtype, d, extra = [130, 200], [130, 200], 16, torch.float16, 128, {}
+    if case == "chunked prompts, page 128":
+        q_lens, kv_lens, page = [230, 200, 1], [300, 200, 400], 128
+    if case == "bf16, page 8":
+        dtype, page = torch.bfloat16, 8
+    if case == "fp32":
+        dtype = torch.float32
+    if case == "head_dim 64":
+        d = 64
+    if case == "page 4":
+        page = 4
+    if case == "mostly decodes":
+        q_lens, kv_lens = [200, 1, 1, 1], [200, 50, 60, 70]
+    q, k, v, meta = make_problem(q_lens, kv_lens, heads=8, kv_heads=2, head_dim=d, block_size=page, dtype=dtype,
+                                 seed=21)
+    key, value = step_kv(k, v, meta)
+    if case == "no step K/V":
+        key = value = None
+    if case == "a prompt past GLUON_MAX_SEQLEN_Q":
+        monkeypatch.setattr(triton_attention, "GLUON_MAX_SEQLEN_Q", 199)
+    extra = {"window": {"sliding_window": 50}, "softcap": {"softcap": 20.0}, "config": {"config": Config(64, 16, 4, 1)},
+             "num_splits": {"num_splits": 1}, "static_grid": {"static_grid": True}}.get(case, {})
+    if case == "kv_start":
+        meta["kv_start"] = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    if case == "strided query":
+        q = torch.cat([q, q], dim=-1)[..., :d]
+    want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.1, **meta,
+                                     **{n: x for n, x in extra.items() if n in ("sliding_window", "softcap")})
+    got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, **extra, key=key, value=value)
+    assert fake.calls == int(gluon)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def _step_slots(meta, block_size):
     """Each sequence's slots for its last ``q_len`` positions (where this step's keys go)."""
     cu, lens, tables = (meta[n].cpu() for n in ("cu_seqlens_q", "context_lens", "block_tables"))
@@ -510,3 +569,26 @@ def test_gpu_decode_stores_the_step_keys_in_its_launch(head_dim, kv_lens):
         got = triton_backend.paged_attention(q, k, v, scale=0.1, **meta, key=key, value=value, slot_mapping=slots)
         assert torch.equal(k, k_want) and torch.equal(v, v_want)
         assert _rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,heads,kv_heads,page", [(torch.bfloat16, 32, 8, 16), (torch.float16, 32, 8, 128),
+                                                       (torch.bfloat16, 16, 1, 256), (torch.bfloat16, 8, 8, 8)])
+def test_gpu_gluon_prefill(dtype, heads, kv_heads, page, monkeypatch):
+    """Hopper prompt steps at head_dim 128 (the Gluon kernel, counted): fresh prompts, chunks after earlier keys
+    in the pages (prefixes not a multiple of a tile or a page), decodes among them, and a batch of one 4k prompt;
+    against the fp32 reference."""
+    module = triton_attention._gluon_prefill(torch.device("cuda"))
+    if module is None:
+        pytest.skip("the Gluon kernel runs on Hopper with Triton " + " / ".join(triton_attention.GLUON_TRITON_VERSIONS))
+    calls = []
+    monkeypatch.setattr(module, "prefill", lambda *a, _run=module.prefill: calls.append(1) or _run(*a))
+    for q_lens, kv_lens in [([700, 129, 1000], [700, 129, 1000]), ([300, 64, 700, 1], [1000, 64, 900, 517]),
+                            ([4096], [4096]), ([128, 255], [300, 1200])]:
+        q, k, v, meta = make_problem(q_lens, kv_lens, heads=heads, kv_heads=kv_heads, head_dim=128, block_size=page,
+                                     dtype=dtype, seed=len(q_lens))
+        key, value = step_kv(k, v, meta)
+        want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.088, **meta)
+        got = triton_backend.paged_attention(q, k, v, scale=0.088, **meta, key=key, value=value)
+        assert _rel_err(got, want) < 1e-2, (q_lens, kv_lens)
+    assert len(calls) == 4

@@ -59,6 +59,12 @@ MAX_MERGED_SPLITS = 16
 # read their slices of the same key rows at once. H200, 32/8 heads, 2k keys, us one head after another / across
 # heads: b256 d64 260.4 / 256.0, d128 524.9 / 517.7; b128 132.6 / 130.8, 267.5 / 264.3; b32 within 1% (session 19).
 ACROSS_HEADS_WAVES = 4
+# Prompt steps at head_dim 128 on Hopper go to the warp-specialised Gluon kernel (`gluon_prefill`) up to this
+# longest prompt; beyond it this kernel's 128 x 128 tiles were as fast (H200, same process, bench/RESULTS.md
+# session 22: TFLOP/s Gluon / Triton at b1 2k 408 / 367, 8k 489 / 504).
+GLUON_MAX_SEQLEN_Q = 4096
+# Gluon's API changes between Triton releases: the kernel is written for and tested on these.
+GLUON_TRITON_VERSIONS = ("3.6.",)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -464,6 +470,18 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+@functools.cache
+def _gluon_prefill(device: torch.device):
+    """The `gluon_prefill` module where it runs: a Hopper GPU (its wgmma is SM90's alone) and a Triton release
+    of `GLUON_TRITON_VERSIONS`; else None."""
+    if (_interpreting() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9
+            or not triton.__version__.startswith(GLUON_TRITON_VERSIONS)):
+        return None
+    from . import gluon_prefill
+
+    return gluon_prefill
+
+
 def choose_num_splits(programs: int, max_context_len: int, block_n: int, num_sms: int, target: float) -> int:
     """Split the key range only when the grid cannot fill the GPU, and keep >= 2 key tiles per split.
 
@@ -544,6 +562,9 @@ def paged_attention(
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if plan.store_first:
         store_kv(key, value, k_cache, v_cache, slot_mapping)
+    if plan.gluon:
+        return _gluon_prefill(query.device).prefill(query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens,
+                                                   block_tables, scale, min(max_seqlen_q or query.shape[0], query.shape[0]), out)
     if not plan.launches:
         return out
     tile_map = context_lens  # unread
@@ -583,8 +604,9 @@ class _Plan:
     """What a call's shapes, dtypes and host ints decide, computed once for the layers of a step: whether
     `store_kv` runs first, the tile-map launch (``(block_q, skip_decodes, BLOCK)``, static grids), the
     attention launches, the split scratch (``split_rows``, ``d_pad``), how many arrival counters a merging
-    launch needs (0: none merges), the `_reduce_kernel` launch (its tensors: out and the partials), and
-    ``step_kv_block_n``: the step's keys are read through TMA descriptors of tiles of that many keys."""
+    launch needs (0: none merges), the `_reduce_kernel` launch (its tensors: out and the partials),
+    ``step_kv_block_n``: the step's keys are read through TMA descriptors of tiles of that many keys, and
+    ``gluon``: `gluon_prefill` attends instead of the launches."""
 
     store_first: bool
     launches: tuple[PreparedLaunch, ...] = ()  # of the attention kernel, its tensors given per call
@@ -594,6 +616,7 @@ class _Plan:
     merge_counts: int = 0
     reduce: PreparedLaunch | None = None
     step_kv_block_n: int = 0
+    gluon: bool = False
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -621,6 +644,10 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
     step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
     fuse_store = slot_mapping is not None and not step_kv and _fuses_store(
         key, value, slot_mapping, query, num_kv_heads, num_seqs, max_seqlen_q, static_grid)
+    if (step_kv and config is None and num_splits is None and not (static_grid or has_kv_start or sliding_window
+                                                                    or softcap)
+            and _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs, max_seqlen_q)):
+        return _Plan(store_first=slot_mapping is not None, gluon=True)
     cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
         raise ValueError(f"block_m={cfg.block_m} cannot hold the {groups} query heads of one KV head")
@@ -759,6 +786,26 @@ def _reads_step_kv(key, value, query, rows: int) -> bool:
     if head_dim & (head_dim - 1) or head_dim < 16:
         return False
     return _interpreting() or _has_tma(query.device)
+
+
+def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: int, max_seqlen_q: int) -> bool:
+    """Whether a prompt step goes to `gluon_prefill` (the caller rules out given tiles or splits, static grids,
+    ``kv_start``, windows and softcap): fp16/bf16 at head_dim 128, prompts of at most `GLUON_MAX_SEQLEN_Q` that
+    average >= 128 queries a sequence (a decode in the batch would take a 128-row tile per query head), caches
+    ``[blocks, page, Hkv, D]`` packed with a power-of-two page of >= 8 keys (a page's box then starts on a swizzle
+    period of the tile), the step's K/V ``[T, Hkv, D]`` packed by head, everything 16-byte aligned; on a GPU and
+    Triton release where it runs (`_gluon_prefill`)."""
+    total_q, num_heads, head_dim = query.shape
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    row = num_kv_heads * head_dim
+    return (query.dtype in (torch.bfloat16, torch.float16) and head_dim == 128 and page >= 8
+            and page & (page - 1) == 0 and max_seqlen_q <= GLUON_MAX_SEQLEN_Q and total_q >= 128 * num_seqs
+            and query.stride() == (num_heads * head_dim, head_dim, 1) and block_tables.stride(1) == 1
+            and k_cache.stride() == v_cache.stride() == (page * row, row, head_dim, 1)
+            and all(t.dtype == query.dtype and t.stride(1) == head_dim and t.stride(2) == 1
+                    and t.stride(0) * t.element_size() % 16 == 0 for t in (key, value))
+            and all(t.data_ptr() % 16 == 0 for t in (query, k_cache, v_cache, key, value))
+            and _gluon_prefill(query.device) is not None)
 
 
 def _step_kv_descriptors(key, value, dtype: torch.dtype, block_n: int) -> tuple:
