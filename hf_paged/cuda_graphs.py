@@ -171,7 +171,7 @@ def packed_forward_mask(device: torch.device) -> torch.Tensor:
     """The (never read) 4D mask a packed paged forward passes: Transformers' mask builders return it untouched.
     With no mask and no cache they would instead inspect ``position_ids`` for packed sequences, whose ``.all()`` is a
     device->host sync in the middle of every forward (and breaks graph capture). The ``"paged"`` attention reads
-    only the step's metadata; it would turn a 2D mask into left-padding offsets, so callers give ``kv_start``."""
+    only the step's metadata (left padding, where there is any, as its ``kv_start``)."""
     return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
 
 
@@ -260,7 +260,6 @@ class MixedGraphs:
                 self._split64)
             self._cu, self._context_lens, tables = self._i32.split(self._split32)
             self._block_tables = tables.view(s, w)
-            self._kv_start = torch.zeros(s, dtype=torch.int32, device=device)
         # Two pinned staging sets, used in turn (see `DecodeGraphs`).
         self._staging = [(torch.zeros_like(self._i64, device="cpu").pin_memory(),
                           torch.zeros_like(self._i32, device="cpu").pin_memory()) for _ in range(2)]
@@ -323,7 +322,6 @@ class MixedGraphs:
             block_tables=self._block_tables,
             max_seqlen_q=bucket,
             max_context_len=self.max_context,
-            kv_start=self._kv_start,
             static_grid=True,
         )
         hidden = self._decoder(

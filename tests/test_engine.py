@@ -302,6 +302,21 @@ def test_no_packed_sequence_detection(llama, monkeypatch):
     _assert_matches_reference(ref, prompts, outs)
 
 
+def test_engine_steps_have_no_left_padding(llama, monkeypatch):
+    """Engine steps are packed without padding: their attention gets ``kv_start=None``, which every backend takes
+    (FA4 and the Gluon prompt kernel leave calls with a ``kv_start`` to the Triton kernel)."""
+    from hf_paged.kernels import reference
+
+    seen = []
+    real = reference.paged_attention
+    monkeypatch.setattr(reference, "paged_attention", lambda *a, **kw: seen.append(kw.get("kv_start")) or real(*a, **kw))
+    paged, ref = llama
+    prompts = _prompts(3, seed=19)
+    outs, _ = _run(paged, prompts, num_blocks=64)
+    assert seen and all(start is None for start in seen)
+    _assert_matches_reference(ref, prompts, outs)
+
+
 @pytest.mark.parametrize("arch", ["mistral-window", "qwen2-bias-window"])
 def test_sliding_window_models(arch):
     paged, ref = make_pair(arch)

@@ -318,14 +318,20 @@ def test_step_kv_read_directly(case):
 class _FakeGluon:
     """Stands in for `gluon_prefill` on the CPU: counts its calls and answers with the reference."""
 
+    BLOCK_M = 128
+
     def __init__(self):
-        self.calls = 0
+        self.calls, self.tile_map = 0, None
 
     def prefill(self, query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens, block_tables, scale,
-                max_seqlen_q, out):
-        self.calls += 1
-        out.copy_(reference.paged_attention(query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
-                                            context_lens=context_lens, block_tables=block_tables, scale=scale))
+                max_seqlen_q, out, tile_map=None):
+        """The reference's rows; with a tile map only those of sequences that own tiles (decodes launch apart)."""
+        self.calls, self.tile_map = self.calls + 1, tile_map
+        want = reference.paged_attention(query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
+                                         context_lens=context_lens, block_tables=block_tables, scale=scale)
+        for s in range(len(context_lens)):
+            if tile_map is None or tile_map[s + 1] > tile_map[s]:
+                out[cu_seqlens_q[s]:cu_seqlens_q[s + 1]] = want[cu_seqlens_q[s]:cu_seqlens_q[s + 1]]
         return out
 
 
@@ -333,11 +339,12 @@ class _FakeGluon:
     ("prompts", True), ("chunked prompts, page 128", True), ("bf16, page 8", True), ("no step K/V", False),
     ("fp32", False), ("head_dim 64", False), ("page 4", False), ("mostly decodes", False), ("a prompt past GLUON_MAX_SEQLEN_Q", False),
     ("window", False), ("softcap", False), ("kv_start", False), ("config", False), ("num_splits", False),
-    ("static_grid", False), ("strided query", False), ("not on Hopper", False)])
+    ("static grid, decodes apart", True), ("strided query", False), ("not on Hopper", False)])
 def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
     """On Hopper (stood in for here) a prompt step at head_dim 128 in fp16/bf16 goes to the Gluon kernel, unless it
-    needs what that kernel does not do or is mostly decodes; the others keep the Triton launches. Either way the
-    result is the reference's."""
+    needs what that kernel does not do or is mostly decodes; the others keep the Triton launches. A static grid's
+    decodes take the Triton decode launch, the rest the Gluon kernel through a tile map. Either way the result is
+    the reference's."""
     fake = _FakeGluon()
     monkeypatch.setattr(triton_attention, "_gluon_prefill", lambda device: None if case == "not on Hopper" else fake)
     monkeypatch.setattr(triton_attention, "_plans", {})
@@ -352,7 +359,7 @@ def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
         d = 64
     if case == "page 4":
         page = 4
-    if case == "mostly decodes":
+    if case in ("mostly decodes", "static grid, decodes apart"):
         q_lens, kv_lens = [200, 1, 1, 1], [200, 50, 60, 70]
     q, k, v, meta = make_problem(q_lens, kv_lens, heads=8, kv_heads=2, head_dim=d, block_size=page, dtype=dtype,
                                  seed=21)
@@ -362,7 +369,7 @@ def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
     if case == "a prompt past GLUON_MAX_SEQLEN_Q":
         monkeypatch.setattr(triton_attention, "GLUON_MAX_SEQLEN_Q", 199)
     extra = {"window": {"sliding_window": 50}, "softcap": {"softcap": 20.0}, "config": {"config": Config(64, 16, 4, 1)},
-             "num_splits": {"num_splits": 1}, "static_grid": {"static_grid": True}}.get(case, {})
+             "num_splits": {"num_splits": 1}, "static grid, decodes apart": {"static_grid": True}}.get(case, {})
     if case == "kv_start":
         meta["kv_start"] = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     if case == "strided query":
@@ -371,6 +378,8 @@ def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
                                      **{n: x for n, x in extra.items() if n in ("sliding_window", "softcap")})
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, **extra, key=key, value=value)
     assert fake.calls == int(gluon)
+    if "static" in case:
+        assert fake.tile_map.tolist() == [0, 2, 2, 2, 2]  # 128-query tiles, none for the decodes
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
@@ -576,8 +585,8 @@ def test_gpu_decode_stores_the_step_keys_in_its_launch(head_dim, kv_lens):
                                                        (torch.bfloat16, 16, 1, 256), (torch.bfloat16, 8, 8, 8)])
 def test_gpu_gluon_prefill(dtype, heads, kv_heads, page, monkeypatch):
     """Hopper prompt steps at head_dim 128 (the Gluon kernel, counted): fresh prompts, chunks after earlier keys
-    in the pages (prefixes not a multiple of a tile or a page), decodes among them, and a batch of one 4k prompt;
-    against the fp32 reference."""
+    in the pages (prefixes not a multiple of a tile or a page), decodes among them, and a batch of one 4k prompt,
+    each launched by the longest prompt and from shapes alone (a static grid); against the fp32 reference."""
     module = triton_attention._gluon_prefill(torch.device("cuda"))
     if module is None:
         pytest.skip("the Gluon kernel runs on Hopper with Triton " + " / ".join(triton_attention.GLUON_TRITON_VERSIONS))
@@ -589,6 +598,7 @@ def test_gpu_gluon_prefill(dtype, heads, kv_heads, page, monkeypatch):
                                      dtype=dtype, seed=len(q_lens))
         key, value = step_kv(k, v, meta)
         want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.088, **meta)
-        got = triton_backend.paged_attention(q, k, v, scale=0.088, **meta, key=key, value=value)
-        assert _rel_err(got, want) < 1e-2, (q_lens, kv_lens)
-    assert len(calls) == 4
+        for grid in ({}, {"static_grid": True, "max_seqlen_q": None}):  # decodes launch apart in a static grid
+            got = triton_backend.paged_attention(q, k, v, scale=0.088, **{**meta, **grid}, key=key, value=value)
+            assert _rel_err(got, want) < 1e-2, (q_lens, kv_lens, grid)
+    assert len(calls) == 8

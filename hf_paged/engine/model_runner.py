@@ -144,11 +144,9 @@ class ModelRunner:
         self._max_num_batched_tokens = max_num_batched_tokens
         self.block_size = kv_pool.block_size
         self.device = kv_pool.device
-        self._mask = packed_forward_mask(self.device)  # kv_start is given explicitly (all zeros)
-        # kv_start for up to max_num_seqs sequences, never reallocated; an inference tensor like every other
-        # input of `execute`, so a compiled model's guards (which check tensors' dispatch keys) always match.
-        with torch.inference_mode():
-            self._zeros = torch.zeros(max_num_seqs, dtype=torch.int32, device=self.device)
+        # Never read: engine steps have no left padding (no kv_start), which lets every kernel backend take them.
+        self._mask = packed_forward_mask(self.device)
+        self._max_num_seqs = max_num_seqs
         self._graphs = self._mixed_graphs = None
         if cuda_graphs and self.device.type == "cuda":
             if max_context is None:
@@ -234,8 +232,6 @@ class ModelRunner:
         if num_fill and last_tokens is not None:
             input_ids[fill_at] = last_tokens[fill_from]
         cu_d, ctx_d, bt_d = dev32.split([num_seqs + 1, num_seqs, num_seqs * width])
-        if self._zeros.numel() < num_seqs:  # a step built outside the scheduler's max_num_seqs
-            self._zeros = torch.zeros(num_seqs, dtype=torch.int32, device=self.device)
         metadata = PagedAttentionMetadata(
             slot_mapping=slot_mapping,
             cu_seqlens_q=cu_d,
@@ -243,7 +239,6 @@ class ModelRunner:
             block_tables=bt_d.view(num_seqs, width),
             max_seqlen_q=host.max_seqlen_q,
             max_context_len=int(host.context_lens.max()),
-            kv_start=self._zeros[:num_seqs],
         )
         return StepInputs(input_ids[None], position_ids[None], logits_idx, metadata)
 
@@ -294,7 +289,7 @@ class ModelRunner:
         if max_num_batched_tokens > lengths[-1]:
             fewest = -(-max_num_batched_tokens // longest)
             for count in (fewest, fewest + 1):
-                if count <= min(self._zeros.numel(), max_num_batched_tokens):
+                if count <= min(self._max_num_seqs, max_num_batched_tokens):
                     self._warm_up_step([max_num_batched_tokens // count + (i < max_num_batched_tokens % count)
                                         for i in range(count)], request)
 

@@ -2,9 +2,12 @@
 
 FA4 (``flash-attn-4``, CuTe DSL kernels compiled at first use) reads our paged layout as it is: its
 ``page_table`` is our block table and its pages ``[num_pages, page_size, Hkv, D]`` are our blocks,
-so no copy and no second layout. Steps that carry prompt tokens (prefill, chunked prefill, mixed)
-go to FA4; pure decode steps and what FA4 does not take (fp32, left padding via ``kv_start``, head
-dims other than 64/128) go to the Triton kernel, which measured faster at decode (bench/NOTES.md).
+so no copy and no second layout. Eager steps that carry prompt tokens (prefill, chunked prefill, mixed)
+go to FA4; pure decode steps, what FA4 does not take (fp32, left padding via ``kv_start``, head dims
+other than 64/128) and steps replayed from CUDA graphs (``static_grid``: there the Triton kernels launch a
+step's decodes apart from its prompt tiles, where FA4 would run each decode in a prompt tile; one launch
+against two measured 504 / 311 us on an H100, bench/NOTES.md) go to the Triton kernels, which measured
+faster at decode.
 ``HF_PAGED_BACKEND=triton`` turns FA4 off; ``HF_PAGED_BACKEND=fa4`` fails clearly where it is absent.
 """
 
@@ -22,7 +25,7 @@ from .triton_store import store_kv
 __all__ = ["name", "store_kv", "paged_attention", "flash_attention", "why_unavailable"]
 
 name = "fa4"
-supports_static_grid = True
+supports_static_grid = True  # graph-replayed steps go to the Triton kernels
 stores_step_kv = True  # stored here before FA4 runs, or passed on to the Triton kernel where it serves
 _DTYPES = (torch.float16, torch.bfloat16)
 _HEAD_DIMS = (64, 128)
@@ -63,10 +66,10 @@ def hf_paged_kernel_backend(device: torch.device, dtype: torch.dtype):
 
 
 def _fa4_takes(query: torch.Tensor, kv_start, max_seqlen_q: int | None, static_grid: bool) -> bool:
-    """Whether this call goes to FA4: steps with prompt tokens, in FA4's dtypes and head dims."""
-    if query.dtype not in _DTYPES or query.shape[-1] not in _HEAD_DIMS or kv_start is not None:
+    """Whether this call goes to FA4: eager steps with prompt tokens, in FA4's dtypes and head dims."""
+    if query.dtype not in _DTYPES or query.shape[-1] not in _HEAD_DIMS or kv_start is not None or static_grid:
         return False
-    return static_grid or max_seqlen_q is None or max_seqlen_q > 1
+    return max_seqlen_q is None or max_seqlen_q > 1
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, **metadata) -> torch.Tensor:
@@ -95,7 +98,6 @@ def flash_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
-    static_grid: bool = False,
     num_splits: int = 1,
 ) -> torch.Tensor:
     """FA4's paged varlen kernel on our layout, for every step type (`paged_attention` picks; benchmarks call this).
@@ -105,7 +107,7 @@ def flash_attention(
     total_q = query.shape[0]
     if total_q == 0 or context_lens.shape[0] == 0:
         return torch.empty_like(query)
-    max_q = total_q if static_grid or max_seqlen_q is None else min(int(max_seqlen_q), total_q)
+    max_q = total_q if max_seqlen_q is None else min(int(max_seqlen_q), total_q)
     result = _varlen_func()(
         query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q.to(torch.int32), max_seqlen_q=max_q,
         seqused_k=context_lens.to(torch.int32), page_table=block_tables.to(torch.int32),

@@ -22,10 +22,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["prefill"]
+__all__ = ["BLOCK_M", "prefill"]
 
 _ROWS = 64  # query rows per consumer warpgroup
-_BLOCK_M = 2 * _ROWS
+BLOCK_M = 2 * _ROWS  # query rows (of one head) per program
 _BLOCK_N = 128
 _STAGES = 2
 
@@ -134,20 +134,37 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, ready, empty, turn, o_ptr, stride_o
 
 
 @gluon.jit
-def _prefill_kernel(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_ptr, cu_ptr, ctx_ptr, bt_ptr, stride_bt, stride_ot,
-                    qk_scale, tiles_per_seq, num_seqs, num_heads, G: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _prefill_kernel(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_ptr, cu_ptr, ctx_ptr, bt_ptr, tiles_ptr, stride_bt,
+                    stride_ot, qk_scale, tiles_per_seq, num_seqs, num_heads, G: gl.constexpr, HEAD_DIM: gl.constexpr,
                     PAGE: gl.constexpr, BOX: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr):
+                    STAGES: gl.constexpr, TILE_MAP: gl.constexpr):
     BLOCK_M: gl.constexpr = 2 * ROWS
     order = gl.program_id(0)
-    pairs = num_seqs * num_heads
-    tile = tiles_per_seq - 1 - order // pairs
-    seq = (order % pairs) // num_heads
     head = order % num_heads
+    if TILE_MAP:
+        # A grid sized from shapes (CUDA graphs): ``tiles_ptr[s]`` is sequence s's first tile (``tiles_ptr[num_seqs]``
+        # their count); this program's sequence is the last s with tiles_ptr[s] <= its tile slot, a binary search.
+        slot = order // num_heads
+        lo = slot * 0
+        hi = lo + num_seqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if gl.load(tiles_ptr + mid) <= slot:
+                lo = mid
+            else:
+                hi = mid
+        seq = lo
+        tile = gl.load(tiles_ptr + seq + 1) - 1 - slot  # a sequence's last tile first
+        run = slot < gl.load(tiles_ptr + num_seqs)
+    else:
+        pairs = num_seqs * num_heads
+        tile = tiles_per_seq - 1 - order // pairs
+        seq = (order % pairs) // num_heads
+        run = True
     q_begin = gl.load(cu_ptr + seq)
     q_len = gl.load(cu_ptr + seq + 1) - q_begin
     t0 = tile * BLOCK_M
-    if t0 < q_len:  # the grid is sized by the longest sequence
+    if run & (t0 < q_len):  # the grid is sized by the longest sequence, or by the tokens
         ctx = gl.load(ctx_ptr + seq)
         prefix = ctx - q_len  # keys in the pages before this step's
         n_pref = gl.cdiv(prefix, BLOCK_N)
@@ -186,26 +203,32 @@ def _prefill_kernel(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_ptr, cu_ptr, ctx
 
 def prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
             value: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-            block_tables: torch.Tensor, scale: float, max_seqlen_q: int, out: torch.Tensor) -> torch.Tensor:
+            block_tables: torch.Tensor, scale: float, max_seqlen_q: int, out: torch.Tensor,
+            tile_map: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a prompt step into ``out`` ([T, H, D], fresh): each sequence's queries see the keys in
     its pages before this step (``context_lens - q_len`` of them) and this step's own ``key``/``value`` (also in
-    the cache, not read from there). Inputs as `triton_attention._gluon_takes` accepts them."""
+    the cache, not read from there). Inputs as `triton_attention._gluon_takes` accepts them.
+
+    ``tile_map`` (``[num_seqs + 1]``: each sequence's first tile of `BLOCK_M` queries, then their count; sequences
+    given no tile are skipped, e.g. decodes launched apart) sizes the grid from shapes alone, for CUDA graphs."""
     total, heads, d = query.shape
     num_blocks, page, kv_heads, _ = k_cache.shape
     dtype = gl.bfloat16 if query.dtype == torch.bfloat16 else gl.float16
     box = min(page, _BLOCK_N)
-    q_desc = TensorDescriptor.from_tensor(query.view(total, heads * d), [_BLOCK_M, d],
-                                          gl.NVMMASharedLayout.get_default_for([_BLOCK_M, d], dtype))
+    q_desc = TensorDescriptor.from_tensor(query.view(total, heads * d), [BLOCK_M, d],
+                                          gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], dtype))
     kv_layout = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], dtype)
     step = [TensorDescriptor(t, [total, kv_heads * d], [t.stride(0), 1], [_BLOCK_N, d], kv_layout)
             for t in (key, value)]
     # The pages' box: rows of one page (at most a tile) into a tile's row slice, in the tile's swizzle.
     pages = [TensorDescriptor(t, [num_blocks * page, kv_heads * d], [kv_heads * d, 1], [box, d], kv_layout)
              for t in (k_cache, v_cache)]
-    tiles = triton.cdiv(max_seqlen_q, _BLOCK_M)
     seqs = context_lens.shape[0]
-    _prefill_kernel[(seqs * tiles * heads,)](
-        q_desc, *step, *pages, out, cu_seqlens_q, context_lens, block_tables, block_tables.stride(0), heads * d,
-        scale * math.log2(math.e), tiles, seqs, heads, heads // kv_heads, d, page, box, _ROWS, _BLOCK_N, _STAGES,
+    tiles = triton.cdiv(max_seqlen_q, BLOCK_M)
+    slots = seqs * tiles if tile_map is None else triton.cdiv(total, BLOCK_M) + seqs  # a partial tile per sequence
+    _prefill_kernel[(slots * heads,)](
+        q_desc, *step, *pages, out, cu_seqlens_q, context_lens, block_tables,
+        context_lens if tile_map is None else tile_map, block_tables.stride(0), heads * d, scale * math.log2(math.e),
+        tiles, seqs, heads, heads // kv_heads, d, page, box, _ROWS, _BLOCK_N, _STAGES, tile_map is not None,
         num_warps=4)
     return out

@@ -562,10 +562,7 @@ def paged_attention(
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if plan.store_first:
         store_kv(key, value, k_cache, v_cache, slot_mapping)
-    if plan.gluon:
-        return _gluon_prefill(query.device).prefill(query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens,
-                                                   block_tables, scale, min(max_seqlen_q or query.shape[0], query.shape[0]), out)
-    if not plan.launches:
+    if not plan.launches and not plan.gluon:
         return out
     tile_map = context_lens  # unread
     if plan.tile_map is not None:
@@ -596,6 +593,10 @@ def paged_attention(
             slot_mapping if store else context_lens)
     if plan.split_rows is not None and counts is None:
         plan.reduce(out, part_o, part_lse)
+    if plan.gluon:
+        _gluon_prefill(query.device).prefill(
+            query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens, block_tables, scale,
+            min(max_seqlen_q or query.shape[0], query.shape[0]), out, None if plan.tile_map is None else tile_map)
     return out
 
 
@@ -644,9 +645,9 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
     step_kv = _reads_step_kv(key, value, query, groups * max_seqlen_q)
     fuse_store = slot_mapping is not None and not step_kv and _fuses_store(
         key, value, slot_mapping, query, num_kv_heads, num_seqs, max_seqlen_q, static_grid)
-    if (step_kv and config is None and num_splits is None and not (static_grid or has_kv_start or sliding_window
-                                                                    or softcap)
-            and _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs, max_seqlen_q)):
+    gluon = (step_kv and config is None and num_splits is None and not (has_kv_start or sliding_window or softcap)
+             and _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs, max_seqlen_q, static_grid))
+    if gluon and not static_grid:
         return _Plan(store_first=slot_mapping is not None, gluon=True)
     cfg = config or choose_config(d_pad, groups, max_seqlen_q, step_kv)
     if cfg.block_m < groups:
@@ -702,6 +703,9 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
     if split_decodes:
         launches.append(attention_launch(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, False,
                                          False, True, False))
+    if gluon and split_decodes:  # a static grid: the decodes above, the others' tiles in the Gluon kernel's map
+        return _Plan(store_first=slot_mapping is not None, launches=tuple(launches), gluon=True,
+                     tile_map=(_gluon_prefill(query.device).BLOCK_M, True, next_power_of_2(num_seqs + 1)))
     launches.append(attention_launch(
         cfg, (programs if static_grid else num_seqs * tiles_per_seq, num_kv_heads, num_splits), tiles_per_seq,
         static_grid, step_kv or fuse_store, False, fuse_store))
@@ -788,10 +792,12 @@ def _reads_step_kv(key, value, query, rows: int) -> bool:
     return _interpreting() or _has_tma(query.device)
 
 
-def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: int, max_seqlen_q: int) -> bool:
-    """Whether a prompt step goes to `gluon_prefill` (the caller rules out given tiles or splits, static grids,
-    ``kv_start``, windows and softcap): fp16/bf16 at head_dim 128, prompts of at most `GLUON_MAX_SEQLEN_Q` that
-    average >= 128 queries a sequence (a decode in the batch would take a 128-row tile per query head), caches
+def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: int, max_seqlen_q: int,
+                 static_grid: bool) -> bool:
+    """Whether a prompt step goes to `gluon_prefill` (the caller rules out given tiles or splits, ``kv_start``,
+    windows and softcap): fp16/bf16 at head_dim 128, prompts of at most `GLUON_MAX_SEQLEN_Q` (a static grid's
+    step: its tokens) that average >= 128 queries a sequence unless the grid is static (there decodes launch
+    apart; else each would take a 128-row tile per query head), caches
     ``[blocks, page, Hkv, D]`` packed with a power-of-two page of >= 8 keys (a page's box then starts on a swizzle
     period of the tile), the step's K/V ``[T, Hkv, D]`` packed by head, everything 16-byte aligned; on a GPU and
     Triton release where it runs (`_gluon_prefill`)."""
@@ -799,7 +805,8 @@ def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: in
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     row = num_kv_heads * head_dim
     return (query.dtype in (torch.bfloat16, torch.float16) and head_dim == 128 and page >= 8
-            and page & (page - 1) == 0 and max_seqlen_q <= GLUON_MAX_SEQLEN_Q and total_q >= 128 * num_seqs
+            and page & (page - 1) == 0 and max_seqlen_q <= GLUON_MAX_SEQLEN_Q
+            and (static_grid or total_q >= 128 * num_seqs)
             and query.stride() == (num_heads * head_dim, head_dim, 1) and block_tables.stride(1) == 1
             and k_cache.stride() == v_cache.stride() == (page * row, row, head_dim, 1)
             and all(t.dtype == query.dtype and t.stride(1) == head_dim and t.stride(2) == 1
