@@ -23,6 +23,8 @@ Design (semantics are those of `hf_paged.kernels.reference`):
   others through a tile map built on the device in which decodes own no tile.
 * Softmax runs in fp32 in the exp2 domain; rows that see no key output 0 (like the reference's
   ``nan_to_num``).
+* On Hopper, prompt steps at head_dim 128 go to the warp-specialised Gluon kernel instead (`gluon_prefill`,
+  chosen by `_gluon_takes`); in a static grid the decodes still launch here.
 """
 
 from __future__ import annotations
