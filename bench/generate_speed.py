@@ -34,7 +34,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import RESULTS, build_models, sync  # noqa: E402
+from throughput import RESULTS, add_head_dim_arg, build_models, sync  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model", default=None, help="a local model directory instead of the random 1.5B shape")
     p.add_argument("--tiny", action="store_true", help="tiny model, short runs (a CPU smoke test)")
+    add_head_dim_arg(p)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)

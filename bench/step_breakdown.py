@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import _params, build_models, classify_steps, make_workload, sync
+from throughput import _params, add_head_dim_arg, build_models, classify_steps, make_workload, sync
 
 from hf_paged import Engine
 from hf_paged.engine import engine as engine_module
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--memory-fraction", type=float, default=0.6)
     p.add_argument("--tiny", action="store_true")
+    add_head_dim_arg(p)
     p.add_argument("--model", default=None, help="a real model directory instead of the random 1.2B shape")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ the ratio stays fair, and the subset size is reported.
     python bench/throughput.py --profile --quick    # plus device busy per step kind and a profile
     python bench/throughput.py --model DIR --workloads chat --num-requests 1024   # a real model (SmolLM2)
     python bench/throughput.py --backends triton,fa4 --baselines none    # one engine per kernel backend
+    python bench/throughput.py --head-dim 128 --baselines none           # 16 heads of 128 (Gluon prompt kernel)
 
 Writes ``bench/results/throughput-<gpu>-<date>.json``.
 """
@@ -58,6 +59,13 @@ MODEL_TINY = dict(
 # -- setup ---------------------------------------------------------------------------------------------
 
 
+def add_head_dim_arg(p: argparse.ArgumentParser) -> None:
+    """``--head-dim`` for the benchmarks whose random-weight model `build_models` makes (see `model_shape`)."""
+    p.add_argument("--head-dim", type=int, default=None,
+                   help="random-weight model with this head dim (heads = hidden / head_dim, a quarter of them KV "
+                        "heads), e.g. 128 for the Gluon prompt kernel on Hopper")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-requests", type=int, default=1000, help="requests per workload for hf_paged")
@@ -90,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of random weights; enables the 'chat' workload (its chat template, 256 tokens, ignore_eos)")
     p.add_argument("--profile", action="store_true", help="profile a few engine steps and print where time goes")
     p.add_argument("--profile-steps", type=int, default=6)
+    add_head_dim_arg(p)
     p.add_argument("--backends", default=None,
                    help="comma list of kernel backends (e.g. triton,fa4): one engine each, in this process, results "
                         "as hf_paged_<name> (hf_paged: the first); default: the backend hf_paged chooses")
@@ -119,6 +128,15 @@ def use_backend(name: str | None, device, dtype) -> str:
     return get_backend(device, dtype).name
 
 
+def model_shape(args) -> dict:
+    """The random-weight model's config: the 1.2B (or tiny) shape, with ``--head-dim`` if given."""
+    shape = MODEL_TINY if args.tiny else MODEL_1B
+    if args.head_dim:
+        heads = shape["hidden_size"] // args.head_dim
+        shape = dict(shape, head_dim=args.head_dim, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4))
+    return shape
+
+
 def build_models(args):
     """(sdpa model, paged model): separate modules and configs sharing one set of weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -132,7 +150,7 @@ def build_models(args):
         for m in (sdpa, paged):  # every request runs to its max_new_tokens in every system
             m.generation_config.eos_token_id = None
         return sdpa, paged, sum(p.numel() for p in sdpa.parameters())
-    shape = MODEL_TINY if args.tiny else MODEL_1B
+    shape = model_shape(args)
     dtype = getattr(torch, args.dtype)
     # No EOS: every request runs to its max_new_tokens in every system.
     common = dict(shape, bos_token_id=None, eos_token_id=None, pad_token_id=0)
@@ -611,7 +629,7 @@ def main(argv=None) -> int:
 
     report = dict(date=_dt.datetime.now().isoformat(timespec="seconds"), gpu=gpu, device=str(device),
                   model=dict(params=n_params, dtype=args.dtype, path=args.model,
-                             shape=None if args.model else MODEL_TINY if args.tiny else MODEL_1B),
+                             shape=None if args.model else model_shape(args)),
                   kernel_backend=backend, kernel_backends=backends, versions=versions(), args=dict(vars(args)),
                   note=(f"baselines run the first {args.baseline_requests} requests of each workload, hf_paged all "
                         f"{args.num_requests}; compare output tok/s (a rate), not times"),

@@ -19,9 +19,11 @@ def bench():
 def test_tiny_benchmark_writes_results(bench, tmp_path):
     out = tmp_path / "result.json"
     argv = ["--tiny", "--num-requests", "12", "--baseline-requests", "4", "--baselines", "generate",
-            "--profile", "--profile-steps", "2", "--out", str(out)]
+            "--profile", "--profile-steps", "2", "--head-dim", "32", "--out", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
+    shape = report["model"]["shape"]
+    assert (shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]) == (32, 2, 1)
     assert set(report["workloads"]) == {"uniform", "mixed"}
     for results in report["workloads"].values():
         ours = results["hf_paged"]

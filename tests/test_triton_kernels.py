@@ -339,7 +339,8 @@ class _FakeGluon:
     ("prompts", True), ("chunked prompts, page 128", True), ("bf16, page 8", True), ("no step K/V", False),
     ("fp32", False), ("head_dim 64", False), ("page 4", False), ("mostly decodes", False), ("a prompt past GLUON_MAX_SEQLEN_Q", False),
     ("window", False), ("softcap", False), ("kv_start", False), ("config", False), ("num_splits", False),
-    ("static grid, decodes apart", True), ("strided query", False), ("not on Hopper", False)])
+    ("static grid, decodes apart", True), ("strided query", False), ("not on Hopper", False),
+    ("HF_PAGED_GLUON=0", False)])
 def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
     """On Hopper (stood in for here) a prompt step at head_dim 128 in fp16/bf16 goes to the Gluon kernel, unless it
     needs what that kernel does not do or is mostly decodes; the others keep the Triton launches. A static grid's
@@ -366,6 +367,8 @@ def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
     key, value = step_kv(k, v, meta)
     if case == "no step K/V":
         key = value = None
+    if case == "HF_PAGED_GLUON=0":
+        monkeypatch.setenv("HF_PAGED_GLUON", "0")
     if case == "a prompt past GLUON_MAX_SEQLEN_Q":
         monkeypatch.setattr(triton_attention, "GLUON_MAX_SEQLEN_Q", 199)
     extra = {"window": {"sliding_window": 50}, "softcap": {"softcap": 20.0}, "config": {"config": Config(64, 16, 4, 1)},

@@ -802,7 +802,7 @@ def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: in
     apart; else each would take a 128-row tile per query head), caches
     ``[blocks, page, Hkv, D]`` packed with a power-of-two page of >= 8 keys (a page's box then starts on a swizzle
     period of the tile), the step's K/V ``[T, Hkv, D]`` packed by head, everything 16-byte aligned; on a GPU and
-    Triton release where it runs (`_gluon_prefill`)."""
+    Triton release where it runs (`_gluon_prefill`) and not turned off (``HF_PAGED_GLUON=0``)."""
     total_q, num_heads, head_dim = query.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     row = num_kv_heads * head_dim
@@ -814,7 +814,7 @@ def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: in
             and all(t.dtype == query.dtype and t.stride(1) == head_dim and t.stride(2) == 1
                     and t.stride(0) * t.element_size() % 16 == 0 for t in (key, value))
             and all(t.data_ptr() % 16 == 0 for t in (query, k_cache, v_cache, key, value))
-            and _gluon_prefill(query.device) is not None)
+            and os.environ.get("HF_PAGED_GLUON", "1") != "0" and _gluon_prefill(query.device) is not None)
 
 
 def _step_kv_descriptors(key, value, dtype: torch.dtype, block_n: int) -> tuple:
