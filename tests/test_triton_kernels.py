@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.any_transformers
 
-from hf_paged.kernels import reference, triton_attention, triton_backend  # noqa: E402
+from hf_paged.kernels import reference, triton_attention, triton_backend, triton_tile_map  # noqa: E402
 from hf_paged.kernels.triton_attention import Config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,7 +225,7 @@ def test_tile_map_gives_decodes_no_tile_when_they_launch_apart(skip_decodes, wan
     queries); split from the decodes' launch, a one-query sequence owns no tile."""
     cu = torch.tensor([0, 1, 38, 38, 43, 44, 44], dtype=torch.int32, device=DEVICE)  # q_lens 1, 37, 0, 5, 1, 0
     tile_map = torch.full((7,), -1, dtype=torch.int32, device=DEVICE)
-    triton_attention._tile_map_kernel[(1,)](cu, tile_map, 6, 8, SKIP_DECODES=skip_decodes, BLOCK=8)
+    triton_tile_map.tile_map_kernel[(1,)](cu, tile_map, 6, 8, SKIP_DECODES=skip_decodes, BLOCK=8)
     assert tile_map.tolist() == want
 
 

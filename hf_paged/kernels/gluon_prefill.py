@@ -13,6 +13,7 @@ as the Triton kernel (tests compare both with the reference on the GPU). Measure
 kernel and FlashAttention-4 in bench/RESULTS.md (session 22).
 """
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .triton_tile_map import tile_owner
 
 __all__ = ["BLOCK_M", "prefill"]
 
@@ -143,17 +146,9 @@ def _prefill_kernel(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_ptr, cu_ptr, ctx
     head = order % num_heads
     if TILE_MAP:
         # A grid sized from shapes (CUDA graphs): ``tiles_ptr[s]`` is sequence s's first tile (``tiles_ptr[num_seqs]``
-        # their count); this program's sequence is the last s with tiles_ptr[s] <= its tile slot, a binary search.
+        # their count).
         slot = order // num_heads
-        lo = slot * 0
-        hi = lo + num_seqs
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if gl.load(tiles_ptr + mid) <= slot:
-                lo = mid
-            else:
-                hi = mid
-        seq = lo
+        seq = tile_owner(tiles_ptr, num_seqs, slot)
         tile = gl.load(tiles_ptr + seq + 1) - 1 - slot  # a sequence's last tile first
         run = slot < gl.load(tiles_ptr + num_seqs)
     else:
@@ -201,6 +196,14 @@ def _prefill_kernel(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_ptr, cu_ptr, ctx
         ], [4, 1], [240, 24])
 
 
+@functools.cache
+def _tile_layout(dtype: torch.dtype, head_dim: int):
+    """The shared-memory layout of Q and K/V tiles (128 rows of ``head_dim``; the swizzle depends on the row's
+    bytes alone), made once instead of at every layer's call."""
+    return gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.bfloat16 if dtype == torch.bfloat16
+                                                else gl.float16)
+
+
 def prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key: torch.Tensor,
             value: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
             block_tables: torch.Tensor, scale: float, max_seqlen_q: int, out: torch.Tensor,
@@ -213,15 +216,13 @@ def prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
     given no tile are skipped, e.g. decodes launched apart) sizes the grid from shapes alone, for CUDA graphs."""
     total, heads, d = query.shape
     num_blocks, page, kv_heads, _ = k_cache.shape
-    dtype = gl.bfloat16 if query.dtype == torch.bfloat16 else gl.float16
+    layout = _tile_layout(query.dtype, d)
     box = min(page, _BLOCK_N)
-    q_desc = TensorDescriptor.from_tensor(query.view(total, heads * d), [BLOCK_M, d],
-                                          gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], dtype))
-    kv_layout = gl.NVMMASharedLayout.get_default_for([_BLOCK_N, d], dtype)
-    step = [TensorDescriptor(t, [total, kv_heads * d], [t.stride(0), 1], [_BLOCK_N, d], kv_layout)
+    q_desc = TensorDescriptor(query, [total, heads * d], [heads * d, 1], [BLOCK_M, d], layout)
+    step = [TensorDescriptor(t, [total, kv_heads * d], [t.stride(0), 1], [_BLOCK_N, d], layout)
             for t in (key, value)]
     # The pages' box: rows of one page (at most a tile) into a tile's row slice, in the tile's swizzle.
-    pages = [TensorDescriptor(t, [num_blocks * page, kv_heads * d], [kv_heads * d, 1], [box, d], kv_layout)
+    pages = [TensorDescriptor(t, [num_blocks * page, kv_heads * d], [kv_heads * d, 1], [box, d], layout)
              for t in (k_cache, v_cache)]
     seqs = context_lens.shape[0]
     tiles = triton.cdiv(max_seqlen_q, BLOCK_M)

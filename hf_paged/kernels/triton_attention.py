@@ -44,6 +44,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .._intmath import cdiv, next_power_of_2
 from .triton_launch import PreparedLaunch, launch
 from .triton_store import store_kv
+from .triton_tile_map import tile_map_kernel, tile_owner
 
 __all__ = ["Config", "paged_attention", "choose_config", "choose_num_splits", "refine_decode_tiles"]
 
@@ -62,8 +63,8 @@ MAX_MERGED_SPLITS = 16
 # heads: b256 d64 260.4 / 256.0, d128 524.9 / 517.7; b128 132.6 / 130.8, 267.5 / 264.3; b32 within 1% (session 19).
 ACROSS_HEADS_WAVES = 4
 # Prompt steps at head_dim 128 on Hopper go to the warp-specialised Gluon kernel (`gluon_prefill`) up to this
-# longest prompt; beyond it this kernel's 128 x 128 tiles were as fast (H200, same process, bench/RESULTS.md
-# session 22: TFLOP/s Gluon / Triton at b1 2k 408 / 367, 8k 489 / 504).
+# longest prompt; beyond it this kernel's 128 x 128 tiles were faster (H200, `kernel_bench.py --prompt-kernels`,
+# bench/RESULTS.md session 22: TFLOP/s Gluon / Triton at b1 2k 409 / 378, 4k 476 / 465, 8k 496 / 520).
 GLUON_MAX_SEQLEN_Q = 4096
 # Gluon's API changes between Triton releases: the kernel is written for and tested on these.
 GLUON_TRITON_VERSIONS = ("3.6.",)
@@ -214,19 +215,10 @@ def _paged_attention_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     if TILE_MAP:
-        # tiles_ptr[s] is the first query tile of sequence s (tiles_ptr[num_seqs]: their count):
-        # the program's sequence is the last s with tiles_ptr[s] <= pid (a binary search).
+        # tiles_ptr[s] is the first query tile of sequence s (tiles_ptr[num_seqs]: their count).
         if pid >= tl.load(tiles_ptr + num_seqs):
             return
-        lo_s = pid * 0
-        hi_s = lo_s + num_seqs
-        while hi_s - lo_s > 1:
-            mid = (lo_s + hi_s) // 2
-            if tl.load(tiles_ptr + mid) <= pid:
-                lo_s = mid
-            else:
-                hi_s = mid
-        seq = lo_s
+        seq = tile_owner(tiles_ptr, num_seqs, pid)
         tile = pid - tl.load(tiles_ptr + seq)
     else:
         seq = pid // tiles_per_seq
@@ -399,19 +391,6 @@ def _reduce_kernel(
              out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["num_seqs", "block_q"])
-def _tile_map_kernel(cu_ptr, map_ptr, num_seqs, block_q, SKIP_DECODES: tl.constexpr, BLOCK: tl.constexpr):
-    """``map[s]``: the first query tile of sequence ``s`` (``map[num_seqs]``: their count), one launch."""
-    offs = tl.arange(0, BLOCK)
-    ok = offs < num_seqs
-    q_len = tl.load(cu_ptr + offs + 1, mask=ok, other=0) - tl.load(cu_ptr + offs, mask=ok, other=0)
-    tiles = (q_len + block_q - 1) // block_q
-    if SKIP_DECODES:
-        tiles = tl.where(q_len == 1, 0, tiles)
-    tl.store(map_ptr + offs + 1, tl.cumsum(tiles, 0), mask=ok)
-    tl.store(map_ptr + offs, tl.zeros_like(offs), mask=offs == 0)
-
-
 @dataclass(frozen=True)
 class Config:
     """Launch shape of the attention kernel. ``split_target`` is programs per SM that splitting aims for;
@@ -570,7 +549,7 @@ def paged_attention(
     if plan.tile_map is not None:
         tile_map = torch.empty(num_seqs + 1, dtype=torch.int32, device=query.device)
         block_q, skip_decodes, block = plan.tile_map
-        launch(_tile_map_kernel, (1,), cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=skip_decodes,
+        launch(tile_map_kernel, (1,), cu_seqlens_q, tile_map, num_seqs, block_q, SKIP_DECODES=skip_decodes,
                BLOCK=block)
     counts = None
     if plan.split_rows is not None:
