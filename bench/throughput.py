@@ -13,6 +13,7 @@ the ratio stays fair, and the subset size is reported.
     python bench/throughput.py --model DIR --workloads chat --num-requests 1024   # a real model (SmolLM2)
     python bench/throughput.py --backends triton,fa4 --baselines none    # one engine per kernel backend
     python bench/throughput.py --head-dim 128 --baselines none           # 16 heads of 128 (Gluon prompt kernel)
+    python bench/throughput.py --backends triton,fa4 --kernel-shares 300  # plus device time by kernel, per backend
 
 Writes ``bench/results/throughput-<gpu>-<date>.json``.
 """
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default=None,
                    help="comma list of kernel backends (e.g. triton,fa4): one engine each, in this process, results "
                         "as hf_paged_<name> (hf_paged: the first); default: the backend hf_paged chooses")
+    p.add_argument("--kernel-shares", type=int, default=0, metavar="N",
+                   help="after each engine's timed run, run its first N requests again under the CUDA profiler and "
+                        "report device time by kernel (the attention kernels' share, the top kernels)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/throughput-<gpu>-<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -112,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_num_seqs = min(args.max_num_seqs, 64)
         args.max_num_batched_tokens = min(args.max_num_batched_tokens, 1024)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.kernel_shares and torch.device(args.device).type != "cuda":
+        p.error("--kernel-shares profiles CUDA kernels: it needs a CUDA device")
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.baselines = [] if args.baselines == "none" else [b for b in args.baselines.split(",") if b]
     args.backends = [b for b in (args.backends or "").split(",") if b]
@@ -544,6 +551,35 @@ def _profile_steps(engine: Engine, requests, args, profile, ProfilerActivity) ->
     return per_kind
 
 
+# Names of the attention kernels of the backends: ours (prompt, decode, split merge; the Gluon prompt kernel) and FA4's.
+_ATTENTION_KERNELS = re.compile(r"^(_paged_attention_kernel|_reduce_kernel|_prefill_kernel)\b|FlashAttention")
+
+
+def kernel_shares(engine: Engine, requests, args) -> dict:
+    """Device time by kernel over a run of ``requests`` under the CUDA profiler (kernels replayed in CUDA graphs
+    included): the total, the attention kernels' share, the top kernels. Not timed: the profiler slows the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.reset_prefix_cache()  # the timed run cached these prompts: profile their prefills
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate([p for p, _ in requests], [_params(n) for _, n in requests])
+        sync(args.device)
+    engine.reset_prefix_cache()
+    per_kernel: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    total = sum(per_kernel.values())
+    attention = {k: ms for k, ms in per_kernel.items() if _ATTENTION_KERNELS.search(k)}
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:10]
+    print(f"    device time over {len(requests)} requests: {total:.0f} ms; attention kernels "
+          f"{100 * sum(attention.values()) / total:.1f}% ("
+          + ", ".join(f"{k[:40]} {ms:.0f} ms" for k, ms in sorted(attention.items(), key=lambda kv: -kv[1])) + ")")
+    return dict(requests=len(requests), device_ms=total, attention_ms=attention,
+                attention_share=sum(attention.values()) / total, top_kernels_ms=dict((k[:120], ms) for k, ms in top))
+
+
 def device_span_ms(prof) -> float:
     """Milliseconds from the start of a profile's first device activity to the end of its last."""
     from torch.autograd import DeviceType
@@ -670,6 +706,8 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 results[label] = dict(error=f"{type(e).__name__}: {e}")
             _print_result(label, results[label])
+            if args.kernel_shares and "error" not in results[label]:
+                results[label]["kernel_shares"] = kernel_shares(engine, requests[: args.kernel_shares], args)
         for sampled in _SAMPLED if args.sampling and engine is not None else ():
             label = f"hf_paged_{sampled}"
             results[label] = dict(run_hf_paged(engine, requests, args, sampled=sampled), kernel_backend=engine_backend)

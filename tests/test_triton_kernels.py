@@ -605,3 +605,29 @@ def test_gpu_gluon_prefill(dtype, heads, kv_heads, page, monkeypatch):
             got = triton_backend.paged_attention(q, k, v, scale=0.088, **{**meta, **grid}, key=key, value=value)
             assert _rel_err(got, want) < 1e-2, (q_lens, kv_lens, grid)
     assert len(calls) == 8
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_prefill_compiles_once_for_every_step_shape():
+    """Engine steps differ in sequence count, tiles, block-table width and where their metadata sits in the step's
+    upload: the Gluon kernel compiles once (eager) and once (static grid) for all of them, not while serving."""
+    module = triton_attention._gluon_prefill(torch.device("cuda"))
+    if module is None:
+        pytest.skip("the Gluon kernel runs on Hopper with Triton " + " / ".join(triton_attention.GLUON_TRITON_VERSIONS))
+
+    def offset(t):  # 4-byte aligned, as a tensor inside the engine's one metadata buffer may be
+        return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view_as(t).copy_(t)
+
+    compiled = module._prefill_kernel.device_caches[torch.cuda.current_device()][0]
+    for step, (q_lens, kv_lens) in enumerate([([256], [256]), ([128, 128], [128, 300]), ([200] * 16, [200] * 16),
+                                              ([130] * 17, [130 + 7 * i for i in range(17)]), ([2048], [2048])]):
+        q, k, v, meta = make_problem(q_lens, kv_lens, heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+        meta.update({n: offset(meta[n]) for n in ("cu_seqlens_q", "context_lens")})
+        key, value = step_kv(k, v, meta)
+        want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.088, **meta)
+        for grid in ({}, {"static_grid": True, "max_seqlen_q": None}):
+            got = triton_backend.paged_attention(q, k, v, scale=0.088, **{**meta, **grid}, key=key, value=value)
+            assert _rel_err(got, want) < 1e-2, (q_lens, grid)
+        if step == 0:
+            variants = len(compiled)
+    assert len(compiled) == variants

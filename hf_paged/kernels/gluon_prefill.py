@@ -136,7 +136,9 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, ready, empty, turn, o_ptr, stride_o
     gl.store(ptrs, out.to(dtype), mask=(r < rows_left - WG * ROWS)[:, None])
 
 
-@gluon.jit
+# What changes from step to step is not specialised on, as in `triton_attention._paged_attention_kernel`: each
+# variant compiled for seconds inside served steps (an H200 engine run: 45 s more warm-up, a first step of 2.5 s).
+@gluon.jit(do_not_specialize=["cu_ptr", "ctx_ptr", "bt_ptr", "tiles_ptr", "stride_bt", "tiles_per_seq", "num_seqs"])
 def _prefill_kernel(q_desc, k_desc, v_desc, kc_desc, vc_desc, o_ptr, cu_ptr, ctx_ptr, bt_ptr, tiles_ptr, stride_bt,
                     stride_ot, qk_scale, tiles_per_seq, num_seqs, num_heads, G: gl.constexpr, HEAD_DIM: gl.constexpr,
                     PAGE: gl.constexpr, BOX: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
