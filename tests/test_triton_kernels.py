@@ -321,12 +321,12 @@ class _FakeGluon:
     BLOCK_M = 128
 
     def __init__(self):
-        self.calls, self.tile_map = 0, None
+        self.calls, self.tile_map, self.query = 0, None, None
 
     def prefill(self, query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens, block_tables, scale,
                 max_seqlen_q, out, tile_map=None):
         """The reference's rows; with a tile map only those of sequences that own tiles (decodes launch apart)."""
-        self.calls, self.tile_map = self.calls + 1, tile_map
+        self.calls, self.tile_map, self.query = self.calls + 1, tile_map, query
         want = reference.paged_attention(query, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
                                          context_lens=context_lens, block_tables=block_tables, scale=scale)
         for s in range(len(context_lens)):
@@ -339,7 +339,8 @@ class _FakeGluon:
     ("prompts", True), ("chunked prompts, page 128", True), ("bf16, page 8", True), ("no step K/V", False),
     ("fp32", False), ("head_dim 64", False), ("page 4", False), ("mostly decodes", False), ("a prompt past GLUON_MAX_SEQLEN_Q", False),
     ("window", False), ("softcap", False), ("kv_start", False), ("config", False), ("num_splits", False),
-    ("static grid, decodes apart", True), ("strided query", False), ("not on Hopper", False),
+    ("static grid, decodes apart", True), ("strided query, copied", True),
+    ("caches off 16-byte alignment", False), ("not on Hopper", False),
     ("HF_PAGED_GLUON=0", False)])
 def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
     """On Hopper (stood in for here) a prompt step at head_dim 128 in fp16/bf16 goes to the Gluon kernel, unless it
@@ -375,15 +376,35 @@ def test_prompt_steps_choose_the_gluon_kernel(case, gluon, monkeypatch):
              "num_splits": {"num_splits": 1}, "static grid, decodes apart": {"static_grid": True}}.get(case, {})
     if case == "kv_start":
         meta["kv_start"] = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    if case == "strided query":
+    if case == "strided query, copied":
         q = torch.cat([q, q], dim=-1)[..., :d]
+    if case == "caches off 16-byte alignment":
+        k, v = (torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view_as(t).copy_(t) for t in (k, v))
     want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.1, **meta,
                                      **{n: x for n, x in extra.items() if n in ("sliding_window", "softcap")})
     got = triton_attention.paged_attention(q, k, v, scale=0.1, **meta, **extra, key=key, value=value)
     assert fake.calls == int(gluon)
     if "static" in case:
         assert fake.tile_map.tolist() == [0, 2, 2, 2, 2]  # 128-query tiles, none for the decodes
+    if case == "strided query, copied":  # the kernel gets a query TMA can address
+        assert fake.query.is_contiguous() and not q.is_contiguous()
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_gluon_plans_are_not_reused_for_caches_off_alignment(monkeypatch):
+    """Plans are cached by shapes and strides, not addresses: a step whose caches are not 16-byte aligned (TMA's
+    need) gets a plan of its own, on the Triton launches, even after an aligned step of the same shapes."""
+    fake = _FakeGluon()
+    monkeypatch.setattr(triton_attention, "_gluon_prefill", lambda device: fake)
+    monkeypatch.setattr(triton_attention, "_plans", {})
+    q, k, v, meta = make_problem([130, 200], [130, 200], heads=8, kv_heads=2, head_dim=128, dtype=torch.float16)
+    key, value = step_kv(k, v, meta)
+    off = [torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view_as(t).copy_(t) for t in (k, v)]
+    want = reference.paged_attention(q.float(), k.float(), v.float(), scale=0.1, **meta)
+    for caches, calls in ((k, v), 1), (off, 1):
+        got = triton_attention.paged_attention(q, *caches, scale=0.1, **meta, key=key, value=value)
+        assert fake.calls == calls
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
 def _step_slots(meta, block_size):

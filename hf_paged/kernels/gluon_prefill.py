@@ -212,7 +212,8 @@ def prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
             tile_map: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a prompt step into ``out`` ([T, H, D], fresh): each sequence's queries see the keys in
     its pages before this step (``context_lens - q_len`` of them) and this step's own ``key``/``value`` (also in
-    the cache, not read from there). Inputs as `triton_attention._gluon_takes` accepts them.
+    the cache, not read from there). Inputs as `triton_attention._gluon_takes` accepts them, the query and step K/V
+    as TMA addresses them (`triton_attention._tma_addressable`).
 
     ``tile_map`` (``[num_seqs + 1]``: each sequence's first tile of `BLOCK_M` queries, then their count; sequences
     given no tile are skipped, e.g. decodes launched apart) sizes the grid from shapes alone, for CUDA graphs."""
@@ -220,7 +221,7 @@ def prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
     num_blocks, page, kv_heads, _ = k_cache.shape
     layout = _tile_layout(query.dtype, d)
     box = min(page, _BLOCK_N)
-    q_desc = TensorDescriptor(query, [total, heads * d], [heads * d, 1], [BLOCK_M, d], layout)
+    q_desc = TensorDescriptor(query, [total, heads * d], [query.stride(0), 1], [BLOCK_M, d], layout)
     step = [TensorDescriptor(t, [total, kv_heads * d], [t.stride(0), 1], [_BLOCK_N, d], layout)
             for t in (key, value)]
     # The pages' box: rows of one page (at most a tile) into a tile's row slice, in the tile's swizzle.

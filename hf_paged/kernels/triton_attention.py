@@ -524,13 +524,15 @@ def paged_attention(
     max_seqlen_q = None if max_seqlen_q is None else int(max_seqlen_q)
     max_context_len = None if max_context_len is None else int(max_context_len)
     num_seqs = context_lens.shape[0]
-    # Everything the launches depend on besides tensor contents and addresses: the layers of a step share it.
+    # Everything the launches depend on besides tensor contents and addresses (but whether the caches are 16-byte
+    # aligned, which the Gluon kernel's TMA needs and cannot copy its way around): the layers of a step share it.
     signature = (
         query.shape, query.stride(), query.dtype, query.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
         v_cache.shape, v_cache.stride(), v_cache.dtype, block_tables.shape, block_tables.stride(0),
         block_tables.dtype, num_seqs, max_seqlen_q, max_context_len, scale, kv_start is not None, sliding_window,
         softcap, config, num_splits, static_grid, slot_mapping is not None and slot_mapping.shape,
         key is not None and (key.shape, key.stride(), key.dtype, value.shape, value.stride(), value.dtype),
+        (k_cache.data_ptr() | v_cache.data_ptr()) % 16 == 0,
     )
     plan = _plans.get(signature)
     if plan is None:
@@ -576,7 +578,8 @@ def paged_attention(
         plan.reduce(out, part_o, part_lse)
     if plan.gluon:
         _gluon_prefill(query.device).prefill(
-            query, k_cache, v_cache, key, value, cu_seqlens_q, context_lens, block_tables, scale,
+            _tma_addressable(query), k_cache, v_cache, _tma_addressable(key.to(query.dtype)),
+            _tma_addressable(value.to(query.dtype)), cu_seqlens_q, context_lens, block_tables, scale,
             min(max_seqlen_q or query.shape[0], query.shape[0]), out, None if plan.tile_map is None else tile_map)
     return out
 
@@ -778,35 +781,36 @@ def _gluon_takes(query, k_cache, v_cache, block_tables, key, value, num_seqs: in
     """Whether a prompt step goes to `gluon_prefill` (the caller rules out given tiles or splits, ``kv_start``,
     windows and softcap): fp16/bf16 at head_dim 128, prompts of at most `GLUON_MAX_SEQLEN_Q` (a static grid's
     step: its tokens) that average >= 128 queries a sequence unless the grid is static (there decodes launch
-    apart; else each would take a 128-row tile per query head), caches
-    ``[blocks, page, Hkv, D]`` packed with a power-of-two page of >= 8 keys (a page's box then starts on a swizzle
-    period of the tile), the step's K/V ``[T, Hkv, D]`` packed by head, everything 16-byte aligned; on a GPU and
-    Triton release where it runs (`_gluon_prefill`) and not turned off (``HF_PAGED_GLUON=0``)."""
-    total_q, num_heads, head_dim = query.shape
+    apart; else each would take a 128-row tile per query head), caches ``[blocks, page, Hkv, D]`` packed and
+    16-byte aligned with a power-of-two page of >= 8 keys (a page's box then starts on a swizzle period of the
+    tile); on a GPU and Triton release where it runs (`_gluon_prefill`) and not turned off (``HF_PAGED_GLUON=0``).
+    Query and step K/V in a layout TMA cannot address are copied at the call (`_tma_addressable`)."""
+    head_dim = query.shape[2]
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     row = num_kv_heads * head_dim
     return (query.dtype in (torch.bfloat16, torch.float16) and head_dim == 128 and page >= 8
             and page & (page - 1) == 0 and max_seqlen_q <= GLUON_MAX_SEQLEN_Q
-            and (static_grid or total_q >= 128 * num_seqs)
-            and query.stride() == (num_heads * head_dim, head_dim, 1) and block_tables.stride(1) == 1
+            and (static_grid or query.shape[0] >= 128 * num_seqs) and block_tables.stride(1) == 1
             and k_cache.stride() == v_cache.stride() == (page * row, row, head_dim, 1)
-            and all(t.dtype == query.dtype and t.stride(1) == head_dim and t.stride(2) == 1
-                    and t.stride(0) * t.element_size() % 16 == 0 for t in (key, value))
-            and all(t.data_ptr() % 16 == 0 for t in (query, k_cache, v_cache, key, value))
+            and (k_cache.data_ptr() | v_cache.data_ptr()) % 16 == 0
             and os.environ.get("HF_PAGED_GLUON", "1") != "0" and _gluon_prefill(query.device) is not None)
+
+
+def _tma_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[T, H, D]``) as TMA can address it viewed as ``[T, H * D]``: inner dims packed, base and row stride
+    16-byte aligned; else a packed copy (one pass over this step's rows, small beside its attention)."""
+    if t.stride(2) != 1 or t.stride(1) != t.shape[2] or t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 def _step_kv_descriptors(key, value, dtype: torch.dtype, block_n: int) -> tuple:
     """TMA descriptors of the step's keys/values viewed as ``[T, Hkv * D]``, in tiles of ``block_n`` keys
-    of one head. K/V in a layout TMA cannot address (inner dims not packed, base or row stride not
-    16-byte aligned) are copied first: one pass over this step's K/V, small beside its attention."""
+    of one head (copied first where TMA cannot address them, `_tma_addressable`)."""
     total_q, num_kv_heads, head_dim = key.shape
     descriptors = []
     for t in (key, value):
-        t = t.to(dtype)
-        if (t.stride(2) != 1 or t.stride(1) != head_dim or t.data_ptr() % 16
-                or t.stride(0) * t.element_size() % 16):
-            t = t.clone(memory_format=torch.contiguous_format)
+        t = _tma_addressable(t.to(dtype))
         descriptors.append(TensorDescriptor(t, [total_q, num_kv_heads * head_dim], [t.stride(0), 1],
                                             [block_n, head_dim]))
     return tuple(descriptors)
