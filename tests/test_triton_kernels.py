@@ -164,18 +164,30 @@ def test_split_heuristic_used_for_long_context():
     assert triton_attention.choose_num_splits(1, 256, 64, 132, 2.0) == 2  # >= 2 key tiles per split
     assert triton_attention.choose_num_splits(512, 4096, 64, 132, 2.0) == 1
     assert triton_attention.choose_num_splits(256, 2048, 128, 132, 2.0) == 1  # one program per SM already
-    assert triton_attention.choose_num_splits(100, 8192, 128, 132, 2.0) == 3
+    assert triton_attention.choose_num_splits(100, 8192, 128, 132, 2.0) == 2  # at most 2 per SM
+    assert triton_attention.choose_num_splits(64, 8192, 128, 132, 2.0) == 4  # 5 would need a second wave
     q, k, v, meta = make_problem([1], [300], heads=4, kv_heads=1, block_size=16, seed=4)
     check(q, k, v, meta, scale=0.2)
 
 
 def test_decode_tile_refinement():
-    """head_dim <= 64 decode with long per-program key ranges on a small grid takes 256-key tiles."""
+    """Decode tiles by grid: two key tiles in flight (num_stages 5) for a one-wave grid at head_dim 64 and always
+    at head_dim 128 (64-key tiles); 256-key tiles for long ranges on a grid of 2-4 waves at head_dim 64."""
+    refine = triton_attention.refine_decode_tiles
     cfg = triton_attention.choose_config(64, 4, 1)
-    assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 2, 256, 132).block_n == 256  # batch 32, 8k
-    assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 5, 64, 132).block_n == 128  # batch 8: short ranges
-    assert triton_attention.refine_decode_tiles(cfg, 64, 8192, 1, 1024, 132).block_n == 128  # batch 128: many waves
-    assert triton_attention.refine_decode_tiles(cfg, 128, 8192, 2, 256, 132).block_n == 128
+    assert (cfg.block_n, cfg.num_stages) == (128, 3)
+    two = refine(cfg, 64, 2048, 1, 256, 132)  # batch 32, 2k: 256 programs, two per SM
+    assert (two.block_n, two.num_stages) == (128, 5)
+    assert refine(cfg, 64, 8192, 4, 64, 132).num_stages == 5  # batch 8 in 4 splits
+    assert refine(cfg, 64, 2048, 1, 512, 132) == cfg  # batch 64: more programs than two per SM
+    assert refine(cfg, 64, 8192, 1, 512, 132).block_n == 256  # batch 64, 8k: long ranges, under four waves
+    assert refine(cfg, 64, 8192, 1, 1024, 132) == cfg  # batch 128: many waves
+    d128 = refine(triton_attention.choose_config(128, 4, 1), 128, 8192, 1, 256, 132)
+    assert (d128.block_n, d128.num_stages) == (64, 5)
+    wide = triton_attention.choose_config(256, 4, 1)
+    assert refine(wide, 256, 8192, 1, 256, 132) == wide
+    prefill = triton_attention.choose_config(64, 4, 512)
+    assert refine(prefill, 64, 8192, 1, 8, 132) == prefill
     # a 256-key tile over a ragged batch (compiled: checked on the H200 by bench/kernel_bench.py --tune)
     q, k, v, meta = make_problem([1, 1], [600, 77], heads=8, kv_heads=2, head_dim=64, seed=14)
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)

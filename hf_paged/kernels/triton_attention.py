@@ -430,12 +430,24 @@ def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int, step_kv: bo
 
 def refine_decode_tiles(cfg: Config, head_dim_pad: int, max_context_len: int, num_splits: int, programs: int,
                         num_sms: int) -> Config:
-    """Head dim <= 64 decode with few, long programs: 256-key tiles (measured on the H200: batch 32,
-    8k/32k context went from 71/75% to 88/96% of copy bandwidth; with < 4k keys per program or a
-    grid of several waves 128 stayed as good or better, see bench/NOTES.md)."""
-    if (cfg.block_m <= 64 and cfg.block_n == 128 and head_dim_pad <= 64
-            and max_context_len // num_splits >= 4096 and programs * num_splits < 4 * num_sms):
+    """Decode tiles by grid. The page-table load is a pipeline stage of its own, so ``num_stages`` 3 keeps one
+    K/V tile in flight per program and 5 two (the sm90 TTGIR: ``(num_stages - 1) // 2`` buffers).
+
+    * head_dim <= 64, one wave of at most two programs per SM: two 128-key tiles in flight. H200, us (before /
+      after): batch 32 2k 43.3 / 37.8 (72 -> 84% of copy bandwidth), 32 x 8k 131.8 (256-key tiles) / 126.2; with
+      more programs per SM one tile was faster (batch 64 2k 69.1 / 82.7 with two).
+    * head_dim <= 64 otherwise, long key ranges (>= 4k per program) on a grid under four waves: 256-key tiles
+      (H200, batch 32 8k/32k: 71/75% -> 88/96% before the rule above took batch 32).
+    * head_dim 128: two 64-key tiles in flight (H200: batch 32 2k 70.7 -> 69.1, 128 x 2k 263.9 -> 258.0,
+      256 x 2k 518.0 -> 514.5). `bench/kernel_bench.py --tune`, bench/RESULTS.md session 24."""
+    if cfg.block_m > 64 or cfg.block_n != 128:  # prefill tiles, or a tile chosen elsewhere
+        return cfg
+    if head_dim_pad <= 64 and programs * num_splits <= 2 * num_sms:
+        return dataclasses.replace(cfg, num_stages=5)
+    if head_dim_pad <= 64 and max_context_len // num_splits >= 4096 and programs * num_splits < 4 * num_sms:
         return dataclasses.replace(cfg, block_n=256)
+    if head_dim_pad == 128:
+        return dataclasses.replace(cfg, block_n=64, num_stages=5)
     return cfg
 
 
@@ -464,13 +476,15 @@ def _gluon_prefill(device: torch.device):
 
 
 def choose_num_splits(programs: int, max_context_len: int, block_n: int, num_sms: int, target: float) -> int:
-    """Split the key range only when the grid cannot fill the GPU, and keep >= 2 key tiles per split.
+    """Split the key range only when the grid cannot fill the GPU, into at most ``target`` programs per SM (one
+    wave: H200, batch 8 x 8 KV heads, 8k keys at head_dim 128: 5 splits 95.4 us, 4 splits 73.2), keeping >= 2
+    key tiles per split.
 
     A grid with a program for every SM is not split (H100, batch 32 x 8 KV heads, 2k keys: 53 us
     unsplit vs 62 us in two, at head_dim 128 96 vs 104 us; bench/NOTES.md)."""
     if programs >= num_sms:
         return 1
-    want = math.ceil(target * num_sms / max(programs, 1))
+    want = int(target * num_sms) // max(programs, 1)
     useful = max(1, max_context_len // (2 * block_n))
     return max(1, min(want, useful, MAX_SPLITS))
 
@@ -685,8 +699,9 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
 
     launches = []
     if split_decodes:
-        launches.append(attention_launch(choose_config(d_pad, groups, 1), (num_seqs, num_kv_heads, 1), 1, False,
-                                         False, True, False))
+        decode_cfg = refine_decode_tiles(choose_config(d_pad, groups, 1), d_pad, max_context_len, 1,
+                                         num_seqs * num_kv_heads, _num_sms(query.device))
+        launches.append(attention_launch(decode_cfg, (num_seqs, num_kv_heads, 1), 1, False, False, True, False))
     if gluon and split_decodes:  # a static grid: the decodes above, the others' tiles in the Gluon kernel's map
         return _Plan(store_first=slot_mapping is not None, launches=tuple(launches), gluon=True,
                      tile_map=(_gluon_prefill(query.device).BLOCK_M, True, next_power_of_2(num_seqs + 1)))
