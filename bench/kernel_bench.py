@@ -507,6 +507,7 @@ def run_prompt_kernels(caps, shapes=PROMPT_KERNEL_SHAPES) -> list[dict]:
             del q, k, v, want
     finally:
         triton_attention.GLUON_MAX_SEQLEN_Q = limit
+        triton_attention._plans.clear()  # plans made under the raised limit would outlive it
     return rows
 
 

@@ -188,6 +188,7 @@ def test_decode_tile_refinement():
     assert refine(wide, 256, 8192, 1, 256, 132) == wide
     prefill = triton_attention.choose_config(64, 4, 512)
     assert refine(prefill, 64, 8192, 1, 8, 132) == prefill
+    assert refine(cfg, 64, 2048, 1, 256, 132, element_size=4) == cfg  # fp32: the shared memory of two tiles
     # a 256-key tile over a ragged batch (compiled: checked on the H200 by bench/kernel_bench.py --tune)
     q, k, v, meta = make_problem([1, 1], [600, 77], heads=8, kv_heads=2, head_dim=64, seed=14)
     want = reference.paged_attention(q, k, v, scale=0.1, **meta)

@@ -429,7 +429,7 @@ def choose_config(head_dim_pad: int, groups: int, max_seqlen_q: int, step_kv: bo
 
 
 def refine_decode_tiles(cfg: Config, head_dim_pad: int, max_context_len: int, num_splits: int, programs: int,
-                        num_sms: int) -> Config:
+                        num_sms: int, element_size: int = 2) -> Config:
     """Decode tiles by grid. The page-table load is a pipeline stage of its own, so ``num_stages`` 3 keeps one
     K/V tile in flight per program and 5 two (the sm90 TTGIR: ``(num_stages - 1) // 2`` buffers).
 
@@ -439,8 +439,11 @@ def refine_decode_tiles(cfg: Config, head_dim_pad: int, max_context_len: int, nu
     * head_dim <= 64 otherwise, long key ranges (>= 4k per program) on a grid under four waves: 256-key tiles
       (H200, batch 32 8k/32k: 71/75% -> 88/96% before the rule above took batch 32).
     * head_dim 128: two 64-key tiles in flight (H200: batch 32 2k 70.7 -> 69.1, 128 x 2k 263.9 -> 258.0,
-      256 x 2k 518.0 -> 514.5). `bench/kernel_bench.py --tune`, bench/RESULTS.md session 24."""
-    if cfg.block_m > 64 or cfg.block_n != 128:  # prefill tiles, or a tile chosen elsewhere
+      256 x 2k 518.0 -> 514.5). `bench/kernel_bench.py --tune`, bench/RESULTS.md session 24.
+
+    Measured on 16-bit K/V (``element_size``); wider K/V keep the default tiles: two 128-key fp32 tiles at head_dim
+    64 would take 128 KB of shared memory, more than the 99 KB of an SM 8.6/8.9 GPU."""
+    if cfg.block_m > 64 or cfg.block_n != 128 or element_size > 2:  # prefill tiles, a tile chosen elsewhere, fp32
         return cfg
     if head_dim_pad <= 64 and programs * num_splits <= 2 * num_sms:
         return dataclasses.replace(cfg, num_stages=5)
@@ -667,7 +670,8 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
         num_splits = choose_num_splits(programs, max_context_len, cfg.block_n, _num_sms(query.device),
                                        cfg.split_target)
     if config is None:
-        cfg = refine_decode_tiles(cfg, d_pad, max_context_len, num_splits, programs, _num_sms(query.device))
+        cfg = refine_decode_tiles(cfg, d_pad, max_context_len, num_splits, programs, _num_sms(query.device),
+                                  k_cache.element_size())
     split = num_splits > 1
     merge_counts = num_seqs * tiles_per_seq * num_kv_heads if split and num_splits <= MAX_MERGED_SPLITS else 0
     use_softcap, use_window = bool(softcap), bool(sliding_window)
@@ -700,7 +704,7 @@ def _plan(query, k_cache, v_cache, block_tables, num_seqs: int, max_seqlen_q: in
     launches = []
     if split_decodes:
         decode_cfg = refine_decode_tiles(choose_config(d_pad, groups, 1), d_pad, max_context_len, 1,
-                                         num_seqs * num_kv_heads, _num_sms(query.device))
+                                         num_seqs * num_kv_heads, _num_sms(query.device), k_cache.element_size())
         launches.append(attention_launch(decode_cfg, (num_seqs, num_kv_heads, 1), 1, False, False, True, False))
     if gluon and split_decodes:  # a static grid: the decodes above, the others' tiles in the Gluon kernel's map
         return _Plan(store_first=slot_mapping is not None, launches=tuple(launches), gluon=True,
